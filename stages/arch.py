@@ -1,0 +1,53 @@
+"""The model architectures modelmake converts, shared by every stage that must know them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+from .errors import BuildError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hf_class: str  # `architectures[0]` in config.json
+    gguf_arch: gguf.MODEL_ARCH
+    # llama.cpp's llama graph expects q/k rows in its own rotary layout, so its converter
+    # permutes them; NeoX-style rope models (qwen2) keep the Hugging Face layout.
+    permute_qk: bool
+
+    @property
+    def gguf_name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.hf_class: a
+    for a in (
+        Architecture("LlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+        Architecture("MistralForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+        Architecture("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+    )
+}
+
+GGUF_ARCH_NAMES = sorted({a.gguf_name for a in ARCHITECTURES.values()})
+
+
+def from_hf_config(config: dict, where: str) -> Architecture:
+    names = config.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    raise BuildError(
+        f"{where}: architecture {', '.join(names) or '(none given)'} is not supported yet; "
+        f"modelmake converts {', '.join(ARCHITECTURES)}."
+    )
+
+
+def check_gguf_arch(name: str, where: str) -> None:
+    if name not in GGUF_ARCH_NAMES:
+        raise BuildError(
+            f"{where}: GGUF architecture {name!r} is not supported yet; "
+            f"modelmake imports {', '.join(GGUF_ARCH_NAMES)}."
+        )

@@ -1,0 +1,109 @@
+"""Content hashes that decide staleness.
+
+doit's stock checkers look at mtime or md5. modelmake decides by blake3 of the bytes,
+and remembers (size, mtime_ns, inode) → blake3 so an unchanged multi-GB file is
+stat'ed, not re-read, on every run. A task is also stale when its parameters or
+the versions of the tools that produce its bytes change (see `fingerprint`), or when
+one of its outputs no longer hashes to what the last run recorded (`outputs_intact`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+import blake3
+from doit.dependency import FileChangedChecker
+
+
+def file_blake3(path: str | os.PathLike) -> str:
+    return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+class Blake3Checker(FileChangedChecker):
+    """doit file checker: state is [size, mtime_ns, inode, blake3]."""
+
+    def check_modified(self, file_path, file_stat, state):
+        if not isinstance(state, list) or len(state) != 4:
+            return True  # state from another checker
+        if stat_key(file_stat) == state[:3]:
+            return False
+        if file_stat.st_size != state[0]:
+            return True
+        return file_blake3(file_path) != state[3]
+
+    def get_state(self, dep, current_state):
+        key = stat_key(os.stat(dep))
+        if isinstance(current_state, list) and current_state[:3] == key:
+            return None  # unchanged: doit keeps the saved state
+        return [*key, file_blake3(dep)]
+
+
+def canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def tool_versions(*distributions: str) -> dict[str, str]:
+    """Installed versions of the packages whose code shapes a stage's bytes.
+
+    Read from package metadata, not by importing, so `doit list` stays instant.
+    """
+    versions = {}
+    for name in distributions:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def fingerprint(params: dict, versions: dict) -> str:
+    """One digest for everything, besides input files, that shapes a stage's output."""
+    return blake3.blake3(canonical_json({"params": params, "versions": versions}).encode()).hexdigest()
+
+
+def record_outputs(paths: list[str]) -> dict[str, list]:
+    """What `outputs_intact` compares against on the next run."""
+    return {p: [*stat_key(os.stat(p)), file_blake3(p)] for p in paths}
+
+
+def outputs_intact(task, values) -> bool:
+    """doit `uptodate` callable: every output still has the bytes the last run wrote."""
+    recorded = values.get("outputs")
+    if not recorded:
+        return False
+    for path, (size, mtime_ns, ino, digest) in recorded.items():
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        if stat_key(st) == [size, mtime_ns, ino]:
+            continue
+        if st.st_size != size or file_blake3(path) != digest:
+            return False
+    return True
+
+
+def tree_files(root: Path) -> list[Path]:
+    """Every regular file under `root`, sorted, hidden files and folders left out."""
+    return sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def expand_files(paths: list[Path]) -> list[Path]:
+    """Folders replaced by the files in them."""
+    return [f for p in paths for f in (tree_files(p) if p.is_dir() else [p])]

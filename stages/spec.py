@@ -1,0 +1,184 @@
+"""`models.toml` → typed, validated spec.
+
+Everything the rest of modelmake knows about the user's intent comes from here,
+with defaults filled in, so a stage's parameters are exactly what this module says.
+Validation is strict: an unknown key is an error that suggests the nearest valid name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import BuildError
+
+# llama.cpp's `llama_ftype` numbers, as `llama-quantize` names them. Types that need an
+# importance matrix (IQ1/IQ2/IQ3_XXS …) are left out until modelmake can make one.
+QUANT_TYPES: dict[str, int] = {
+    "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+    "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
+    "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+    "Q2_K_S": 21, "IQ4_NL": 25, "IQ4_XS": 30, "TQ1_0": 36, "TQ2_0": 37,
+    "F16": 1, "BF16": 32,
+}
+
+OutType = Literal["f32", "f16", "bf16", "q8_0"]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseRef(Strict):
+    """Where a model's weights come from, resolved to something a stage can read."""
+
+    text: str  # as the spec wrote it: how manifests name the base, the same on every machine
+    kind: Literal["gguf", "hf_dir", "hub"]
+    location: str  # absolute path for gguf / hf_dir, repo id for hub
+    revision: str | None = None  # hub only: a branch, tag or commit; required
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
+
+
+class ModelSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    base: BaseRef
+    outtype: OutType = "f16"
+    quantize: list[str] = Field(default_factory=list)
+
+    @field_validator("base", mode="before")
+    @classmethod
+    def _parse_base(cls, value, info):
+        if isinstance(value, BaseRef):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("base must be a string: a path, 'hf:org/name@revision' or 'pkg:module/file.gguf'")
+        return parse_base(value, (info.context or {}).get("spec_dir", Path.cwd()))
+
+    @field_validator("outtype", mode="before")
+    @classmethod
+    def _lower_outtype(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("quantize")
+    @classmethod
+    def _known_quant_types(cls, names: list[str]) -> list[str]:
+        canonical = []
+        for name in names:
+            upper = name.upper()
+            if upper not in QUANT_TYPES:
+                near = difflib.get_close_matches(upper, QUANT_TYPES, n=1)
+                hint = f" Did you mean {near[0]!r}?" if near else ""
+                raise ValueError(f"unknown quant type {name!r}.{hint} Valid types: {', '.join(QUANT_TYPES)}")
+            if upper in canonical:
+                raise ValueError(f"quant type {upper!r} is listed twice")
+            canonical.append(upper)
+        return canonical
+
+
+class Spec(Strict):
+    cache: Path = Path("cache")
+    threads: int = Field(default=0, ge=0)  # 0: all cores
+    models: list[ModelSpec] = Field(min_length=1)
+    source: Path | None = None  # the spec file; set by load_spec, not by users
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        return next(m for m in self.models if m.name == name)
+
+
+def parse_base(text: str, spec_dir: Path) -> BaseRef:
+    """Resolve a `base = "..."` string: `hf:org/name@rev`, `pkg:module/file`, or a path."""
+    if text.startswith("hf:"):
+        repo_id, _, revision = text[3:].partition("@")
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+            raise ValueError(f"{text!r}: a hub base is 'hf:org/name@revision'")
+        if not revision:
+            raise ValueError(
+                f"{text!r} has no revision: pin one (a commit hash is best), e.g. 'hf:{repo_id}@main', "
+                "so that a rebuild next month uses the same weights"
+            )
+        return BaseRef(text=text, kind="hub", location=repo_id, revision=revision)
+    if text.startswith("pkg:"):
+        module, _, inner = text[4:].partition("/")
+        found = importlib.util.find_spec(module) if module.isidentifier() else None
+        if found is None or not found.submodule_search_locations:
+            raise ValueError(f"{text!r}: Python package {module!r} is not installed (pip install it)")
+        path = Path(next(iter(found.submodule_search_locations))) / inner
+    else:
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            path = spec_dir / path
+    path = path.resolve()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is a directory without config.json: a Hugging Face model directory is expected")
+        return BaseRef(text=text, kind="hf_dir", location=str(path))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+        return BaseRef(text=text, kind="gguf", location=str(path))
+    raise ValueError(f"{path} does not exist: fix the path (relative paths start at the spec's folder)")
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file; every failure is a BuildError naming file and field."""
+    path = Path(path).resolve()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BuildError(f"spec file {path} not found: create it or pass another with `doit spec=PATH`") from None
+    except tomllib.TOMLDecodeError as err:
+        raise BuildError(f"{path}: invalid TOML: {err}. Fix the syntax at that line and column.") from None
+    if "source" in data:
+        raise BuildError(f"{path}: 'source' is set by modelmake itself; remove it from the spec")
+    try:
+        spec = Spec.model_validate(data, context={"spec_dir": path.parent})
+    except ValidationError as err:
+        problems = "; ".join(_describe(e) for e in err.errors())
+        raise BuildError(f"{path}: {problems}") from None
+    cache = spec.cache if spec.cache.is_absolute() else path.parent / spec.cache
+    return spec.model_copy(update={"source": path, "cache": cache.resolve()})
+
+
+def _describe(error: dict) -> str:
+    """One readable sentence for one pydantic error, with a did-you-mean for unknown keys."""
+    loc = error["loc"]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "spec"
+    if error["type"] == "extra_forbidden":
+        valid = _field_names_at(loc[:-1])
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        return f"unknown key {where!r}: {hint}valid keys here are {', '.join(valid)}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}"
+
+
+def _field_names_at(loc: tuple) -> list[str]:
+    """The user-facing field names of the model class that `loc` points into."""
+    model: type[BaseModel] = Spec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        inner = getattr(annotation, "__args__", (annotation,))[0]
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            model = inner
+    return [name for name in model.model_fields if name != "source"]

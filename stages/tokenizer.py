@@ -1,0 +1,118 @@
+"""Tokenizer metadata for GGUF: tokens, token types, merges, special ids, chat template.
+
+Written as llama.cpp's own converter writes it, so a GGUF made here tokenizes the same
+in llama.cpp as in transformers. Merges, special ids, add_bos/add_eos and the chat
+template come from gguf-py's `SpecialVocab`; tokens and the pre-tokenizer name are ours.
+"""
+
+from __future__ import annotations
+
+import json
+from hashlib import sha256
+from pathlib import Path
+
+import gguf
+
+from .errors import BuildError
+
+# llama.cpp identifies a BPE pre-tokenizer by how it splits this text: sha256 of the
+# token ids' repr, looked up in the table below (both from convert_hf_to_gguf.py).
+PRETOKENIZER_PROBE = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+
+PRETOKENIZERS: dict[str, str] = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
+    "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 … Qwen2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
+}
+
+
+def pretokenizer_name(tokenizer, where: str) -> str:
+    digest = sha256(str(tokenizer.encode(PRETOKENIZER_PROBE)).encode()).hexdigest()
+    if digest not in PRETOKENIZERS:
+        known = ", ".join(sorted(set(PRETOKENIZERS.values())))
+        raise BuildError(
+            f"{where}: the BPE pre-tokenizer is not one modelmake recognizes (probe hash {digest}); "
+            f"known: {known}. Writing a guess would make llama.cpp tokenize differently from transformers."
+        )
+    return PRETOKENIZERS[digest]
+
+
+def _looks_special(text: str) -> bool:
+    # Some models leave control tokens unmarked; llama.cpp's converter treats these as control too.
+    return (
+        text in ("<pad>", "<mask>")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<｜") and text.endswith("｜>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
+
+
+def bpe_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens and their GGUF token types, padded to the model's embedding rows."""
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        text = by_id[i]
+        if i in added:
+            if not added[i].normalized:
+                # llama.cpp expects added tokens in their normalized form
+                text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+            types.append(gguf.TokenType.CONTROL if added[i].special or _looks_special(text) else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(text)
+    return tokens, types
+
+
+def tokenizer_kind(model_dir: Path) -> str:
+    """'gpt2' for byte-level BPE; anything else is refused for now, with the reason."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise BuildError(
+            f"{model_dir}: no tokenizer.json; modelmake needs a fast (tokenizers) tokenizer "
+            "saved beside the weights (tokenizer.save_pretrained)"
+        )
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise BuildError(f"{path}: not a tokenizers JSON file ({err}); restore it from the model's source") from None
+    if model.get("type") == "BPE" and not model.get("byte_fallback"):
+        return "gpt2"
+    raise BuildError(
+        f"{path}: {model.get('type')} tokenizer{' with byte fallback (SentencePiece-style)' if model.get('byte_fallback') else ''} "
+        "is not supported yet; modelmake writes byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, DeepSeek-Coder)."
+    )
+
+
+def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer_kind(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens, types = bpe_vocab(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pretokenizer_name(tokenizer, str(model_dir)))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    if "bos" not in special.add_special_token:
+        # Not in tokenizer_config: take what the tokenizer actually does.
+        ids = tokenizer.encode("a")
+        special.add_special_token["bos"] = bool(ids) and ids[0] == tokenizer.bos_token_id
+    special.add_to_gguf(writer, quiet=True)
