@@ -17,6 +17,7 @@ try:
     SPEC = load_spec(get_var("spec", "models.toml"))
 except BuildError as err:
     sys.exit(f"modelmake: {err}")
+SPEC.cache.mkdir(parents=True, exist_ok=True)
 
 DOIT_CONFIG = {
     "dep_file": str(SPEC.cache / ".doit.db"),

@@ -172,7 +172,7 @@ def _tensor_bytes(plan: TensorPlan, handle) -> np.ndarray:
     return gguf.quants.quantize(data, plan.qtype)
 
 
-def run(model_dir: Path, out_path: Path, outtype: str, name: str) -> None:
+def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: str | None = None) -> None:
     """Write `out_path` (GGUF at `outtype`) from the Hugging Face model in `model_dir`."""
     import contextlib
 
@@ -186,7 +186,7 @@ def run(model_dir: Path, out_path: Path, outtype: str, name: str) -> None:
         with atomic_file(out_path) as tmp:
             writer = gguf.GGUFWriter(tmp, architecture.gguf_name)
             add_model_metadata(writer, config, name, outtype)
-            tokenizer.add_to_gguf(writer, model_dir, config["vocab_size"])
+            tokenizer.add_to_gguf(writer, model_dir, config["vocab_size"], pretokenizer)
             for plan in plans:
                 byte_shape = gguf.quants.quant_shape_to_byte_shape(plan.shape, plan.qtype)
                 writer.add_tensor_info(plan.gguf_name, byte_shape, np.dtype(np.uint8), plan.nbytes, raw_dtype=plan.qtype)

@@ -121,8 +121,9 @@ def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
 
     converted = paths.gguf(model, model.outtype.upper())
     add("convert", model.name, f"Hugging Face → GGUF {model.outtype}", convert.run,
-        {"model_dir": paths.base, "out_path": converted, "outtype": model.outtype, "name": model.name},
-        {"outtype": model.outtype, "name": model.name}, paths.base_files(), [converted], [converted])
+        {"model_dir": paths.base, "out_path": converted, "outtype": model.outtype, "name": model.name,
+         "pretokenizer": model.pretokenizer},
+        {"outtype": model.outtype, "name": model.name, "pretokenizer": model.pretokenizer}, paths.base_files(), [converted], [converted])
 
     for quant in model.quantize:
         quantized = paths.gguf(model, quant)

@@ -55,6 +55,8 @@ class ModelSpec(Strict):
     base: BaseRef
     outtype: OutType = "f16"
     quantize: list[str] = Field(default_factory=list)
+    # llama.cpp's name for the BPE pre-tokenizer, for tokenizers convert cannot identify itself
+    pretokenizer: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
 
     @field_validator("base", mode="before")
     @classmethod
@@ -167,6 +169,8 @@ def _describe(error: dict) -> str:
         near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
         return f"unknown key {where!r}: {hint}valid keys here are {', '.join(valid)}"
+    if error["type"] == "missing":
+        return f"{where!r} is required but missing: add it"
     message = error["msg"].removeprefix("Value error, ")
     return f"{where}: {message}"
 

@@ -43,7 +43,8 @@ def pretokenizer_name(tokenizer, where: str) -> str:
         known = ", ".join(sorted(set(PRETOKENIZERS.values())))
         raise BuildError(
             f"{where}: the BPE pre-tokenizer is not one modelmake recognizes (probe hash {digest}); "
-            f"known: {known}. Writing a guess would make llama.cpp tokenize differently from transformers."
+            f"known: {known}. Writing a guess would make llama.cpp tokenize differently from transformers; "
+            "if you know which llama.cpp pre-tokenizer it uses, set pretokenizer = \"NAME\" in the model's table."
         )
     return PRETOKENIZERS[digest]
 
@@ -100,14 +101,15 @@ def tokenizer_kind(model_dir: Path) -> str:
     )
 
 
-def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pretokenizer: str | None = None) -> None:
+    """`pretokenizer` overrides the probe, for tokenizers llama.cpp knows but our table does not."""
     from transformers import AutoTokenizer
 
     tokenizer_kind(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens, types = bpe_vocab(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pretokenizer_name(tokenizer, str(model_dir)))
+    writer.add_tokenizer_pre(pretokenizer or pretokenizer_name(tokenizer, str(model_dir)))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))

@@ -1,0 +1,216 @@
+"""End to end on the real embedded SmolLM2-135M-Instruct: `doit` builds, llama.cpp runs what it
+built, a rebuild is a no-op, a change rebuilds exactly what depends on it, and two clean builds
+are byte-identical."""
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import SMOLLM_GGUF, doit, leftovers, write_spec
+
+pytestmark = pytest.mark.slow
+
+SPEC = """
+[[models]]
+name = "smollm2"
+base = "smollm2.gguf"
+quantize = ["Q4_K_M", "Q8_0"]
+
+[[models]]
+name = "tiny"
+base = "tiny"
+quantize = ["Q8_0"]
+"""
+TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+        "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.")
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def make_workspace(folder, tiny_llama):
+    shutil.copy(SMOLLM_GGUF, folder / "smollm2.gguf")
+    shutil.copytree(tiny_llama, folder / "tiny")
+    return write_spec(folder, SPEC)
+
+
+def artifact_states(cache):
+    """(inode, mtime_ns) of every file in the cache except doit's own state."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.rglob("*") if p.is_file() and ".doit" not in p.name}
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory, tiny_llama):
+    folder = tmp_path_factory.mktemp("build")
+    spec = make_workspace(folder, tiny_llama)
+    first = doit(spec)
+    sums = {m: (folder / "cache" / m / "SHA256SUMS").read_bytes() for m in ("smollm2", "tiny")}
+    manifests = {m: (folder / "cache" / m / "manifest.json").read_bytes() for m in ("smollm2", "tiny")}
+    return {"folder": folder, "spec": spec, "first": first, "sums": sums, "manifests": manifests}
+
+
+def test_first_build_runs_every_stage(build):
+    assert build["first"].ran == [
+        "import:smollm2", "convert:smollm2", "convert:tiny", "quantize:smollm2-Q4_K_M", "quantize:smollm2-Q8_0",
+        "quantize:tiny-Q8_0",
+        "manifest:smollm2", "manifest:tiny",
+    ]
+    assert leftovers(build["folder"] / "cache") == sorted(
+        str(build["folder"] / "cache" / p) for p in (
+            "smollm2/gguf/smollm2.F16.gguf", "smollm2/gguf/smollm2.Q4_K_M.gguf", "smollm2/gguf/smollm2.Q8_0.gguf",
+            "tiny/gguf/tiny.F16.gguf", "tiny/gguf/tiny.Q8_0.gguf",
+        )
+    ), "only finished GGUFs, no temp files"
+
+
+def test_f16_gguf_matches_transformers_on_the_real_model(build):
+    """Next-token logits of the F16 GGUF against the imported (dequantized, float32) model, every
+    position of the chat prompt: max |Δ| within 1% of the largest logit (f16 weights), and the same
+    top-1 token everywhere; and the same greedy chat answer."""
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = build["folder"] / "cache/smollm2/base"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    prompt = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+        answer_ids = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
+    expected_answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+
+    llm = Llama(str(build["folder"] / "cache/smollm2/gguf/smollm2.F16.gguf"), n_ctx=256, logits_all=True,
+                verbose=False, n_threads=2)
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    assert np.abs(got - expected).max() <= 0.01 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+    llm.reset()
+    reply = llm.create_chat_completion(messages=QUESTION, max_tokens=24, temperature=0)
+    assert reply["choices"][0]["message"]["content"].strip() == expected_answer
+    assert "Paris" in expected_answer
+
+
+def test_quantized_ggufs_load_and_answer(build):
+    """Q8_0 still answers the question; Q4_K_M (requantized from a Q4_1 original, so twice rounded)
+    agrees with F16 on the next token at most positions of a plain-text passage."""
+    from gguf import GGUFReader
+    from llama_cpp import Llama
+
+    gguf_dir = build["folder"] / "cache/smollm2/gguf"
+    assert GGUFReader(gguf_dir / "smollm2.Q4_K_M.gguf").get_field("general.file_type").contents() == 15
+    assert GGUFReader(gguf_dir / "smollm2.Q8_0.gguf").get_field("general.file_type").contents() == 7
+    q8 = Llama(str(gguf_dir / "smollm2.Q8_0.gguf"), n_ctx=256, verbose=False, n_threads=2)
+    assert "Paris" in q8.create_chat_completion(messages=QUESTION, max_tokens=24, temperature=0)[
+        "choices"][0]["message"]["content"]
+
+    def next_tokens(name):
+        llm = Llama(str(gguf_dir / name), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+        ids = llm.tokenize(TEXT.encode(), add_bos=False)
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)]).argmax(-1)
+
+    assert (next_tokens("smollm2.Q4_K_M.gguf") == next_tokens("smollm2.F16.gguf")).mean() >= 0.75
+    tiny = Llama(str(build["folder"] / "cache/tiny/gguf/tiny.Q8_0.gguf"), n_ctx=64, verbose=False)
+    assert len(tiny.tokenize(b"hello")) > 0
+
+
+def test_checksums_verify_with_sha256sum_and_name_no_host_paths(build):
+    for model in ("smollm2", "tiny"):
+        folder = build["folder"] / "cache" / model
+        subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=folder, check=True)
+        manifest = (folder / "manifest.json").read_text()
+        assert str(build["folder"]) not in manifest and "site-packages" not in manifest
+    listed = (build["folder"] / "cache/smollm2/SHA256SUMS").read_text()
+    assert "gguf/smollm2.Q4_K_M.gguf" in listed and "base/model.safetensors" in listed
+
+
+def test_two_clean_builds_are_byte_identical(build, tmp_path, tiny_llama):
+    spec = make_workspace(tmp_path, tiny_llama)
+    doit(spec)
+    for model in ("smollm2", "tiny"):
+        assert (tmp_path / "cache" / model / "SHA256SUMS").read_bytes() == build["sums"][model]
+        assert (tmp_path / "cache" / model / "manifest.json").read_bytes() == build["manifests"][model]
+
+
+def test_rebuilds_exactly_what_changed(build):
+    """Runs last in this module: it edits the workspace the tests above read."""
+    folder, spec = build["folder"], build["spec"]
+    cache = folder / "cache"
+    before = artifact_states(cache)
+
+    assert doit(spec).ran == [], "second run: everything up to date"
+    assert artifact_states(cache) == before, "no file rewritten"
+
+    base = folder / "smollm2.gguf"
+    os.utime(base, ns=(base.stat().st_atime_ns, base.stat().st_mtime_ns + 10**9))
+    assert doit(spec).ran == [], "touching a file without changing its bytes rebuilds nothing"
+
+    spec.write_text(SPEC.replace('quantize = ["Q4_K_M", "Q8_0"]', 'quantize = ["Q4_K_M", "Q8_0", "Q6_K"]'))
+    assert doit(spec).ran == ["quantize:smollm2-Q6_K", "manifest:smollm2"]
+
+    damaged = cache / "smollm2/gguf/smollm2.Q4_K_M.gguf"
+    with open(damaged, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    assert doit(spec).ran == ["quantize:smollm2-Q4_K_M"], "a damaged output is rebuilt, to the same bytes"
+
+    from gguf import GGUFReader
+
+    norm = next(t for t in GGUFReader(base).tensors if t.name == "output_norm.weight")
+    with open(base, "r+b") as f:  # one float of one weight: a real change the whole route must see
+        f.seek(int(norm.data_offset))
+        f.write(np.float32(float(norm.data[0]) + 0.5).tobytes())
+    assert doit(spec).ran == ["import:smollm2", "convert:smollm2", "quantize:smollm2-Q4_K_M",
+                              "quantize:smollm2-Q8_0", "quantize:smollm2-Q6_K", "manifest:smollm2"]
+
+
+def test_truncated_gguf_base_fails_cleanly(tmp_path):
+    (tmp_path / "broken.gguf").write_bytes(SMOLLM_GGUF.read_bytes()[:40_000_000])
+    spec = write_spec(tmp_path, '[[models]]\nname = "broken"\nbase = "broken.gguf"\nquantize = ["Q4_K_M"]\n')
+    result = doit(spec, check=False)
+    assert result.returncode != 0
+    assert "broken.gguf: not a readable GGUF file" in result.output or "broken.gguf: truncated GGUF" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "cache/broken/base").exists()
+    assert leftovers(tmp_path / "cache") == []
+
+
+def test_unsupported_gguf_architecture_is_refused_before_import(tmp_path):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(tmp_path / "other.gguf", "falcon")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    spec = write_spec(tmp_path, '[[models]]\nname = "other"\nbase = "other.gguf"\n')
+    result = doit(spec, check=False)
+    assert result.returncode != 0
+    assert "GGUF architecture 'falcon' is not supported yet; modelmake imports llama, qwen2" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_parallel_build_clean_and_forget(tmp_path, tiny_llama):
+    shutil.copytree(tiny_llama, tmp_path / "tiny")
+    spec = write_spec(tmp_path, '[[models]]\nname = "tiny"\nbase = "tiny"\nquantize = ["Q8_0", "Q4_0"]\n')
+    assert sorted(doit(spec, "-n", "2").ran) == ["convert:tiny", "manifest:tiny", "quantize:tiny-Q4_0",
+                                                 "quantize:tiny-Q8_0"]
+    ggufs = sorted((tmp_path / "cache/tiny/gguf").glob("*.gguf"))
+    assert [p.name for p in ggufs] == ["tiny.F16.gguf", "tiny.Q4_0.gguf", "tiny.Q8_0.gguf"]
+
+    doit(spec, command="clean")
+    assert list((tmp_path / "cache/tiny/gguf").glob("*.gguf")) == []
+    assert (tmp_path / "tiny/model.safetensors").exists(), "clean never touches the user's base"
+    assert len(doit(spec).ran) == 4
+
+    doit(spec, "quantize:tiny-Q8_0", command="forget")
+    assert doit(spec).ran == ["quantize:tiny-Q8_0"]

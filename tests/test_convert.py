@@ -1,0 +1,168 @@
+"""convert on tiny random models: tensors, metadata and llama.cpp's logits against transformers."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from helpers import doit, leftovers, write_spec
+from stages import convert
+from stages.errors import BuildError
+
+# transformers forces Qwen's own pre-tokenizer onto any qwen2 model, so the tiny qwen2 (which
+# borrows SmolLM2's vocabulary) has a tokenizer llama.cpp does not know: it needs the override.
+PRETOKENIZER = {"llama": {}, "qwen2": {"pretokenizer": "smollm"}}
+PROMPT = "The quick brown fox jumps over the lazy dog. 1234 + 5678 = ?"
+
+
+def hf_tensors(model_dir):
+    from safetensors.torch import load_file
+
+    return {k: v.float().numpy() for k, v in load_file(model_dir / "model.safetensors").items()}
+
+
+def llama_cpp_logits(gguf_path, token_ids):
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf_path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(token_ids)
+    return np.array(llm.scores[: len(token_ids)])
+
+
+def transformers_logits(model_dir, token_ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].numpy()
+
+
+def prompt_ids(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).encode(PROMPT)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_f32_gguf_holds_the_source_tensors(arch, request, tmp_path):
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
+    out = tmp_path / "m.gguf"
+    convert.run(model_dir, out, "f32", "tiny", **PRETOKENIZER[arch])
+    reader = GGUFReader(out)
+    written = {t.name: np.array(t.data) for t in reader.tensors}
+    source = hf_tensors(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+
+    # llama.cpp's rotary layout for llama q/k, written out independently of convert.permute_rotary:
+    # within each head, rows [0, d/2) and [d/2, d) are interleaved as (0, d/2, 1, d/2+1, ...).
+    def rotary(w, n):
+        d = w.shape[0] // n
+        order = [h * d + (i // 2 + (i % 2) * d // 2) for h in range(n) for i in range(d)]
+        return w[order]
+
+    expected = {"token_embd.weight": source["model.embed_tokens.weight"], "output.weight": source["lm_head.weight"],
+                "output_norm.weight": source["model.norm.weight"]}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        q, k = source[p + "self_attn.q_proj.weight"], source[p + "self_attn.k_proj.weight"]
+        if arch == "llama":
+            q, k = rotary(q, heads), rotary(k, kv_heads)
+        expected |= {
+            f"blk.{i}.attn_q.weight": q, f"blk.{i}.attn_k.weight": k,
+            f"blk.{i}.attn_v.weight": source[p + "self_attn.v_proj.weight"],
+            f"blk.{i}.attn_output.weight": source[p + "self_attn.o_proj.weight"],
+            f"blk.{i}.ffn_gate.weight": source[p + "mlp.gate_proj.weight"],
+            f"blk.{i}.ffn_up.weight": source[p + "mlp.up_proj.weight"],
+            f"blk.{i}.ffn_down.weight": source[p + "mlp.down_proj.weight"],
+            f"blk.{i}.attn_norm.weight": source[p + "input_layernorm.weight"],
+            f"blk.{i}.ffn_norm.weight": source[p + "post_attention_layernorm.weight"],
+        }
+        if arch == "qwen2":
+            expected |= {f"blk.{i}.attn_{x}.bias": source[p + f"self_attn.{x}_proj.bias"] for x in "qkv"}
+    assert sorted(written) == sorted(expected)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(written[name].reshape(values.shape), values, err_msg=name)
+
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("general.", f"{arch}."))}
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.block_count"] == 2 and fields[f"{arch}.attention.head_count_kv"] == 2
+    assert fields[f"{arch}.context_length"] == 256
+
+
+@pytest.mark.parametrize("arch, outtype, tolerance", [
+    ("llama", "f32", 1e-3), ("qwen2", "f32", 1e-3), ("llama", "f16", 5e-3), ("llama", "q8_0", 3e-2),
+])
+def test_llama_cpp_logits_match_transformers(arch, outtype, tolerance, request, tmp_path):
+    """Tolerance is on max |Δlogit| over every position and vocab entry of a 20-token prompt,
+    scaled by the largest logit; f16 and q8_0 round the weights, so they get more room."""
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
+    out = tmp_path / f"m.{outtype}.gguf"
+    convert.run(model_dir, out, outtype, "tiny", **PRETOKENIZER[arch])
+    ids = prompt_ids(model_dir)
+    expected = transformers_logits(model_dir, ids)
+    got = llama_cpp_logits(out, ids)
+    scale = np.abs(expected).max()
+    print(f"{arch} {outtype}: max |Δ| / scale = {np.abs(got - expected).max() / scale:.2e}")
+    assert np.abs(got - expected).max() <= tolerance * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def test_llama_cpp_tokenizes_like_transformers(tiny_llama, tmp_path):
+    from llama_cpp import Llama
+
+    out = tmp_path / "m.gguf"
+    convert.run(tiny_llama, out, "f16", "tiny")
+    llm = Llama(str(out), n_ctx=64, verbose=False, vocab_only=True)
+    text = "Hello <|im_start|>user\n  naïve café 😀 tabs\tand 12345<|im_end|>"
+    from transformers import AutoTokenizer
+
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == AutoTokenizer.from_pretrained(tiny_llama).encode(text)
+
+
+def test_unknown_pretokenizer_is_refused_with_the_way_out(tiny_qwen2, tmp_path):
+    with pytest.raises(BuildError) as err:
+        convert.run(tiny_qwen2, tmp_path / "m.gguf", "f16", "tiny")
+    assert "the BPE pre-tokenizer is not one modelmake recognizes" in str(err.value)
+    assert 'set pretokenizer = "NAME"' in str(err.value)
+    assert leftovers(tmp_path) == []
+
+
+def _bad_model(tiny_llama, tmp_path, mutate):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama, model_dir)
+    mutate(model_dir)
+    return write_spec(tmp_path, '[[models]]\nname = "bad"\nbase = "model"\nquantize = ["Q8_0"]\n')
+
+
+def _unsupported(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["FalconForCausalLM"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+def _truncated(model_dir):
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _garbage(model_dir):
+    (model_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (_unsupported, "architecture FalconForCausalLM is not supported yet; modelmake converts LlamaForCausalLM, "
+                   "MistralForCausalLM, Qwen2ForCausalLM"),
+    (_truncated, "not a valid safetensors file, truncated"),
+    (_garbage, "not a valid safetensors file, its header is not valid safetensors JSON"),
+])
+def test_bad_model_fails_cleanly(tiny_llama, tmp_path, mutate, expected):
+    spec = _bad_model(tiny_llama, tmp_path, mutate)
+    result = doit(spec, check=False)
+    assert result.returncode != 0
+    assert expected in result.output
+    assert "Traceback" not in result.output
+    assert leftovers(tmp_path / "cache") == []

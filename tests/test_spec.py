@@ -1,0 +1,82 @@
+"""models.toml validation: each bad input is one clear sentence naming file and field."""
+
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, SMOLLM_GGUF, doit, write_spec
+from stages.errors import BuildError
+from stages.spec import QUANT_TYPES, load_spec
+
+
+def test_default_spec_resolves_the_embedded_model():
+    spec = load_spec(REPO / "models.toml")
+    (model,) = spec.models
+    assert model.base.kind == "gguf"
+    assert model.base.path == SMOLLM_GGUF.resolve()
+    assert model.outtype == "f16"
+    assert model.quantize == ["Q4_K_M", "Q8_0"]
+    assert spec.cache == REPO / "cache"
+
+
+def test_quant_type_numbers_are_llama_cpps():
+    import llama_cpp
+
+    for name, ftype in QUANT_TYPES.items():
+        assert getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}") == ftype, name
+
+
+def test_quant_names_are_normalised_and_paths_resolved_from_the_spec_folder(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.gguf").write_bytes(b"")
+    spec = load_spec(write_spec(tmp_path, 'cache = "out"\n[[models]]\nname = "m"\nbase = "models/m.gguf"\n'
+                                          'quantize = ["q4_k_m"]\nouttype = "F16"\n'))
+    assert spec.models[0].quantize == ["Q4_K_M"]
+    assert spec.models[0].base.path == tmp_path / "models" / "m.gguf"
+    assert spec.cache == tmp_path / "out"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\nquantise = ["Q4_K_M"]\n',
+     "unknown key 'models[0].quantise': did you mean 'quantize'?"),
+    ('cahce = "c"\n[[models]]\nname = "m"\nbase = "x.gguf"\n', "unknown key 'cahce': did you mean 'cache'?"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\nquantize = ["Q4_K_X"]\n',
+     "models[0].quantize: unknown quant type 'Q4_K_X'. Did you mean 'Q4_K_S'? Valid types: Q4_0,"),
+    ('[[models]]\nname = "m"\nbase = "nowhere.gguf"\n', "nowhere.gguf does not exist"),
+    ('[[models]]\nname = "m"\nbase = "hf:HuggingFaceTB/SmolLM2-135M"\n', "has no revision: pin one"),
+    ('[[models]]\nname = "m"\nbase = "pkg:no_such_package/m.gguf"\n', "'no_such_package' is not installed"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\nouttype = "q4"\n', "models[0].outtype: Input should be 'f32', 'f16'"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[[models]]\nname = "m"\nbase = "x.gguf"\n', "repeated: m"),
+    ('models = []\n', "models: List should have at least 1 item"),
+])
+def test_bad_spec_is_one_clear_sentence(tmp_path, text, expected):
+    (tmp_path / "x.gguf").write_bytes(b"")
+    path = write_spec(tmp_path, text)
+    with pytest.raises(BuildError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert expected in str(err.value)
+
+
+def test_toml_syntax_error_through_doit_names_line_and_column(tmp_path):
+    path = write_spec(tmp_path, '[[models]]\nname = "m"\nbase = \n')
+    result = doit(path, command="list", check=False)
+    assert result.returncode != 0
+    assert f"modelmake: {path}: invalid TOML" in result.output
+    assert "(at line 3, column 8)" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_spec_file(tmp_path):
+    result = doit(tmp_path / "none.toml", command="list", check=False)
+    assert result.returncode != 0
+    assert "none.toml not found" in result.output and "Traceback" not in result.output
+
+
+def test_doit_list_reads_like_the_lifecycle(tmp_path):
+    path = write_spec(tmp_path, f'[[models]]\nname = "demo"\nbase = "{SMOLLM_GGUF}"\nquantize = ["Q4_K_M", "Q8_0"]\n')
+    listed = [line.split()[0] for line in doit(path, command="list").output.splitlines()]
+    assert listed == ["import", "import:demo", "convert", "convert:demo", "quantize", "quantize:demo-Q4_K_M",
+                      "quantize:demo-Q8_0", "manifest", "manifest:demo"]
+    info = doit(path, "convert:demo", command="info", check=False).output  # exits 1: not built yet
+    assert "demo.F16.gguf" in info and "files.b3" in info
