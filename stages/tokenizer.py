@@ -7,7 +7,6 @@ template come from gguf-py's `SpecialVocab`; tokens and the pre-tokenizer name a
 
 from __future__ import annotations
 
-import json
 from hashlib import sha256
 from pathlib import Path
 
@@ -81,32 +80,30 @@ def bpe_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def tokenizer_kind(model_dir: Path) -> str:
-    """'gpt2' for byte-level BPE; anything else is refused for now, with the reason."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise BuildError(
-            f"{model_dir}: no tokenizer.json; modelmake needs a fast (tokenizers) tokenizer "
-            "saved beside the weights (tokenizer.save_pretrained)"
-        )
-    try:
-        model = json.loads(path.read_text(encoding="utf-8"))["model"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise BuildError(f"{path}: not a tokenizers JSON file ({err}); restore it from the model's source") from None
-    if model.get("type") == "BPE" and not model.get("byte_fallback"):
-        return "gpt2"
-    raise BuildError(
-        f"{path}: {model.get('type')} tokenizer{' with byte fallback (SentencePiece-style)' if model.get('byte_fallback') else ''} "
-        "is not supported yet; modelmake writes byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, DeepSeek-Coder)."
-    )
+def check_byte_level_bpe(tokenizer, model_dir: Path) -> None:
+    """Byte-level BPE (gpt2-style) is what modelmake writes; anything else is refused, saying why."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise BuildError(f"{model_dir}: no tokenizer.json; modelmake needs a fast (tokenizers) tokenizer "
+                         "saved beside the weights (tokenizer.save_pretrained)")
+    model = backend.model
+    if type(model).__name__ == "BPE" and not model.byte_fallback:
+        return
+    kind = type(model).__name__ + (" with byte fallback (SentencePiece-style)" if getattr(model, "byte_fallback", False) else "")
+    raise BuildError(f"{model_dir}/tokenizer.json: a {kind} tokenizer is not supported yet; modelmake writes "
+                     "byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, DeepSeek-Coder).")
 
 
 def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pretokenizer: str | None = None) -> None:
     """`pretokenizer` overrides the probe, for tokenizers llama.cpp knows but our table does not."""
     from transformers import AutoTokenizer
 
-    tokenizer_kind(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise BuildError(f"{model_dir}: transformers cannot load the tokenizer ({err}); "
+                         "restore tokenizer.json and tokenizer_config.json from the model's source") from None
+    check_byte_level_bpe(tokenizer, model_dir)
     tokens, types = bpe_vocab(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pretokenizer or pretokenizer_name(tokenizer, str(model_dir)))

@@ -30,10 +30,10 @@ class DoitRun:
         return [line[3:].strip() for line in self.output.splitlines() if line.startswith("-- ")]
 
 
-def doit(spec: Path, *args: str, command: str = "run", check: bool = True) -> DoitRun:
+def doit(spec: Path, *args: str, command: str = "run", check: bool = True, env: dict | None = None) -> DoitRun:
     proc = subprocess.run(
         [sys.executable, "-m", "doit", command, "-f", str(REPO / "dodo.py"), *args, f"spec={spec}"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True, text=True, cwd=REPO, env=env,
     )
     result = DoitRun(proc.returncode, proc.stdout + proc.stderr)
     if check and proc.returncode != 0:
