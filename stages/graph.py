@@ -76,7 +76,7 @@ def remove(paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _task(stage: str, name: str, doc: str, func, kwargs: dict, params: dict, file_dep: list[Path],
+def _task(name: str, doc: str, func, kwargs: dict, fingerprint_of: str, file_dep: list[Path],
           outputs: list[Path], targets: list[Path]) -> dict:
     return {
         "name": name,
@@ -84,7 +84,7 @@ def _task(stage: str, name: str, doc: str, func, kwargs: dict, params: dict, fil
         "actions": [(run_stage, [func, kwargs, outputs])],
         "file_dep": [str(p) for p in file_dep],
         "targets": [str(p) for p in targets],
-        "uptodate": [config_changed(fingerprint(params, versions(stage))), outputs_intact],
+        "uptodate": [config_changed(fingerprint_of), outputs_intact],
         "clean": [(remove, [outputs])],
     }
 
@@ -107,11 +107,13 @@ def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
     producers: list[Producer] = []
 
     def add(stage, name, doc, func, kwargs, params, file_dep, outputs, targets):
-        stages[stage].append(_task(stage, name, doc, func, kwargs, params, file_dep, outputs, targets))
+        stage_versions = versions(stage)
+        stages[stage].append(_task(name, doc, func, kwargs, fingerprint(params, stage_versions),
+                                   file_dep, outputs, targets))
         producers.append(Producer(
             task=f"{stage}:{name}", outputs=[p.relative_to(paths.root).as_posix() for p in outputs],
             inputs={_input_name(p, paths, model): str(p) for p in file_dep},
-            params=params, versions=versions(stage),
+            params=params, versions=stage_versions,
         ))
 
     if paths.imported:
@@ -120,10 +122,10 @@ def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
             [model.base.path] if model.base.kind == "gguf" else [], [paths.base], [paths.base / INDEX])
 
     converted = paths.gguf(model, model.outtype.upper())
+    convert_params = {"outtype": model.outtype, "name": model.name, "pretokenizer": model.pretokenizer}
     add("convert", model.name, f"Hugging Face → GGUF {model.outtype}", convert.run,
-        {"model_dir": paths.base, "out_path": converted, "outtype": model.outtype, "name": model.name,
-         "pretokenizer": model.pretokenizer},
-        {"outtype": model.outtype, "name": model.name, "pretokenizer": model.pretokenizer}, paths.base_files(), [converted], [converted])
+        {"model_dir": paths.base, "out_path": converted, **convert_params},
+        convert_params, paths.base_files(), [converted], [converted])
 
     for quant in model.quantize:
         quantized = paths.gguf(model, quant)
@@ -131,14 +133,14 @@ def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
             {"in_path": converted, "out_path": quantized, "quant_type": quant, "threads": spec.threads},
             {"type": quant}, [converted], [quantized], [quantized])
 
-    artifacts = [paths.root / p for producer in producers for p in producer.outputs]
-    index_files = [p / INDEX if p == paths.base else p for p in artifacts]
+    built = [target for stage_tasks in stages.values() for task in stage_tasks for target in task["targets"]]
+    manifest_files = [paths.root / "manifest.json", paths.root / "SHA256SUMS"]
+    described = [p.model_dump(exclude={"inputs"}) | {"inputs": sorted(p.inputs)} for p in producers]
     stages["manifest"].append(_task(
-        "manifest", model.name, "manifest.json + SHA256SUMS of every artifact", manifest.run,
+        model.name, "manifest.json + SHA256SUMS of every artifact", manifest.run,
         {"model": model.name, "model_dir": paths.root, "producers": producers},
-        {"producers": [p.model_dump(exclude={"inputs"}) | {"inputs": sorted(p.inputs)} for p in producers]},
-        index_files, [paths.root / "manifest.json", paths.root / "SHA256SUMS"],
-        [paths.root / "manifest.json", paths.root / "SHA256SUMS"],
+        fingerprint({"producers": described}, versions("manifest")),
+        [Path(p) for p in built], manifest_files, manifest_files,
     ))
     return stages
 
