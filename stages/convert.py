@@ -6,6 +6,7 @@ so peak memory is about one tensor, never the model twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,8 +181,6 @@ def _tensor_bytes(plan: TensorPlan, handle) -> np.ndarray:
 
 def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: str | None = None) -> None:
     """Write `out_path` (GGUF at `outtype`) from the Hugging Face model in `model_dir`."""
-    import contextlib
-
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = _read_config(model_dir)
     architecture = arches.from_hf_config(config, str(model_dir / "config.json"))

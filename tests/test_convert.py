@@ -94,11 +94,12 @@ def test_f32_gguf_holds_the_source_tensors(arch, request, tmp_path):
 
 
 @pytest.mark.parametrize("arch, outtype, tolerance", [
-    ("llama", "f32", 1e-3), ("qwen2", "f32", 1e-3), ("llama", "f16", 5e-3), ("llama", "q8_0", 3e-2),
+    ("llama", "f32", 1e-3), ("qwen2", "f32", 1e-3), ("llama", "f16", 5e-3), ("llama", "bf16", 3e-2),
+    ("llama", "q8_0", 3e-2),
 ])
 def test_llama_cpp_logits_match_transformers(arch, outtype, tolerance, request, tmp_path):
     """Tolerance is on max |Δlogit| over every position and vocab entry of a 20-token prompt,
-    scaled by the largest logit; f16 and q8_0 round the weights, so they get more room."""
+    scaled by the largest logit; f16, bf16 and q8_0 round the weights, so they get more room."""
     model_dir = request.getfixturevalue(f"tiny_{arch}")
     out = tmp_path / f"m.{outtype}.gguf"
     convert.run(model_dir, out, outtype, "tiny", **PRETOKENIZER[arch])
