@@ -19,8 +19,17 @@ import blake3
 from doit.dependency import FileChangedChecker
 
 
+_digests: dict[tuple, str] = {}
+
+
 def file_blake3(path: str | os.PathLike) -> str:
-    return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
+    """blake3 of a file's bytes, remembered for this process by (path, size, mtime_ns, inode):
+    a stage's output is recorded, then checked as the next stage's input, then listed in the
+    manifest, and is read once."""
+    key = (os.fspath(path), *stat_key(os.stat(path)))
+    if key not in _digests:
+        _digests[key] = blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
+    return _digests[key]
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -24,7 +24,7 @@ HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", "genera
              "chat_template.json", "tokenizer.model", "LICENSE*"]
 
 
-def check_gguf(path: Path):
+def check_gguf(path: Path) -> None:
     """Open a GGUF and fail clearly if it is corrupt, truncated or of an unsupported architecture."""
     from gguf import GGUFReader
 
@@ -39,7 +39,6 @@ def check_gguf(path: Path):
         raise BuildError(f"{path}: truncated GGUF ({size} bytes, its tensors need {end}); download or rebuild it")
     field = reader.get_field("general.architecture")
     arch.check_gguf_arch(field.contents() if field else "(none)", str(path))
-    return reader
 
 
 def _from_gguf(path: Path, out: Path) -> None:

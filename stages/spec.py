@@ -102,9 +102,6 @@ class Spec(Strict):
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
         return self
 
-    def model(self, name: str) -> ModelSpec:
-        return next(m for m in self.models if m.name == name)
-
 
 def parse_base(text: str, spec_dir: Path) -> BaseRef:
     """Resolve a `base = "..."` string: `hf:org/name@rev`, `pkg:module/file`, or a path."""
