@@ -35,6 +35,21 @@ def task_import():
     yield from TASKS["import"]
 
 
+def task_train():
+    """LoRA fine-tune on the spec's dataset (PyTorch + PEFT)"""
+    yield from TASKS["train"]
+
+
+def task_adapter():
+    """PEFT adapter → GGUF LoRA for llama.cpp / Ollama ADAPTER"""
+    yield from TASKS["adapter"]
+
+
+def task_merge():
+    """LoRA folded into the base weights, streamed shard by shard"""
+    yield from TASKS["merge"]
+
+
 def task_convert():
     """Hugging Face safetensors → GGUF (gguf-py)"""
     yield from TASKS["convert"]
@@ -48,3 +63,9 @@ def task_quantize():
 def task_manifest():
     """checksums of every artifact: manifest.json, SHA256SUMS"""
     yield from TASKS["manifest"]
+
+
+# A stage no model of this spec uses stays out of `doit list`.
+for _stage, _tasks in TASKS.items():
+    if not _tasks:
+        del globals()[f"task_{_stage}"]

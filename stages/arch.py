@@ -21,6 +21,23 @@ class Architecture:
     def gguf_name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
+    def rotary_heads(self, hf_name: str, config: dict) -> int:
+        """How many heads to permute the rows of this tensor over (0: leave it as it is)."""
+        if not self.permute_qk:
+            return 0
+        if ".q_proj." in hf_name:
+            return config["num_attention_heads"]
+        if ".k_proj." in hf_name:
+            return config.get("num_key_value_heads") or config["num_attention_heads"]
+        return 0
+
+
+def permute_rotary(rows, n_heads: int):
+    """Reorder q/k rows (weights, or a LoRA B) from Hugging Face's rotary halves to llama.cpp's
+    interleaved pairs. Works on numpy arrays and torch tensors alike."""
+    count = rows.shape[0]
+    return rows.reshape(n_heads, 2, count // n_heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_class: a

@@ -7,7 +7,6 @@ so peak memory is about one tensor, never the model twice.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import arch as arches
-from . import tokenizer
+from . import hf, tokenizer
 from .atomic import atomic_file
 from .errors import BuildError
 
@@ -45,16 +44,6 @@ class TensorPlan:
         return int(np.prod(self.shape)) // size * block_bytes
 
 
-def permute_rotary(weights: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder q/k projection rows from Hugging Face's rotary halves to llama.cpp's interleaved pairs."""
-    rows = weights.shape[0]
-    return (
-        weights.reshape(n_heads, 2, rows // n_heads // 2, *weights.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weights.shape)
-    )
-
-
 def tensor_type(shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:
     """llama.cpp's rule: 1-D tensors (norms, biases) stay F32; Q8_0 needs rows of whole blocks."""
     if len(shape) < 2:
@@ -69,10 +58,7 @@ def tensor_type(shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationTy
 def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict, architecture: arches.Architecture, outtype: str,
                  where: str) -> list[TensorPlan]:
     """Map every Hugging Face tensor to its GGUF name, type and transform. Pure: no file access."""
-    n_blocks = config["num_hidden_layers"]
-    n_head = config["num_attention_heads"]
-    n_head_kv = config.get("num_key_value_heads") or n_head
-    names = gguf.get_tensor_name_map(architecture.gguf_arch, n_blocks)
+    names = gguf.get_tensor_name_map(architecture.gguf_arch, config["num_hidden_layers"])
     plans = []
     for hf_name, shape in shapes.items():
         if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
@@ -83,12 +69,8 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict, architecture:
         if gguf_name is None:
             raise BuildError(f"{where}: tensor {hf_name!r} has no llama.cpp name for {architecture.gguf_name}; "
                              "is this checkpoint a plain causal LM without extra heads?")
-        heads = 0
-        if architecture.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            heads = n_head
-        elif architecture.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            heads = n_head_kv
-        plans.append(TensorPlan(gguf_name, hf_name, tuple(shape), tensor_type(tuple(shape), outtype), heads))
+        plans.append(TensorPlan(gguf_name, hf_name, tuple(shape), tensor_type(tuple(shape), outtype),
+                                architecture.rotary_heads(hf_name, config)))
     return plans
 
 
@@ -116,54 +98,15 @@ def add_model_metadata(writer: gguf.GGUFWriter, config: dict, name: str, outtype
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _read_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BuildError(f"{path} not found: a Hugging Face model directory needs config.json") from None
-    except json.JSONDecodeError as err:
-        raise BuildError(f"{path}: not valid JSON ({err}); restore it from the model's source") from None
-
-
 def _open_shards(model_dir: Path, stack) -> dict[str, object]:
-    """tensor name → open safetensors handle, after checking every shard is whole."""
+    """tensor name → open safetensors handle."""
     from safetensors import safe_open
 
-    shards = sorted(model_dir.glob("*.safetensors"))
-    if not shards:
-        pickles = sorted(p.name for p in model_dir.glob("*.bin"))
-        hint = f" (found pickle weights {', '.join(pickles)}: re-save them with safe_serialization=True)" if pickles else ""
-        raise BuildError(f"{model_dir}: no *.safetensors weights{hint}")
     handles = {}
-    for shard in shards:
-        check_safetensors(shard)
+    for shard in hf.shards(model_dir):
         handle = stack.enter_context(safe_open(shard, framework="pt"))
         handles.update(dict.fromkeys(handle.keys(), handle))
     return handles
-
-
-def check_safetensors(path: Path) -> None:
-    """Refuse a corrupt or truncated shard up front: safetensors maps lazily and would
-    otherwise fail halfway through writing the GGUF."""
-    size = path.stat().st_size
-    problem = None
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        if size < 8 or 8 + header_len > size:
-            problem = f"its header claims {header_len} bytes but the file has {size}"
-        else:
-            try:
-                header = json.loads(f.read(header_len))
-                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
-                problem = f"its header is not valid safetensors JSON ({err})"
-            else:
-                if 8 + header_len + end > size:
-                    problem = f"truncated: {size} bytes, the header needs {8 + header_len + end}"
-    if problem:
-        raise BuildError(f"{path}: not a valid safetensors file, {problem}; "
-                         "rebuild it or restore it from the model's source")
 
 
 def _tensor_bytes(plan: TensorPlan, handle) -> np.ndarray:
@@ -171,7 +114,7 @@ def _tensor_bytes(plan: TensorPlan, handle) -> np.ndarray:
 
     data = handle.get_tensor(plan.hf_name)
     if plan.permute_heads:
-        data = permute_rotary(data, plan.permute_heads)
+        data = arches.permute_rotary(data, plan.permute_heads)
     # torch casts to f16/f32 several times faster than numpy; the block formats are gguf-py's.
     if plan.qtype == gguf.GGMLQuantizationType.F16:
         return data.to(torch.float16).numpy()
@@ -182,7 +125,7 @@ def _tensor_bytes(plan: TensorPlan, handle) -> np.ndarray:
 def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: str | None = None) -> None:
     """Write `out_path` (GGUF at `outtype`) from the Hugging Face model in `model_dir`."""
     model_dir, out_path = Path(model_dir), Path(out_path)
-    config = _read_config(model_dir)
+    config = hf.read_config(model_dir)
     architecture = arches.from_hf_config(config, str(model_dir / "config.json"))
     with contextlib.ExitStack() as stack:
         handles = _open_shards(model_dir, stack)

@@ -18,19 +18,22 @@ from doit.tools import config_changed
 
 from . import __version__
 from .errors import BuildError
-from .hashing import expand_files, fingerprint, outputs_intact, record_outputs, tool_versions, tree_files
-from .import_ import INDEX
+from .hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions, tree_files
 from .manifest import Producer
-from .spec import ModelSpec, Spec
+from .spec import AdapterSpec, ModelSpec, Spec
 
 # Bump a stage's revision when its code changes the bytes it writes.
-STAGE_REVISIONS = {"import": 1, "convert": 1, "quantize": 1, "manifest": 1}
+STAGE_REVISIONS = {"import": 1, "train": 1, "adapter": 1, "merge": 1, "convert": 1, "quantize": 1, "manifest": 1}
 STAGE_TOOLS = {
     "import": ("transformers", "gguf", "safetensors", "torch", "huggingface-hub"),
+    "train": ("torch", "transformers", "peft", "safetensors", "tokenizers"),
+    "adapter": ("gguf", "safetensors", "torch", "numpy"),
+    "merge": ("safetensors", "torch"),
     "convert": ("gguf", "safetensors", "torch", "transformers", "tokenizers", "numpy"),
     "quantize": ("llama-cpp-python",),
     "manifest": (),
 }
+STAGES = tuple(STAGE_REVISIONS)
 
 
 @dataclass(frozen=True)
@@ -40,19 +43,31 @@ class ModelPaths:
     root: Path  # cache/<model>
     base: Path  # the Hugging Face directory the PyTorch stages read
     imported: bool
+    adapter: Path | None  # the PEFT adapter folder: trained into the cache, or the user's own
+    trained: bool
 
     @classmethod
     def of(cls, spec: Spec, model: ModelSpec) -> ModelPaths:
         root = spec.cache / model.name
-        if model.base.kind == "hf_dir":
-            return cls(root, model.base.path, imported=False)
-        return cls(root, root / "base", imported=True)
+        imported = model.base.kind != "hf_dir"
+        base = root / "base" if imported else model.base.path
+        adapter = root / "adapter" if model.train else (model.adapter.path if model.has_adapter else None)
+        return cls(root, base, imported, adapter, trained=model.train is not None)
 
-    def gguf(self, model: ModelSpec, variant: str) -> Path:
-        return self.root / "gguf" / f"{model.name}.{variant}.gguf"
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    def gguf(self, stem: str, variant: str) -> Path:
+        return self.root / "gguf" / f"{stem}.{variant}.gguf"
 
     def base_files(self) -> list[Path]:
         return [self.base / INDEX] if self.imported else tree_files(self.base)
+
+    def adapter_files(self) -> list[Path]:
+        if self.trained:
+            return [self.adapter / name for name in ("adapter_model.safetensors", "adapter_config.json")]
+        return tree_files(self.adapter)
 
 
 def versions(stage: str) -> dict[str, str]:
@@ -77,7 +92,7 @@ def remove(paths: list[Path]) -> None:
 
 
 def _task(name: str, doc: str, func, kwargs: dict, fingerprint_of: str, file_dep: list[Path],
-          outputs: list[Path], targets: list[Path]) -> dict:
+          outputs: list[Path], targets: list[Path], clean: list[Path] | None = None) -> dict:
     return {
         "name": name,
         "doc": doc,
@@ -85,34 +100,38 @@ def _task(name: str, doc: str, func, kwargs: dict, fingerprint_of: str, file_dep
         "file_dep": [str(p) for p in file_dep],
         "targets": [str(p) for p in targets],
         "uptodate": [config_changed(fingerprint_of), outputs_intact],
-        "clean": [(remove, [outputs])],
+        "clean": [(remove, [clean or outputs])],
     }
 
 
-def _input_name(path: Path, paths: ModelPaths, model: ModelSpec) -> str:
-    """How the manifest names an input: by its place in the cache, else as the spec names the base."""
+def _input_name(path: Path, spec: Spec, paths: ModelPaths, model: ModelSpec) -> str:
+    """How the manifest names an input: the same on every machine, never a host path."""
     if path.is_relative_to(paths.root):
         return path.relative_to(paths.root).as_posix()
     if path == model.base.path:
         return model.base.text
-    return f"{model.base.text}/{path.relative_to(model.base.path).as_posix()}"  # a file of an hf_dir base
+    if path.is_relative_to(model.base.path):  # a file of an hf_dir base
+        return f"{model.base.text}/{path.relative_to(model.base.path).as_posix()}"
+    if path.is_relative_to(spec.source.parent):
+        return path.relative_to(spec.source.parent).as_posix()
+    return path.name
 
 
 def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
     """Every task of one model, by stage, in lifecycle order."""
-    from . import convert, import_, manifest, quantize
+    from . import adapter, convert, import_, manifest, merge, quantize, train
 
     paths = ModelPaths.of(spec, model)
-    stages: dict[str, list[dict]] = {"import": [], "convert": [], "quantize": [], "manifest": []}
+    stages: dict[str, list[dict]] = {stage: [] for stage in STAGES}
     producers: list[Producer] = []
 
-    def add(stage, name, doc, func, kwargs, params, file_dep, outputs, targets):
+    def add(stage, name, doc, func, kwargs, params, file_dep, outputs, targets, clean=None):
         stage_versions = versions(stage)
         stages[stage].append(_task(name, doc, func, kwargs, fingerprint(params, stage_versions),
-                                   file_dep, outputs, targets))
+                                   file_dep, outputs, targets, clean))
         producers.append(Producer(
             task=f"{stage}:{name}", outputs=[p.relative_to(paths.root).as_posix() for p in outputs],
-            inputs={_input_name(p, paths, model): str(p) for p in file_dep},
+            inputs={_input_name(p, spec, paths, model): str(p) for p in file_dep},
             params=params, versions=stage_versions,
         ))
 
@@ -121,15 +140,43 @@ def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
             {"base": model.base, "out_dir": paths.base}, {"base": model.base.text},
             [model.base.path] if model.base.kind == "gguf" else [], [paths.base], [paths.base / INDEX])
 
-    converted = paths.gguf(model, model.outtype.upper())
-    convert_params = {"outtype": model.outtype, "name": model.name, "pretokenizer": model.pretokenizer}
-    add("convert", model.name, f"Hugging Face → GGUF {model.outtype}", convert.run,
-        {"model_dir": paths.base, "out_path": converted, **convert_params},
-        convert_params, paths.base_files(), [converted], [converted])
+    if model.train:
+        data_files = [model.train.dataset] + ([model.train.validation] if isinstance(model.train.validation, Path) else [])
+        add("train", model.name, "LoRA fine-tune (PyTorch + PEFT)", train.run,
+            {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,
+             "threads": spec.threads},
+            model.train.params(), paths.base_files() + data_files, paths.adapter_files(), paths.adapter_files(),
+            clean=[paths.adapter])
 
+    release = model.name
+    if paths.adapter:
+        options = model.adapter or AdapterSpec()
+        lora_gguf = paths.gguf(model.name, f"lora.{options.outtype.upper()}")
+        add("adapter", model.name, f"PEFT adapter → GGUF LoRA {options.outtype}", adapter.run,
+            {"adapter_dir": paths.adapter, "base_dir": paths.base, "out_path": lora_gguf,
+             "outtype": options.outtype, "name": model.name, "allow_pickle": options.allow_pickle},
+            {"outtype": options.outtype, "name": model.name}, paths.adapter_files() + paths.base_files(),
+            [lora_gguf], [lora_gguf])
+        add("merge", model.name, "LoRA folded into the base weights → Hugging Face folder", merge.run,
+            {"adapter_dir": paths.adapter, "base_dir": paths.base, "out_dir": paths.merged,
+             "allow_pickle": options.allow_pickle},
+            {}, paths.adapter_files() + paths.base_files(), [paths.merged], [paths.merged / INDEX])
+        release = f"{model.name}-merged"
+
+    convert_params = {"outtype": model.outtype, "pretokenizer": model.pretokenizer}
+    sources = [(model.name, paths.base, paths.base_files())]
+    if paths.adapter:
+        sources.append((release, paths.merged, [paths.merged / INDEX]))
+    for stem, folder, folder_files in sources:
+        add("convert", stem, f"Hugging Face → GGUF {model.outtype}", convert.run,
+            {"model_dir": folder, "out_path": paths.gguf(stem, model.outtype.upper()), "name": stem, **convert_params},
+            convert_params | {"name": stem}, folder_files, [paths.gguf(stem, model.outtype.upper())],
+            [paths.gguf(stem, model.outtype.upper())])
+
+    converted = paths.gguf(release, model.outtype.upper())
     for quant in model.quantize:
-        quantized = paths.gguf(model, quant)
-        add("quantize", f"{model.name}-{quant}", f"GGUF {model.outtype} → {quant} (llama.cpp)", quantize.run,
+        quantized = paths.gguf(release, quant)
+        add("quantize", f"{release}-{quant}", f"GGUF {model.outtype} → {quant} (llama.cpp)", quantize.run,
             {"in_path": converted, "out_path": quantized, "quant_type": quant, "threads": spec.threads},
             {"type": quant}, [converted], [quantized], [quantized])
 

@@ -116,3 +116,13 @@ def tree_files(root: Path) -> list[Path]:
 def expand_files(paths: list[Path]) -> list[Path]:
     """Folders replaced by the files in them."""
     return [f for p in paths for f in (tree_files(p) if p.is_dir() else [p])]
+
+
+INDEX = "files.b3"
+
+
+def write_index(folder: Path) -> None:
+    """`files.b3`: the blake3 of every file in a folder, in b3sum's format. Later stages depend on
+    this one file, so a folder counts as changed exactly when one of its files does."""
+    lines = [f"{file_blake3(p)}  {p.relative_to(folder).as_posix()}\n" for p in tree_files(folder) if p.name != INDEX]
+    (folder / INDEX).write_text("".join(lines), encoding="utf-8")

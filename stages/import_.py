@@ -15,10 +15,9 @@ from pathlib import Path
 from . import arch
 from .atomic import atomic_dir
 from .errors import BuildError
-from .hashing import file_blake3, tree_files
+from .hashing import tree_files, write_index
 from .spec import BaseRef
 
-INDEX = "files.b3"
 HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
              "chat_template.json", "tokenizer.model", "LICENSE*"]
@@ -72,11 +71,6 @@ def _from_hub(repo_id: str, revision: str, out: Path) -> None:
         target = out / source.relative_to(snapshot)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source.resolve(), target)  # the hub cache holds symlinks into its blob store
-
-
-def write_index(folder: Path) -> None:
-    lines = [f"{file_blake3(p)}  {p.relative_to(folder).as_posix()}\n" for p in tree_files(folder) if p.name != INDEX]
-    (folder / INDEX).write_text("".join(lines), encoding="utf-8")
 
 
 def run(base: BaseRef, out_dir: Path) -> None:

@@ -50,6 +50,80 @@ class BaseRef(Strict):
         return Path(self.location)
 
 
+def _resolve_file(value, info, what: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = (info.context or {}).get("spec_dir", Path.cwd()) / path
+    path = path.resolve()
+    if not path.exists():
+        raise ValueError(f"{what} {path} does not exist (relative paths start at the spec's folder)")
+    return path
+
+
+class LoraSpec(Strict):
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1)
+    rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+
+
+class TrainSpec(Strict):
+    dataset: Path  # JSONL of {"instruction", "input", "output"} or {"messages": [...]}
+    validation: float | Path = 0.1  # a held-out fraction of dataset, or a second JSONL file
+    template: Literal["chat", "alpaca"] = "chat"  # chat: the base model's own chat template
+    system: str | None = None  # a system prompt put before every conversation that has none
+    max_seq_len: int = Field(default=256, ge=8)
+    packing: bool = False
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    learning_rate: float = Field(default=2e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int = Field(default=0, ge=0)  # 0: as many as `epochs` take
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    eval_every: int = Field(default=10, ge=1)  # steps between validation losses
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    resume: bool = False  # continue from the adapter of the previous build instead of starting fresh
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset_exists(cls, value, info):
+        return _resolve_file(value, info, "dataset")
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _validation_file_or_fraction(cls, value, info):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not 0 <= value < 1:
+                raise ValueError("a validation fraction is at least 0 and below 1")
+            return float(value)
+        return _resolve_file(value, info, "validation file")
+
+    def params(self) -> dict:
+        """What shapes the adapter besides the data files themselves (their bytes are inputs)."""
+        params = self.model_dump(mode="json", exclude={"dataset", "validation", "resume"})
+        return params | {"validation": self.validation if isinstance(self.validation, float) else "file"}
+
+
+class AdapterSpec(Strict):
+    path: Path | None = None  # an existing PEFT adapter folder to use instead of training one
+    allow_pickle: bool = False  # accept adapter_model.bin (pickles can run code when loaded)
+    outtype: Literal["f32", "f16"] = "f16"  # of the GGUF LoRA
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _folder_exists(cls, value, info):
+        return None if value is None else _resolve_file(value, info, "adapter folder")
+
+
 class ModelSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     base: BaseRef
@@ -57,6 +131,21 @@ class ModelSpec(Strict):
     quantize: list[str] = Field(default_factory=list)
     # llama.cpp's name for the BPE pre-tokenizer, for tokenizers convert cannot identify itself
     pretokenizer: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    train: TrainSpec | None = None
+    adapter: AdapterSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_adapter_source(self):
+        if self.train and self.adapter and self.adapter.path:
+            raise ValueError("give either [models.train] or adapter.path, not both: "
+                             "the adapter is trained here or brought along")
+        if self.adapter and not self.adapter.path and not self.train:
+            raise ValueError("[models.adapter] needs a path to a PEFT adapter folder, or a [models.train] table")
+        return self
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.train is not None or (self.adapter is not None and self.adapter.path is not None)
 
     @field_validator("base", mode="before")
     @classmethod

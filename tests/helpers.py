@@ -83,3 +83,22 @@ def make_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0)
 def leftovers(folder: Path) -> list[str]:
     """Files an interrupted or failed stage must never leave: temp siblings and GGUFs."""
     return sorted(str(p) for p in folder.rglob("*") if ".tmp-" in p.name or p.suffix == ".gguf")
+
+
+def make_peft_adapter(folder: Path, model_dir: Path, seed: int = 1, rslora: bool = False, r: int = 4) -> Path:
+    """A PEFT LoRA on a tiny model with random A *and* B (PEFT starts B at zero), so it changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=8, use_rslora=rslora, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # large enough to move the logits well past rounding noise
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(folder)
+    return folder

@@ -57,7 +57,7 @@ def test_f32_gguf_holds_the_source_tensors(arch, request, tmp_path):
     config = json.loads((model_dir / "config.json").read_text())
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
 
-    # llama.cpp's rotary layout for llama q/k, written out independently of convert.permute_rotary:
+    # llama.cpp's rotary layout for llama q/k, written out independently of arch.permute_rotary:
     # within each head, rows [0, d/2) and [d/2, d) are interleaved as (0, d/2, 1, d/2+1, ...).
     def rotary(w, n):
         d = w.shape[0] // n

@@ -1,0 +1,49 @@
+"""adapter: a PEFT LoRA adapter → a GGUF LoRA that llama.cpp and Ollama (`ADAPTER`) apply on
+top of the base GGUF, with no merge.
+
+Tensors are named `<base GGUF tensor>.lora_a` (A, r × in) and `.lora_b` (B, out × r); B's rows
+take the same rotary permutation as the llama q/k weight they adapt, and `adapter.lora.alpha`
+is chosen so that llama.cpp's alpha/r equals PEFT's scale (rsLoRA included).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from . import arch as arches
+from . import hf, lora
+from .atomic import atomic_file
+from .errors import BuildError
+
+OUTTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def run(adapter_dir: Path, base_dir: Path, out_path: Path, outtype: str, name: str, allow_pickle: bool = False) -> None:
+    adapter = lora.load(adapter_dir, allow_pickle)
+    config = hf.read_config(base_dir)
+    architecture = arches.from_hf_config(config, str(base_dir / "config.json"))
+    lora.check_fits(adapter, hf.tensor_shapes(base_dir), base_dir)
+    names = gguf.get_tensor_name_map(architecture.gguf_arch, config["num_hidden_layers"])
+    with atomic_file(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, architecture.gguf_name)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.gguf_alpha)
+        writer.add_name(f"{name} LoRA")
+        for hf_name, (a, b) in adapter.pairs.items():
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
+            if gguf_name is None:
+                raise BuildError(f"{adapter_dir}: {hf_name} has no llama.cpp tensor name; "
+                                 "llama.cpp LoRAs can adapt the attention and MLP projections")
+            heads = architecture.rotary_heads(hf_name, config)
+            b = arches.permute_rotary(b, heads) if heads else b
+            writer.add_tensor(f"{gguf_name}.lora_a", a.float().numpy().astype(OUTTYPES[outtype]))
+            writer.add_tensor(f"{gguf_name}.lora_b", b.float().numpy().astype(OUTTYPES[outtype]))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    print(f"{out_path.name}: {len(adapter.pairs)} adapted weights, rank {adapter.rank}, alpha {adapter.gguf_alpha:g}")
