@@ -246,13 +246,18 @@ def load_spec(path: str | Path) -> Spec:
     return spec.model_copy(update={"source": path, "cache": cache.resolve()})
 
 
+# Names other tools use for the same setting, which string similarity alone would not find.
+SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lr": "learning_rate",
+            "use_rslora": "rslora", "data": "dataset", "quant": "quantize", "quants": "quantize"}
+
+
 def _describe(error: dict) -> str:
     """One readable sentence for one pydantic error, with a did-you-mean for unknown keys."""
     loc = error["loc"]
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "spec"
     if error["type"] == "extra_forbidden":
         valid = _field_names_at(loc[:-1])
-        near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        near = [SYNONYMS[loc[-1]]] if SYNONYMS.get(loc[-1]) in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
         return f"unknown key {where!r}: {hint}valid keys here are {', '.join(valid)}"
     if error["type"] == "missing":

@@ -250,6 +250,9 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
         progress.set_postfix(loss=f"{loss_sum:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
     progress.close()
 
+    # PEFT looks at the base's config while saving: point it at the local folder (a resumed
+    # adapter names the model instead, and PEFT would go looking for that on the hub).
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub

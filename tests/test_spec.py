@@ -16,6 +16,7 @@ def test_default_spec_resolves_the_embedded_model():
     assert model.base.path == SMOLLM_GGUF.resolve()
     assert model.outtype == "f16"
     assert model.quantize == ["Q4_K_M", "Q8_0"]
+    assert model.train.dataset == REPO / "data" / "demo.jsonl" and model.train.lora.r == 8
     assert spec.cache == REPO / "cache"
 
 
@@ -48,6 +49,16 @@ def test_quant_names_are_normalised_and_paths_resolved_from_the_spec_folder(tmp_
     ('[[models]]\nname = "m"\nbase = "x.gguf"\nouttype = "q4"\n', "models[0].outtype: Input should be 'f32', 'f16'"),
     ('[[models]]\nname = "m"\nbase = "x.gguf"\n[[models]]\nname = "m"\nbase = "x.gguf"\n', "repeated: m"),
     ('models = []\n', "models: List should have at least 1 item"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.train]\ndataset = "none.jsonl"\n',
+     "models[0].train.dataset: dataset"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.train]\ndataset = "x.gguf"\n[models.train.lora]\nrank = 4\n',
+     "unknown key 'models[0].train.lora.rank': did you mean 'r'? valid keys here are r, alpha, dropout,"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.train]\ndataset = "x.gguf"\nlearning_rat = 1e-4\n',
+     "unknown key 'models[0].train.learning_rat': did you mean 'learning_rate'?"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.train]\ndataset = "x.gguf"\nvalidation = 1.5\n',
+     "a validation fraction is at least 0 and below 1"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.adapter]\nouttype = "f16"\n',
+     "[models.adapter] needs a path to a PEFT adapter folder, or a [models.train] table"),
 ])
 def test_bad_spec_is_one_clear_sentence(tmp_path, text, expected):
     (tmp_path / "x.gguf").write_bytes(b"")

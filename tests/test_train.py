@@ -1,0 +1,151 @@
+"""train: PEFT LoRA training, on the real SmolLM2 and on tiny models, and its place in the graph."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, SMOLLM_GGUF, doit, leftovers, write_spec
+from stages import import_, train
+from stages.spec import BaseRef, TrainSpec
+
+DEMO = REPO / "data" / "demo.jsonl"
+
+
+def train_spec(**fields) -> TrainSpec:
+    return TrainSpec.model_validate({"dataset": str(DEMO), **fields})
+
+
+def read_log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / train.LOG).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def smollm_base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smollm") / "base"
+    import_.run(BaseRef(text="smollm", kind="gguf", location=str(SMOLLM_GGUF)), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(smollm_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "adapter"
+    train.run(smollm_base, out, train_spec(max_steps=8, eval_every=4, learning_rate=3e-4), "smollm2", threads=2)
+    return out
+
+
+@pytest.mark.slow
+def test_validation_loss_falls_on_the_demo_data(trained):
+    log = read_log(trained)
+    val = [row["val_loss"] for row in log if "val_loss" in row]
+    assert [row["step"] for row in log if "val_loss" in row] == [0, 4, 8]
+    assert val[-1] < 0.8 * val[0], f"validation loss {val}"
+    steps = [row for row in log if row["step"] > 0]
+    assert len(steps) == 8
+    assert all(row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0 and row["learning_rate"] >= 0 for row in steps)
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "smollm2" and config["r"] == 8
+    assert sorted(p.name for p in trained.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", train.LOG]
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_previous_adapter(trained, smollm_base, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    shutil.copytree(trained, out)
+    train.run(smollm_base, out, train_spec(max_steps=2, resume=True), "smollm2", threads=2)
+    assert "resuming from the previous adapter" in capsys.readouterr().out
+    # same adapter, same held-out records: the resumed run starts where the last one ended
+    assert read_log(out)[0]["val_loss"] == pytest.approx(read_log(trained)[-1]["val_loss"], abs=1e-5)
+
+
+def test_cpu_training_is_deterministic(tiny_llama, tmp_path):
+    spec = train_spec(max_steps=3, batch_size=4, lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    for name in ("one", "two"):
+        train.run(tiny_llama, tmp_path / name, spec, "tiny", threads=2)
+    for name in train.ADAPTER_FILES:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_loss_is_on_the_answer_only(smollm_tokenizer):
+    from transformers import AutoTokenizer
+
+    from stages.dataset import Example
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer)
+    example = Example(({"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Answer: Lima."}), "x:1")
+    for template, answer in (("chat", "Answer: Lima.<|im_end|>\n"), ("alpaca", "Answer: Lima.<|im_end|>")):
+        encoded = train.encode(example, tokenizer, template, None)
+        answer_ids = [t for t, label in zip(encoded.ids, encoded.labels) if label != train.IGNORE]
+        assert tokenizer.decode(answer_ids) == answer
+        assert encoded.labels[: len(encoded.ids) - len(answer_ids)] == [train.IGNORE] * (len(encoded.ids) - len(answer_ids))
+    chat = tokenizer.decode(train.encode(example, tokenizer, "chat", "Be terse.").ids)
+    assert chat.startswith("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nCapital of Peru?")
+
+
+def test_packing_fills_rows_to_max_len():
+    rows = [train.Encoded([1] * 5, [1] * 5), train.Encoded([2] * 7, [train.IGNORE] * 7)]
+    packed = train.make_rows(rows, 4, packing=True)
+    assert [len(r.ids) for r in packed] == [4, 4, 4]
+    assert packed[1].ids == [1, 2, 2, 2] and packed[1].labels == [1, train.IGNORE, train.IGNORE, train.IGNORE]
+
+
+SPEC = """
+[[models]]
+name = "m"
+base = "tiny"
+quantize = ["Q8_0"]
+
+[models.train]
+dataset = "data.jsonl"
+validation = 0.25
+max_steps = 2
+batch_size = 4
+"""
+
+
+def workspace(tmp_path, tiny_llama, data: str, extra: str = "") -> Path:
+    shutil.copytree(tiny_llama, tmp_path / "tiny")
+    (tmp_path / "data.jsonl").write_text(data)
+    return write_spec(tmp_path, SPEC + extra)
+
+
+GOOD = "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"Answer: {i}."}) + "\n" for i in range(8))
+
+
+@pytest.mark.parametrize("data, extra, expected", [
+    (GOOD.splitlines()[0] + "\n{not json\n", "", "data.jsonl:2: not valid JSON"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "Say hi."}\n', "", "data.jsonl:2: missing 'output' (a string)"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "", "data.jsonl:1: the last message must be the assistant's answer"),
+    ("\n\n", "", "data.jsonl is empty: add JSONL records"),
+    (GOOD, "max_seq_len = 8\n", "every training record is longer than max_seq_len = 8 tokens"),
+    (GOOD, '[models.train.lora]\ntarget_modules = ["q_proj", "qkv_proj"]\n',
+     "lora.target_modules qkv_proj are not in"),
+])
+def test_bad_training_input_fails_cleanly(tiny_llama, tmp_path, data, extra, expected):
+    result = doit(workspace(tmp_path, tiny_llama, data, extra), check=False)
+    assert result.returncode != 0
+    assert expected in result.output, result.output[-2000:]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "cache/m/adapter").exists() and leftovers(tmp_path / "cache") == []
+
+
+def test_unknown_target_module_lists_the_real_ones(tiny_llama, tmp_path):
+    spec = workspace(tmp_path, tiny_llama, GOOD, '[models.train.lora]\ntarget_modules = ["qkv_proj"]\n')
+    output = doit(spec, check=False).output
+    assert "its linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in output
+
+
+def test_changing_lora_settings_reruns_train_and_what_follows_only(tiny_llama, tmp_path):
+    spec = workspace(tmp_path, tiny_llama, GOOD)
+    assert doit(spec).ran == ["train:m", "adapter:m", "merge:m", "convert:m", "convert:m-merged",
+                              "quantize:m-merged-Q8_0", "manifest:m"]
+    spec.write_text(SPEC + "[models.train.lora]\nr = 4\n")
+    assert doit(spec).ran == ["train:m", "adapter:m", "merge:m", "convert:m-merged", "quantize:m-merged-Q8_0",
+                              "manifest:m"]
+    with open(tmp_path / "data.jsonl", "a") as f:
+        f.write(json.dumps({"instruction": "Say 99.", "output": "Answer: 99."}) + "\n")
+    assert doit(spec).ran[0] == "train:m", "a changed dataset retrains"
+    assert doit(spec).ran == []
+    sums = (tmp_path / "cache/m/SHA256SUMS").read_text()
+    assert "adapter/adapter_model.safetensors" in sums and "train_log" not in sums
