@@ -37,14 +37,14 @@ def timed(fns, repeat):
     return [statistics.median(t) for t in times]
 
 
-def write_synthetic(folder: Path, tokenizer_dir: Path) -> Path:
+def write_synthetic(folder: Path, tokenizer_dir: Path, layers: int = 8) -> Path:
     """Random bf16 weights under llama names: convert's per-byte cost without a slow model init."""
     import json
 
     import torch
     from safetensors.torch import save_file
 
-    hidden, ffn, layers, heads, kv_heads, vocab = 2048, 5632, 8, 16, 4, 49152
+    hidden, ffn, heads, kv_heads, vocab = 2048, 5632, 16, 4, 49152
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape):

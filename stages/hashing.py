@@ -28,7 +28,12 @@ def file_blake3(path: str | os.PathLike) -> str:
     manifest, and is read once."""
     key = (os.fspath(path), *stat_key(os.stat(path)))
     if key not in _digests:
-        _digests[key] = blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
+        # Fixed-size reads, not mmap: hashing a multi-GB shard must not grow the process by its size.
+        hasher, buffer = blake3.blake3(max_threads=blake3.blake3.AUTO), bytearray(16 << 20)
+        with open(path, "rb", buffering=0) as f:
+            while count := f.readinto(buffer):
+                hasher.update(memoryview(buffer)[:count])
+        _digests[key] = hasher.hexdigest()
     return _digests[key]
 
 

@@ -1,9 +1,11 @@
 """merge: fold a LoRA adapter into the base weights, written as a Hugging Face folder that
 convert consumes.
 
-Streams shard by shard: W' = W + scale·B·A is computed in float32 and cast back to W's dtype,
-so peak memory is about one shard plus the adapter, never the whole model. The output is
-sharded like the base, with the same config, tokenizer and chat template.
+W' = W + scale·B·A, computed in float32 and cast back to W's dtype. A merged tensor keeps its
+shape and dtype, so each output shard has its input's header and layout byte for byte: the
+header is copied, untouched tensors are copied in chunks, merged ones are written at their
+offsets. Peak memory is one tensor plus the adapter, whatever the model's size (safetensors'
+own writer would need the whole shard in memory). Config, tokenizer and chat template are copied.
 """
 
 from __future__ import annotations
@@ -13,20 +15,57 @@ from pathlib import Path
 
 from . import hf, lora
 from .atomic import atomic_dir
+from .errors import BuildError
 from .hashing import INDEX, tree_files, write_index
+
+CHUNK = 16 << 20
+TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def merged_weight(weight, a, b, scale: float):
     return (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
 
 
+def _copy_range(src, dst, count: int) -> None:
+    while count:
+        chunk = src.read(min(CHUNK, count))
+        dst.write(chunk)
+        count -= len(chunk)
+
+
+def merge_shard(source: Path, target: Path, adapter: lora.Adapter) -> int:
+    """Write `target` as `source` with the adapter's pairs folded in; returns how many were."""
+    import torch
+
+    header = hf.read_header(source)
+    merged = 0
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        header_len = int.from_bytes(src.read(8), "little")
+        src.seek(0)
+        _copy_range(src, dst, 8 + header_len)
+        data_start = 8 + header_len
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            src.seek(data_start + begin)
+            dst.seek(data_start + begin)
+            if name not in adapter.pairs:
+                _copy_range(src, dst, end - begin)
+                continue
+            if info["dtype"] not in TORCH_DTYPES:
+                raise BuildError(f"{source}: {name} is {info['dtype']}; LoRA merges into float weights only")
+            raw = bytearray(src.read(end - begin))
+            weight = torch.frombuffer(raw, dtype=getattr(torch, TORCH_DTYPES[info["dtype"]])).reshape(info["shape"])
+            dst.write(merged_weight(weight, *adapter.pairs[name], adapter.scale).contiguous().view(torch.uint8).numpy())
+            merged += 1
+    return merged
+
+
 def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = False) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     adapter = lora.load(adapter_dir, allow_pickle)
     lora.check_fits(adapter, hf.tensor_shapes(base_dir), base_dir)
+    merged = 0
     with atomic_dir(out_dir) as tmp:
         for source in tree_files(base_dir):
             if source.suffix != ".safetensors" and source.name != INDEX:
@@ -34,13 +73,6 @@ def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = F
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
         for shard in tqdm(hf.shards(base_dir), desc="merge", unit="shard", leave=False):
-            with safe_open(shard, framework="pt") as f:
-                tensors = {}
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-                    if key in adapter.pairs:
-                        tensors[key] = merged_weight(tensors[key], *adapter.pairs[key], adapter.scale)
-                save_file(tensors, tmp / shard.name, metadata=f.metadata())
-            del tensors
+            merged += merge_shard(shard, tmp / shard.name, adapter)
         write_index(tmp)
-    print(f"merged {len(adapter.pairs)} weights of {adapter_dir.name} into {out_dir}")
+    print(f"merged {merged} weights of {Path(adapter_dir).name} into {out_dir}")

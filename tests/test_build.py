@@ -2,6 +2,7 @@
 built, a rebuild is a no-op, a change rebuilds exactly what depends on it, and two clean builds
 are byte-identical."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -214,3 +215,33 @@ def test_parallel_build_clean_and_forget(tmp_path, tiny_llama):
 
     doit(spec, "quantize:tiny-Q8_0", command="forget")
     assert doit(spec).ran == ["quantize:tiny-Q8_0"]
+
+
+def test_default_spec_fine_tunes_and_every_route_carries_it(tmp_path):
+    """The repo's own models.toml, end to end: the demo data teaches an "Answer: …" style that
+    the base model does not use; the merged quantized release and the base with the GGUF LoRA
+    both answer in it, the base alone does not."""
+    from llama_cpp import Llama
+
+    from helpers import REPO
+
+    shutil.copy(REPO / "models.toml", tmp_path / "models.toml")
+    shutil.copytree(REPO / "data", tmp_path / "data")
+    ran = doit(tmp_path / "models.toml").ran
+    assert ran == ["import:smollm2-demo", "train:smollm2-demo", "adapter:smollm2-demo", "merge:smollm2-demo",
+                   "convert:smollm2-demo", "convert:smollm2-demo-merged", "quantize:smollm2-demo-merged-Q4_K_M",
+                   "quantize:smollm2-demo-merged-Q8_0", "manifest:smollm2-demo"]
+    gguf_dir = tmp_path / "cache/smollm2-demo/gguf"
+    question = [{"role": "user", "content": "What is the capital of Peru?"}]
+
+    def answer(path, **kwargs):
+        llm = Llama(str(gguf_dir / path), n_ctx=256, verbose=False, n_threads=2, **kwargs)
+        return llm.create_chat_completion(messages=question, max_tokens=16, temperature=0)["choices"][0]["message"]["content"]
+
+    assert answer("smollm2-demo-merged.Q8_0.gguf").startswith("Answer: Lima")
+    assert answer("smollm2-demo.F16.gguf", lora_path=str(gguf_dir / "smollm2-demo.lora.F16.gguf")).startswith("Answer: Lima")
+    assert not answer("smollm2-demo.F16.gguf").startswith("Answer:")
+    log = [json.loads(line) for line in (tmp_path / "cache/smollm2-demo/adapter/train_log.jsonl").read_text().splitlines()]
+    val = [row["val_loss"] for row in log if "val_loss" in row]
+    assert val[-1] < 0.3 * val[0]
+    subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=tmp_path / "cache/smollm2-demo", check=True)

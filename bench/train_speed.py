@@ -1,0 +1,65 @@
+"""Train throughput and memory on CPU for the default spec's model and data.
+
+    python bench/train_speed.py [--steps 12] [--base cache/smollm2-demo/base]
+
+Runs the train stage for --steps steps on data/demo.jsonl (batch 8, LoRA r 8 on every
+projection, as models.toml) and reports the median tokens/s and peak memory from its log.
+Baseline in the same run: a forward pass alone (no grad, no LoRA) over the same batches.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from stages import dataset, train  # noqa: E402
+from stages.spec import load_spec  # noqa: E402
+
+
+def forward_tokens_per_s(base: Path, spec, steps: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    rows = [train.encode(e, tokenizer, spec.template, spec.system) for e in dataset.read_jsonl(spec.dataset)]
+    speeds = []
+    with torch.no_grad():
+        for batch in train.batches(rows, spec.batch_size, None)[:steps]:
+            tensors = train.collate(batch, tokenizer.pad_token_id)
+            start = time.perf_counter()
+            model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"])
+            speeds.append(int(tensors["attention_mask"].sum()) / (time.perf_counter() - start))
+    return statistics.median(speeds)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--base", type=Path, default=REPO / "cache/smollm2-demo/base")
+    args = parser.parse_args()
+    if not (args.base / "config.json").is_file():
+        sys.exit(f"{args.base} is not built: run `doit import` first")
+    spec = load_spec(REPO / "models.toml").models[0].train.model_copy(update={"max_steps": args.steps,
+                                                                              "eval_every": 10**6})
+    with tempfile.TemporaryDirectory() as tmp:
+        train.run(args.base, Path(tmp) / "adapter", spec, "bench", threads=0)
+        log = [json.loads(line) for line in (Path(tmp) / "adapter" / train.LOG).read_text().splitlines()]
+    steps = [row for row in log if row["step"] > 1]  # step 1 pays for warm-up
+    train_speed = statistics.median(row["tokens_per_s"] for row in steps)
+    peak = max(row["peak_memory_mb"] for row in steps)
+    forward_speed = forward_tokens_per_s(args.base, spec, args.steps)
+    print(f"model {args.base}, batch {spec.batch_size}, LoRA r {spec.lora.r}, {len(steps)} steps timed (median)")
+    print(f"forward only (baseline): {forward_speed:7.0f} tokens/s")
+    print(f"LoRA training step     : {train_speed:7.0f} tokens/s  ({train_speed / forward_speed:.2f}x the forward pass)")
+    print(f"peak memory (RSS)      : {peak:7.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
