@@ -167,32 +167,24 @@ def _normalize_config(path: Path, model_name: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int = 0) -> None:
-    import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
-
-    out_dir = Path(out_dir)
+def _rows(spec: TrainSpec, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
+    """Training and validation rows, tokenized, masked and (optionally) packed."""
     examples = datasets.read_jsonl(spec.dataset)
     if isinstance(spec.validation, Path):
-        train_examples, val_examples = examples, datasets.read_jsonl(spec.validation)
+        train_examples, val_examples, val_path = examples, datasets.read_jsonl(spec.validation), spec.validation
     else:
-        train_examples, val_examples = datasets.split(examples, spec.validation, spec.seed)
-
-    device = pick_device(spec.device)
-    dtype = pick_dtype(spec.dtype, device)
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(spec.seed)
-    if device == "cpu":
-        torch.use_deterministic_algorithms(True)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        (train_examples, val_examples), val_path = datasets.split(examples, spec.validation, spec.seed), spec.dataset
     train_rows = make_rows(_encode_all(train_examples, tokenizer, spec, "training", spec.dataset),
                            spec.max_seq_len, spec.packing)
-    val_rows = make_rows(_encode_all(val_examples, tokenizer, spec, "validation", spec.validation
-                                     if isinstance(spec.validation, Path) else spec.dataset),
+    val_rows = make_rows(_encode_all(val_examples, tokenizer, spec, "validation", val_path),
                          spec.max_seq_len, spec.packing) if val_examples else []
+    return train_rows, val_rows
+
+
+def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device: str, dtype):
+    """The base with LoRA layers: fresh, or the previous build's adapter when resuming."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     # PEFT calls a transformers API that transformers 5 has deprecated; not the user's concern.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -202,31 +194,31 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
     if unknown:
         raise BuildError(f"lora.target_modules {', '.join(unknown)} are not in {base_dir}; "
                          f"its linear layers are {', '.join(available)}")
-    resumed = spec.resume and (out_dir / ADAPTER_FILES[0]).is_file()
-    if resumed:
-        model = PeftModel.from_pretrained(model, out_dir, is_trainable=True)
-    else:
-        model = get_peft_model(model, LoraConfig(
-            r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-            target_modules=list(spec.lora.target_modules), use_rslora=spec.lora.rslora, task_type="CAUSAL_LM"))
-    model.train()
+    if spec.resume and (out_dir / ADAPTER_FILES[0]).is_file():
+        return PeftModel.from_pretrained(model, out_dir, is_trainable=True), True
+    config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                        target_modules=list(spec.lora.target_modules), use_rslora=spec.lora.rslora,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config), False
 
-    batches_per_epoch = math.ceil(len(train_rows) / spec.batch_size)
-    steps = spec.max_steps or spec.epochs * math.ceil(batches_per_epoch / spec.grad_accum)
+
+def _fit(model, train_rows, val_rows, spec: TrainSpec, steps: int, pad_id: int, device: str, name: str) -> list[dict]:
+    """The training loop; returns the log, one row per step plus the validation losses."""
+    import torch
+    from transformers import get_scheduler
+
     optimizer_cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[spec.optimizer]
     optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate,
                               weight_decay=spec.weight_decay)
     scheduler = get_scheduler(spec.schedule, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=steps)
-    print(f"train {model_name}: device {device}, dtype {str(dtype).removeprefix('torch.')}, "
-          f"{len(train_rows)} training / {len(val_rows)} validation rows, {steps} steps"
-          f"{', resuming from the previous adapter' if resumed else ''}")
-
+    batches_per_epoch = math.ceil(len(train_rows) / spec.batch_size)
     log: list[dict] = []
     if val_rows:
         log.append({"step": 0, "val_loss": round(_validation_loss(model, val_rows, spec, pad_id, device), 6)})
     rng = random.Random(spec.seed)
     pending: list[list[Encoded]] = []
-    progress = tqdm(range(1, steps + 1), desc=f"train {model_name}", unit="step")
+    model.train()
+    progress = tqdm(range(1, steps + 1), desc=f"train {name}", unit="step")
     for step in progress:
         started, tokens, loss_sum = time.perf_counter(), 0, 0.0
         for _ in range(spec.grad_accum):
@@ -249,7 +241,10 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
         log.append(row)
         progress.set_postfix(loss=f"{loss_sum:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
     progress.close()
+    return log
 
+
+def _save(model, base_dir: Path, out_dir: Path, model_name: str, log: list[dict]) -> None:
     # PEFT looks at the base's config while saving: point it at the local folder (a resumed
     # adapter names the model instead, and PEFT would go looking for that on the hub).
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
@@ -258,5 +253,29 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
         _normalize_config(tmp / "adapter_config.json", model_name)
         (tmp / LOG).write_text("".join(json.dumps(r) + "\n" for r in log), encoding="utf-8")
+
+
+def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int = 0) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    device = pick_device(spec.device)
+    dtype = pick_dtype(spec.dtype, device)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(spec.seed)
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_rows, val_rows = _rows(spec, tokenizer)
+    model, resumed = _lora_model(base_dir, out_dir, spec, device, dtype)
+    steps = spec.max_steps or spec.epochs * math.ceil(math.ceil(len(train_rows) / spec.batch_size) / spec.grad_accum)
+    print(f"train {model_name}: device {device}, dtype {str(dtype).removeprefix('torch.')}, "
+          f"{len(train_rows)} training / {len(val_rows)} validation rows, {steps} steps"
+          f"{', resuming from the previous adapter' if resumed else ''}")
+    log = _fit(model, train_rows, val_rows, spec, steps, pad_id, device, model_name)
+    _save(model, base_dir, out_dir, model_name, log)
     if val_rows:
         print(f"  validation loss {log[0]['val_loss']:.4f} → {log[-1]['val_loss']:.4f}")
