@@ -149,3 +149,14 @@ def test_changing_lora_settings_reruns_train_and_what_follows_only(tiny_llama, t
     assert doit(spec).ran == []
     sums = (tmp_path / "cache/m/SHA256SUMS").read_text()
     assert "adapter/adapter_model.safetensors" in sums and "train_log" not in sums
+
+
+def test_device_and_dtype_choice():
+    import torch
+
+    assert train.pick_device("cpu") == "cpu" and train.pick_device("mps") == "mps"
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert train.pick_device("auto") == "cpu"
+    assert train.pick_dtype("auto", "cpu") is torch.float32
+    assert train.pick_dtype("auto", "mps") is torch.float16
+    assert train.pick_dtype("bfloat16", "cpu") is torch.bfloat16
