@@ -25,7 +25,7 @@ def run(adapter_dir: Path, base_dir: Path, out_path: Path, outtype: str, name: s
     adapter = lora.load(adapter_dir, allow_pickle)
     config = hf.read_config(base_dir)
     architecture = arches.from_hf_config(config, str(base_dir / "config.json"))
-    lora.check_fits(adapter, hf.tensor_shapes(base_dir), base_dir)
+    lora.check_fits(adapter, hf.tensor_shapes(hf.headers(base_dir)), base_dir)
     names = gguf.get_tensor_name_map(architecture.gguf_arch, config["num_hidden_layers"])
     with atomic_file(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, architecture.gguf_name)

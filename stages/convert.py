@@ -103,7 +103,7 @@ def _open_shards(model_dir: Path, stack) -> dict[str, object]:
     from safetensors import safe_open
 
     handles = {}
-    for shard in hf.shards(model_dir):
+    for shard in hf.headers(model_dir):
         handle = stack.enter_context(safe_open(shard, framework="pt"))
         handles.update(dict.fromkeys(handle.keys(), handle))
     return handles

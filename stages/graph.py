@@ -19,6 +19,7 @@ from doit.tools import config_changed
 from . import __version__
 from .errors import BuildError
 from .hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions, tree_files
+from .lora import ADAPTER_FILES
 from .manifest import Producer
 from .spec import AdapterSpec, ModelSpec, Spec
 
@@ -66,7 +67,7 @@ class ModelPaths:
 
     def adapter_files(self) -> list[Path]:
         if self.trained:
-            return [self.adapter / name for name in ("adapter_model.safetensors", "adapter_config.json")]
+            return [self.adapter / name for name in ADAPTER_FILES]
         return tree_files(self.adapter)
 
 

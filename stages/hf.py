@@ -18,16 +18,14 @@ def read_config(model_dir: Path) -> dict:
         raise BuildError(f"{path}: not valid JSON ({err}); restore it from the model's source") from None
 
 
-def shards(model_dir: Path) -> list[Path]:
-    """The safetensors files of a model, each checked whole; pickles are refused."""
+def headers(model_dir: Path) -> dict[Path, dict]:
+    """Every safetensors shard of a model with its header, each shard checked whole; pickles are refused."""
     found = sorted(model_dir.glob("*.safetensors"))
     if not found:
         pickles = sorted(p.name for p in model_dir.glob("*.bin"))
         hint = f" (found pickle weights {', '.join(pickles)}: re-save them with safe_serialization=True)" if pickles else ""
         raise BuildError(f"{model_dir}: no *.safetensors weights{hint}")
-    for shard in found:
-        read_header(shard)
-    return found
+    return {shard: read_header(shard) for shard in found}
 
 
 def read_header(path: Path) -> dict:
@@ -57,6 +55,6 @@ def read_header(path: Path) -> dict:
     return header
 
 
-def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(shard_headers: dict[Path, dict]) -> dict[str, tuple[int, ...]]:
     """Every tensor's name and shape, from the shard headers alone."""
-    return {name: tuple(info["shape"]) for shard in shards(model_dir) for name, info in read_header(shard).items()}
+    return {name: tuple(info["shape"]) for header in shard_headers.values() for name, info in header.items()}

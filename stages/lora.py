@@ -14,6 +14,8 @@ from pathlib import Path
 from .errors import BuildError
 
 PEFT_PREFIX = "base_model.model."
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"  # what PEFT's save_pretrained writes
+ADAPTER_FILES = (WEIGHTS, CONFIG)
 
 
 @dataclass
@@ -45,12 +47,11 @@ def base_weight_name(peft_key: str) -> tuple[str, str] | None:
 
 
 def _read_adapter_config(folder: Path) -> dict:
-    path = folder / "adapter_config.json"
+    path = folder / CONFIG
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BuildError(f"{path} not found: a PEFT adapter folder holds adapter_config.json "
-                         "and adapter_model.safetensors") from None
+        raise BuildError(f"{path} not found: a PEFT adapter folder holds {CONFIG} and {WEIGHTS}") from None
     except json.JSONDecodeError as err:
         raise BuildError(f"{path}: not valid JSON ({err})") from None
     unsupported = [
@@ -74,7 +75,7 @@ def _load_tensors(folder: Path, allow_pickle: bool) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    safe, pickled = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    safe, pickled = folder / WEIGHTS, folder / "adapter_model.bin"
     if safe.is_file():
         from .hf import read_header
 
@@ -91,7 +92,7 @@ def _load_tensors(folder: Path, allow_pickle: bool) -> dict:
         import torch
 
         return torch.load(pickled, map_location="cpu", weights_only=True)
-    raise BuildError(f"{folder}: no adapter_model.safetensors")
+    raise BuildError(f"{folder}: no {WEIGHTS}")
 
 
 def load(folder: Path, allow_pickle: bool = False) -> Adapter:

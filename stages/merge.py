@@ -33,11 +33,11 @@ def _copy_range(src, dst, count: int) -> None:
         count -= len(chunk)
 
 
-def merge_shard(source: Path, target: Path, adapter: lora.Adapter) -> int:
-    """Write `target` as `source` with the adapter's pairs folded in; returns how many were."""
+def merge_shard(source: Path, header: dict, target: Path, adapter: lora.Adapter) -> int:
+    """Write `target` as `source` (whose parsed header is `header`) with the adapter's pairs
+    folded in; returns how many were."""
     import torch
 
-    header = hf.read_header(source)
     merged = 0
     with open(source, "rb") as src, open(target, "wb") as dst:
         header_len = int.from_bytes(src.read(8), "little")
@@ -64,7 +64,8 @@ def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = F
     from tqdm import tqdm
 
     adapter = lora.load(adapter_dir, allow_pickle)
-    lora.check_fits(adapter, hf.tensor_shapes(base_dir), base_dir)
+    shard_headers = hf.headers(base_dir)
+    lora.check_fits(adapter, hf.tensor_shapes(shard_headers), base_dir)
     merged = 0
     with atomic_dir(out_dir) as tmp:
         for source in tree_files(base_dir):
@@ -72,7 +73,7 @@ def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = F
                 target = tmp / source.relative_to(base_dir)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
-        for shard in tqdm(hf.shards(base_dir), desc="merge", unit="shard", leave=False):
-            merged += merge_shard(shard, tmp / shard.name, adapter)
+        for shard, header in tqdm(shard_headers.items(), desc="merge", unit="shard", leave=False):
+            merged += merge_shard(shard, header, tmp / shard.name, adapter)
         write_index(tmp)
     print(f"merged {merged} weights of {Path(adapter_dir).name} into {out_dir}")

@@ -50,11 +50,18 @@ class BaseRef(Strict):
         return Path(self.location)
 
 
+def _spec_dir(info) -> Path:
+    return (info.context or {}).get("spec_dir", Path.cwd())
+
+
+def _spec_path(text: str | Path, spec_dir: Path) -> Path:
+    """A path as the spec writes it: `~` expanded, relative to the spec's folder."""
+    path = Path(text).expanduser()
+    return (path if path.is_absolute() else spec_dir / path).resolve()
+
+
 def _resolve_file(value, info, what: str) -> Path:
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = (info.context or {}).get("spec_dir", Path.cwd()) / path
-    path = path.resolve()
+    path = _spec_path(value, _spec_dir(info))
     if not path.exists():
         raise ValueError(f"{what} {path} does not exist (relative paths start at the spec's folder)")
     return path
@@ -154,7 +161,7 @@ class ModelSpec(Strict):
             return value
         if not isinstance(value, str):
             raise ValueError("base must be a string: a path, 'hf:org/name@revision' or 'pkg:module/file.gguf'")
-        return parse_base(value, (info.context or {}).get("spec_dir", Path.cwd()))
+        return parse_base(value, _spec_dir(info))
 
     @field_validator("outtype", mode="before")
     @classmethod
@@ -211,9 +218,7 @@ def parse_base(text: str, spec_dir: Path) -> BaseRef:
             raise ValueError(f"{text!r}: Python package {module!r} is not installed (pip install it)")
         path = Path(next(iter(found.submodule_search_locations))) / inner
     else:
-        path = Path(text).expanduser()
-        if not path.is_absolute():
-            path = spec_dir / path
+        path = _spec_path(text, spec_dir)
     path = path.resolve()
     if path.is_dir():
         if not (path / "config.json").is_file():

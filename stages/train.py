@@ -20,11 +20,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import dataset as datasets
+from . import lora
 from .atomic import atomic_dir
 from .errors import BuildError
 from .spec import TrainSpec
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 LOG = "train_log.jsonl"
 IGNORE = -100  # label of tokens that carry no loss
 
@@ -194,7 +194,7 @@ def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device: str, dty
     if unknown:
         raise BuildError(f"lora.target_modules {', '.join(unknown)} are not in {base_dir}; "
                          f"its linear layers are {', '.join(available)}")
-    if spec.resume and (out_dir / ADAPTER_FILES[0]).is_file():
+    if spec.resume and (out_dir / lora.WEIGHTS).is_file():
         return PeftModel.from_pretrained(model, out_dir, is_trainable=True), True
     config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                         target_modules=list(spec.lora.target_modules), use_rslora=spec.lora.rslora,
@@ -251,7 +251,7 @@ def _save(model, base_dir: Path, out_dir: Path, model_name: str, log: list[dict]
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
-        _normalize_config(tmp / "adapter_config.json", model_name)
+        _normalize_config(tmp / lora.CONFIG, model_name)
         (tmp / LOG).write_text("".join(json.dumps(r) + "\n" for r in log), encoding="utf-8")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, SMOLLM_GGUF, doit, leftovers, write_spec
-from stages import import_, train
+from stages import import_, lora, train
 from stages.spec import BaseRef, TrainSpec
 
 DEMO = REPO / "data" / "demo.jsonl"
@@ -63,7 +63,7 @@ def test_cpu_training_is_deterministic(tiny_llama, tmp_path):
     spec = train_spec(max_steps=3, batch_size=4, lora={"r": 4, "alpha": 8, "dropout": 0.1})
     for name in ("one", "two"):
         train.run(tiny_llama, tmp_path / name, spec, "tiny", threads=2)
-    for name in train.ADAPTER_FILES:
+    for name in lora.ADAPTER_FILES:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
