@@ -26,6 +26,8 @@ DOIT_CONFIG = {
     "verbosity": 2,
     "subtasks": True,  # `doit list` shows convert:NAME, quantize:NAME-Q4_K_M, …
     "sort": "definition",
+    # `doit` alone builds; push, pull and verify run only when named.
+    "default_tasks": [stage for stage in graph.STAGES],
 }
 TASKS = graph.tasks(SPEC)
 
@@ -60,12 +62,34 @@ def task_quantize():
     yield from TASKS["quantize"]
 
 
+def task_package():
+    """released GGUF → OCI artifact (Docker Model Runner), Ollama Modelfile, compose.yaml"""
+    yield from TASKS["package"]
+
+
 def task_manifest():
     """checksums of every artifact: manifest.json, SHA256SUMS"""
     yield from TASKS["manifest"]
+
+
+def task_push():
+    """push every package to the registry of [package], and check the digest it serves"""
+    yield from TASKS["push"]
+
+
+def task_verify():
+    """re-hash every artifact against manifest.json and SHA256SUMS"""
+    yield from TASKS["verify"]
+
+
+def task_pull():
+    """doit pull --ref host[:port]/repository:tag: fetch, verify every blob, then write"""
+    return graph.pull_task(SPEC)
 
 
 # A stage no model of this spec uses stays out of `doit list`.
 for _stage, _tasks in TASKS.items():
     if not _tasks:
         del globals()[f"task_{_stage}"]
+        if _stage in DOIT_CONFIG["default_tasks"]:
+            DOIT_CONFIG["default_tasks"].remove(_stage)

@@ -9,6 +9,7 @@ Each stage of each model becomes one doit sub-task (`import:NAME`, `convert:NAME
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from . import __version__
+from . import __version__, registry
 from .errors import BuildError
 from .hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions, tree_files
 from .lora import ADAPTER_FILES
@@ -24,7 +25,8 @@ from .manifest import Producer
 from .spec import AdapterSpec, ModelSpec, Spec
 
 # Bump a stage's revision when its code changes the bytes it writes.
-STAGE_REVISIONS = {"import": 1, "train": 1, "adapter": 1, "merge": 2, "convert": 1, "quantize": 1, "manifest": 1}
+STAGE_REVISIONS = {"import": 1, "train": 1, "adapter": 1, "merge": 2, "convert": 1, "quantize": 1, "package": 1,
+                   "manifest": 1}
 STAGE_TOOLS = {
     "import": ("transformers", "gguf", "safetensors", "torch", "huggingface-hub"),
     "train": ("torch", "transformers", "peft", "safetensors", "tokenizers"),
@@ -32,9 +34,10 @@ STAGE_TOOLS = {
     "merge": ("safetensors", "torch"),
     "convert": ("gguf", "safetensors", "torch", "transformers", "tokenizers", "numpy"),
     "quantize": ("llama-cpp-python",),
+    "package": ("gguf",),
     "manifest": (),
 }
-STAGES = tuple(STAGE_REVISIONS)
+STAGES = tuple(STAGE_REVISIONS)  # what `doit` builds; push, pull and verify run only when named
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class ModelPaths:
 
     def gguf(self, stem: str, variant: str) -> Path:
         return self.root / "gguf" / f"{stem}.{variant}.gguf"
+
+    def package(self, variant: str) -> Path:
+        return self.root / "package" / variant
 
     def base_files(self) -> list[Path]:
         return [self.base / INDEX] if self.imported else tree_files(self.base)
@@ -92,6 +98,14 @@ def remove(paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
+def run_action(func, kwargs: dict):
+    """doit python-action for push, pull and verify: print what it did, or fail in one paragraph."""
+    try:
+        print(func(**kwargs))
+    except BuildError as err:
+        return TaskFailed(str(err))
+
+
 def _task(name: str, doc: str, func, kwargs: dict, fingerprint_of: str, file_dep: list[Path],
           outputs: list[Path], targets: list[Path], clean: list[Path] | None = None) -> dict:
     return {
@@ -120,10 +134,10 @@ def _input_name(path: Path, spec: Spec, paths: ModelPaths, model: ModelSpec) -> 
 
 def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
     """Every task of one model, by stage, in lifecycle order."""
-    from . import adapter, convert, import_, manifest, merge, quantize, train
+    from . import adapter, convert, import_, manifest, merge, package, quantize, train
 
     paths = ModelPaths.of(spec, model)
-    stages: dict[str, list[dict]] = {stage: [] for stage in STAGES}
+    stages: dict[str, list[dict]] = {stage: [] for stage in (*STAGES, "push", "verify")}
     producers: list[Producer] = []
 
     def add(stage, name, doc, func, kwargs, params, file_dep, outputs, targets, clean=None):
@@ -181,7 +195,35 @@ def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
             {"in_path": converted, "out_path": quantized, "quant_type": quant, "threads": spec.threads},
             {"type": quant}, [converted], [quantized], [quantized])
 
-    built = [target for stage_tasks in stages.values() for task in stage_tasks for target in task["targets"]]
+    # The releases: every quantized variant (or the converted GGUF when there are none), and with a
+    # LoRA the adapter route too: base GGUF + GGUF LoRA, for Ollama's ADAPTER and llama.cpp --lora.
+    releases = [(variant, paths.gguf(release, variant), None) for variant in model.quantize or [model.outtype.upper()]]
+    if paths.adapter:
+        releases.append(("lora", paths.gguf(model.name, model.outtype.upper()), lora_gguf))
+    source_date_epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or "0")
+    for variant, model_gguf, lora in releases:
+        ref = _docker_reference(spec, model.name, variant)
+        folder = paths.package(variant)
+        options = model.package
+        add("package", f"{model.name}-{variant}", f"{variant} → OCI artifact, Modelfile, compose.yaml", package.run,
+            {"release": package.Release(model.name, variant, model_gguf, lora, ref), "options": options,
+             "out_dir": folder, "source_date_epoch": source_date_epoch},
+            {"variant": variant, "reference": ref, "source_date_epoch": source_date_epoch,
+             **options.model_dump(mode="json", exclude={"license"})},
+            [model_gguf] + ([lora] if lora else []) + ([options.license] if options.license else []),
+            [folder], [folder / INDEX])
+        if spec.package.registry:
+            stages["push"].append({
+                "name": f"{model.name}-{variant}",
+                "doc": f"{folder.relative_to(spec.cache)}/oci → {ref}",
+                "actions": [(run_action, [registry.push, {"layout": folder / "oci", "tag": variant, "ref": ref,
+                                                          "tls_verify": spec.package.tls_verify}])],
+                "file_dep": [str(folder / INDEX)],
+                "uptodate": [False],  # an explicit request: always ask the registry
+                "verbosity": 2,
+            })
+
+    built = [target for stage in STAGES for task in stages[stage] for target in task["targets"]]
     manifest_files = [paths.root / "manifest.json", paths.root / "SHA256SUMS"]
     described = [p.model_dump(exclude={"inputs"}) | {"inputs": sorted(p.inputs)} for p in producers]
     stages["manifest"].append(_task(
@@ -190,7 +232,56 @@ def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
         fingerprint({"producers": described}, versions("manifest")),
         [Path(p) for p in built], manifest_files, manifest_files,
     ))
+    stages["verify"].append({
+        "name": model.name,
+        "doc": "re-hash every artifact against manifest.json and SHA256SUMS",
+        "actions": [(run_action, [_verified, {"model_dir": paths.root}])],
+        "uptodate": [False],
+        "verbosity": 2,
+    })
     return stages
+
+
+def _docker_reference(spec: Spec, model: str, variant: str) -> str:
+    if spec.package.registry:
+        return registry.reference(spec.package.registry, spec.package.tag, model, variant)
+    return spec.package.tag.format(model=model, variant=variant)
+
+
+def _verified(model_dir: Path) -> str:
+    from .manifest import verify
+    return f"{model_dir.name}: {verify(model_dir)} artifacts match manifest.json and SHA256SUMS"
+
+
+def _pull_action(ref: str, dest: str, tls_verify: bool | None, cache: Path):
+    """doit fills `ref` and `dest` from `doit pull --ref … --dest …`."""
+    return run_action(_pulled, {"ref": ref, "dest": dest, "tls_verify": tls_verify, "cache": cache})
+
+
+def _pulled(ref: str, dest: str, tls_verify: bool | None, cache: Path) -> str:
+    if not ref:
+        raise BuildError("pull needs a reference: doit pull --ref host[:port]/repository:tag (or @sha256:…)")
+    host, repository, tag = registry.split_reference(ref)
+    target = Path(dest) if dest else cache / "pulled" / host.replace(":", "_") / repository / tag.replace(":", "_")
+    digest = registry.pull(ref=ref, dest=target, tls_verify=tls_verify)
+    return f"{ref} → {target} (manifest {digest}, every blob verified)"
+
+
+def pull_task(spec: Spec) -> dict:
+    return {
+        "doc": "fetch a model artifact from a registry, verify every blob, then write it",
+        "actions": [(_pull_action, [], {"tls_verify": spec.package.tls_verify, "cache": spec.cache})],
+        "params": [
+            {"name": "ref", "long": "ref", "default": "", "help": "host[:port]/repository:tag or …@sha256:…"},
+            {"name": "dest", "long": "dest", "default": "", "help": "folder to write (default cache/pulled/…)"},
+        ],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
+def _no_registry(source: Path) -> str:
+    raise BuildError(f"{source}: no registry to push to: add [package] registry = \"host[:port]/namespace\"")
 
 
 def tasks(spec: Spec) -> dict[str, list[dict]]:
@@ -199,4 +290,7 @@ def tasks(spec: Spec) -> dict[str, list[dict]]:
     for model in spec.models:
         for stage, stage_tasks in model_tasks(spec, model).items():
             merged.setdefault(stage, []).extend(stage_tasks)
+    if not spec.package.registry:  # `doit push` says what is missing instead of "unknown task"
+        merged["push"] = [{"name": "no-registry", "doc": "[package] registry is not set",
+                           "actions": [(run_action, [_no_registry, {"source": spec.source}])], "uptodate": [False]}]
     return merged

@@ -22,11 +22,17 @@ from doit.dependency import FileChangedChecker
 _digests: dict[tuple, str] = {}
 
 
+def _memo_key(path) -> tuple:
+    """The file's identity, not its name: hard links (a GGUF, its copy in a package, its OCI blob) share it."""
+    st = os.stat(path)
+    return (st.st_dev, *stat_key(st))
+
+
 def file_blake3(path: str | os.PathLike) -> str:
-    """blake3 of a file's bytes, remembered for this process by (path, size, mtime_ns, inode):
+    """blake3 of a file's bytes, remembered for this process by (device, size, mtime_ns, inode):
     a stage's output is recorded, then checked as the next stage's input, then listed in the
     manifest, and is read once."""
-    key = (os.fspath(path), *stat_key(os.stat(path)))
+    key = _memo_key(path)
     if key not in _digests:
         # Fixed-size reads, not mmap: hashing a multi-GB shard must not grow the process by its size.
         hasher, buffer = blake3.blake3(max_threads=blake3.blake3.AUTO), bytearray(16 << 20)
@@ -37,9 +43,37 @@ def file_blake3(path: str | os.PathLike) -> str:
     return _digests[key]
 
 
+_sha256s: dict[tuple, str] = {}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """sha256 of a file's bytes, remembered like `file_blake3`."""
+    key = _memo_key(path)
+    if key not in _sha256s:
+        with open(path, "rb") as f:
+            _sha256s[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _sha256s[key]
+
+
+def remember(path: str | os.PathLike, blake3_hex: str, sha256_hex: str) -> None:
+    """Digests of a file computed while it was written, so it is not read back to hash it."""
+    key = _memo_key(path)
+    _digests[key], _sha256s[key] = blake3_hex, sha256_hex
+
+
+class HashingWriter:
+    """A write-only file wrapper that hashes (blake3 and sha256) what passes through it."""
+
+    def __init__(self, file):
+        self.file, self.blake3, self.sha256 = file, blake3.blake3(), hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.blake3.update(data)
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.file.tell()
 
 
 def stat_key(st: os.stat_result) -> list[int]:

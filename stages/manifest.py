@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from .atomic import atomic_file
+from .errors import BuildError
 from .hashing import expand_files, file_blake3, file_sha256
 
 
@@ -70,3 +71,28 @@ def run(model: str, model_dir: Path, producers: list[Producer]) -> None:
         tmp.write_text(manifest_json(Manifest(model=model, artifacts=artifacts)), encoding="utf-8")
     with atomic_file(model_dir / "SHA256SUMS") as tmp:
         tmp.write_text(sha256sums(artifacts), encoding="utf-8")
+
+
+def verify(model_dir: Path) -> int:
+    """Re-hash every artifact against manifest.json and SHA256SUMS; name every file that differs."""
+    manifest_path, sums_path = model_dir / "manifest.json", model_dir / "SHA256SUMS"
+    if not manifest_path.is_file() or not sums_path.is_file():
+        raise BuildError(f"{model_dir} has no manifest.json or SHA256SUMS: build it first with `doit`")
+    manifest = Manifest.model_validate_json(manifest_path.read_text(encoding="utf-8"))
+    listed = dict(line.split("  ", 1)[::-1] for line in sums_path.read_text(encoding="utf-8").splitlines() if line)
+    problems = []
+    for artifact in manifest.artifacts:
+        path = model_dir / artifact.path
+        if not path.is_file():
+            problems.append(f"{artifact.path}: missing")
+            continue
+        if listed.pop(artifact.path, None) != artifact.sha256:
+            problems.append(f"{artifact.path}: SHA256SUMS and manifest.json disagree")
+        if path.stat().st_size != artifact.size or file_sha256(path) != artifact.sha256 \
+                or file_blake3(path) != artifact.blake3:
+            problems.append(f"{artifact.path}: bytes differ from the build's (sha256 now {file_sha256(path)[:16]}…)")
+    problems += [f"{path}: in SHA256SUMS but not in manifest.json" for path in listed]
+    if problems:
+        raise BuildError(f"{model_dir.name}: {len(problems)} artifact(s) fail verification: " + "; ".join(problems)
+                         + ". Rebuild with `doit` (it replaces damaged outputs).")
+    return len(manifest.artifacts)

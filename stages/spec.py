@@ -131,6 +131,49 @@ class AdapterSpec(Strict):
         return None if value is None else _resolve_file(value, info, "adapter folder")
 
 
+class PackageSpec(Strict):
+    """[models.package]: what goes beside the GGUF for Ollama, Docker Model Runner and Compose."""
+
+    license: Path | None = None  # a license text: an OCI layer, LICENSE in the Modelfile
+    system: str | None = None  # Ollama SYSTEM: the system prompt when a request brings none
+    parameters: dict[str, int | float | str | bool | list[str]] = Field(default_factory=dict)  # Ollama PARAMETERs
+    context_size: int | None = Field(default=None, ge=1)  # default: the model's, at most 4096
+
+    @field_validator("license", mode="before")
+    @classmethod
+    def _license_exists(cls, value, info):
+        return None if value is None else _resolve_file(value, info, "license file")
+
+    @field_validator("parameters")
+    @classmethod
+    def _plain_parameter_names(cls, parameters: dict) -> dict:
+        for name in parameters:
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not an Ollama parameter name (e.g. temperature, top_p, num_ctx)")
+        if "stop" in parameters and not isinstance(parameters["stop"], list):
+            raise ValueError("stop is a list of strings, e.g. stop = [\"</answer>\"]")
+        return parameters
+
+
+class PublishSpec(Strict):
+    """[package]: where `doit push` sends every packaged variant."""
+
+    registry: str | None = Field(default=None, pattern=r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)*$")  # host[:port]/namespace
+    tag: str = "{model}:{variant}"  # repository and tag under the registry
+    tls_verify: bool | None = None  # default: plain HTTP for loopback hosts (as Docker does), TLS elsewhere
+
+    @field_validator("tag")
+    @classmethod
+    def _known_fields(cls, tag: str) -> str:
+        try:
+            filled = tag.format(model="m", variant="Q4_K_M")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"{tag!r}: only {{model}} and {{variant}} can be filled in") from None
+        if not re.fullmatch(r"[a-z0-9._/-]+:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", filled):
+            raise ValueError(f"{tag!r} must give 'repository:tag' (e.g. '{{model}}:{{variant}}')")
+        return tag
+
+
 class ModelSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     base: BaseRef
@@ -140,6 +183,7 @@ class ModelSpec(Strict):
     pretokenizer: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     train: TrainSpec | None = None
     adapter: AdapterSpec | None = None
+    package: PackageSpec = Field(default_factory=PackageSpec)
 
     @model_validator(mode="after")
     def _one_adapter_source(self):
@@ -188,6 +232,7 @@ class Spec(Strict):
     cache: Path = Path("cache")
     threads: int = Field(default=0, ge=0)  # 0: all cores
     models: list[ModelSpec] = Field(min_length=1)
+    package: PublishSpec = Field(default_factory=PublishSpec)
     source: Path | None = None  # the spec file; set by load_spec, not by users
 
     @model_validator(mode="after")

@@ -18,3 +18,25 @@ def tiny_llama(tmp_path_factory, smollm_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory, smollm_tokenizer):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", smollm_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    from helpers import Registry
+
+    with Registry(tmp_path_factory.mktemp("registry")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def default_build(tmp_path_factory, registry):
+    """The repo's own models.toml and data, built once, with a registry to push to."""
+    import shutil
+
+    from helpers import REPO, doit
+
+    folder = tmp_path_factory.mktemp("default-spec")
+    shutil.copytree(REPO / "data", folder / "data")
+    spec = folder / "models.toml"
+    spec.write_text((REPO / "models.toml").read_text() + f'\n[package]\nregistry = "{registry.host}/modelmake"\n')
+    return {"folder": folder, "spec": spec, "ran": doit(spec).ran, "cache": folder / "cache/smollm2-demo"}

@@ -102,3 +102,100 @@ def make_peft_adapter(folder: Path, model_dir: Path, seed: int = 1, rslora: bool
                 param.normal_(0, 0.05)
     peft_model.save_pretrained(folder)
     return folder
+
+
+class Registry:
+    """A real OCI registry (Debian's docker-registry, distribution v2) on 127.0.0.1, with its own
+    storage folder, optionally behind htpasswd auth; stopped on exit."""
+
+    def __init__(self, folder: Path, users: dict[str, str] | None = None):
+        self.folder, self.users = folder, users or {}
+        self.storage = folder / "storage"
+        self.port = _free_port()
+        self.host = f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Registry":
+        import time
+        import urllib.error
+        import urllib.request
+
+        config = ["version: 0.1", "log:", "  level: warn", "storage:", "  filesystem:",
+                  f"    rootdirectory: {self.storage}", "http:", f"  addr: {self.host}"]
+        if self.users:
+            lines = [subprocess.run(["htpasswd", "-Bbn", user, password], capture_output=True, text=True,
+                                    check=True).stdout.strip() for user, password in self.users.items()]
+            (self.folder / "htpasswd").write_text("\n".join(lines) + "\n")
+            config += ["auth:", "  htpasswd:", "    realm: modelmake-tests", f"    path: {self.folder / 'htpasswd'}"]
+        (self.folder / "config.yml").write_text("\n".join(config) + "\n")
+        self.log = open(self.folder / "registry.log", "w")
+        self.process = subprocess.Popen(["docker-registry", "serve", str(self.folder / "config.yml")],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)
+                return self
+            except urllib.error.HTTPError:  # 401 with auth: it is up
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"registry did not start: {(self.folder / 'registry.log').read_text()}")
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.log.close()
+
+    def blob_data(self, digest: str) -> Path:
+        hexdigest = digest.removeprefix("sha256:")
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MODELFILE_COMMANDS = {"FROM", "ADAPTER", "TEMPLATE", "SYSTEM", "PARAMETER", "LICENSE", "MESSAGE", "REQUIRES"}
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """Ollama's Modelfile grammar: `COMMAND value` per line, case-insensitive commands, `#` comments,
+    values bare to the end of the line, in "…" on one line, or in \"\"\"…\"\"\" over several lines.
+    PARAMETER's value is `name value`. Anything else is a syntax error, as in Ollama."""
+    instructions, rest = [], text
+    while rest:
+        line, _, after = rest.partition("\n")
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            rest = after
+            continue
+        command, _, value = stripped.partition(" ")
+        if command.upper() not in MODELFILE_COMMANDS:
+            raise SyntaxError(f"unknown Modelfile command {command!r}")
+        head = rest[rest.index(command) + len(command):].lstrip(" ")
+        if command.upper() == "PARAMETER":
+            name, _, head = head.partition(" ")
+            prefix = name + " "
+        else:
+            prefix = ""
+        if head.startswith('"""'):
+            end = head.find('"""', 3)
+            if end < 0:
+                raise SyntaxError(f"{command}: unterminated triple quote")
+            value, rest = head[3:end], head[end + 3:]
+            if rest.split("\n", 1)[0].strip():
+                raise SyntaxError(f"{command}: text after the closing triple quote")
+            rest = rest.split("\n", 1)[1] if "\n" in rest else ""
+        else:
+            line_value, _, rest = head.partition("\n")
+            line_value = line_value.strip()
+            if line_value.startswith('"'):
+                if not line_value.endswith('"') or len(line_value) < 2 or '"' in line_value[1:-1]:
+                    raise SyntaxError(f"{command}: bad quoted value {line_value!r}")
+                line_value = line_value[1:-1]
+            value = line_value
+        instructions.append((command.upper(), prefix + value))
+    return instructions

@@ -55,10 +55,10 @@ def build(tmp_path_factory, tiny_llama):
 def test_first_build_runs_every_stage(build):
     assert build["first"].ran == [
         "import:smollm2", "convert:smollm2", "convert:tiny", "quantize:smollm2-Q4_K_M", "quantize:smollm2-Q8_0",
-        "quantize:tiny-Q8_0",
+        "quantize:tiny-Q8_0", "package:smollm2-Q4_K_M", "package:smollm2-Q8_0", "package:tiny-Q8_0",
         "manifest:smollm2", "manifest:tiny",
     ]
-    assert leftovers(build["folder"] / "cache") == sorted(
+    assert [p for p in leftovers(build["folder"] / "cache") if "/package/" not in p] == sorted(
         str(build["folder"] / "cache" / p) for p in (
             "smollm2/gguf/smollm2.F16.gguf", "smollm2/gguf/smollm2.Q4_K_M.gguf", "smollm2/gguf/smollm2.Q8_0.gguf",
             "tiny/gguf/tiny.F16.gguf", "tiny/gguf/tiny.Q8_0.gguf",
@@ -153,7 +153,7 @@ def test_rebuilds_exactly_what_changed(build):
     assert doit(spec).ran == [], "touching a file without changing its bytes rebuilds nothing"
 
     spec.write_text(SPEC.replace('quantize = ["Q4_K_M", "Q8_0"]', 'quantize = ["Q4_K_M", "Q8_0", "Q6_K"]'))
-    assert doit(spec).ran == ["quantize:smollm2-Q6_K", "manifest:smollm2"]
+    assert doit(spec).ran == ["quantize:smollm2-Q6_K", "package:smollm2-Q6_K", "manifest:smollm2"]
 
     damaged = cache / "smollm2/gguf/smollm2.Q4_K_M.gguf"
     with open(damaged, "r+b") as f:
@@ -161,7 +161,9 @@ def test_rebuilds_exactly_what_changed(build):
         last = f.read(1)
         f.seek(-1, os.SEEK_END)
         f.write(bytes([last[0] ^ 0xFF]))
-    assert doit(spec).ran == ["quantize:smollm2-Q4_K_M"], "a damaged output is rebuilt, to the same bytes"
+    # The package's GGUF is a hard link to the same bytes, so it was damaged too and is rebuilt as well.
+    assert doit(spec).ran == ["quantize:smollm2-Q4_K_M", "package:smollm2-Q4_K_M"], \
+        "a damaged output is rebuilt, to the same bytes"
 
     from gguf import GGUFReader
 
@@ -170,7 +172,8 @@ def test_rebuilds_exactly_what_changed(build):
         f.seek(int(norm.data_offset))
         f.write(np.float32(float(norm.data[0]) + 0.5).tobytes())
     assert doit(spec).ran == ["import:smollm2", "convert:smollm2", "quantize:smollm2-Q4_K_M",
-                              "quantize:smollm2-Q8_0", "quantize:smollm2-Q6_K", "manifest:smollm2"]
+                              "quantize:smollm2-Q8_0", "quantize:smollm2-Q6_K", "package:smollm2-Q4_K_M",
+                              "package:smollm2-Q8_0", "package:smollm2-Q6_K", "manifest:smollm2"]
 
 
 def test_truncated_gguf_base_fails_cleanly(tmp_path):
@@ -203,34 +206,32 @@ def test_unsupported_gguf_architecture_is_refused_before_import(tmp_path):
 def test_parallel_build_clean_and_forget(tmp_path, tiny_llama):
     shutil.copytree(tiny_llama, tmp_path / "tiny")
     spec = write_spec(tmp_path, '[[models]]\nname = "tiny"\nbase = "tiny"\nquantize = ["Q8_0", "Q4_0"]\n')
-    assert sorted(doit(spec, "-n", "2").ran) == ["convert:tiny", "manifest:tiny", "quantize:tiny-Q4_0",
-                                                 "quantize:tiny-Q8_0"]
+    assert sorted(doit(spec, "-n", "2").ran) == ["convert:tiny", "manifest:tiny", "package:tiny-Q4_0",
+                                                 "package:tiny-Q8_0", "quantize:tiny-Q4_0", "quantize:tiny-Q8_0"]
     ggufs = sorted((tmp_path / "cache/tiny/gguf").glob("*.gguf"))
     assert [p.name for p in ggufs] == ["tiny.F16.gguf", "tiny.Q4_0.gguf", "tiny.Q8_0.gguf"]
 
     doit(spec, command="clean")
     assert list((tmp_path / "cache/tiny/gguf").glob("*.gguf")) == []
     assert (tmp_path / "tiny/model.safetensors").exists(), "clean never touches the user's base"
-    assert len(doit(spec).ran) == 4
+    assert len(doit(spec).ran) == 6
 
     doit(spec, "quantize:tiny-Q8_0", command="forget")
     assert doit(spec).ran == ["quantize:tiny-Q8_0"]
 
 
-def test_default_spec_fine_tunes_and_every_route_carries_it(tmp_path):
+def test_default_spec_fine_tunes_and_every_route_carries_it(default_build):
     """The repo's own models.toml, end to end: the demo data teaches an "Answer: …" style that
     the base model does not use; the merged quantized release and the base with the GGUF LoRA
     both answer in it, the base alone does not."""
     from llama_cpp import Llama
 
-    from helpers import REPO
-
-    shutil.copy(REPO / "models.toml", tmp_path / "models.toml")
-    shutil.copytree(REPO / "data", tmp_path / "data")
-    ran = doit(tmp_path / "models.toml").ran
-    assert ran == ["import:smollm2-demo", "train:smollm2-demo", "adapter:smollm2-demo", "merge:smollm2-demo",
-                   "convert:smollm2-demo", "convert:smollm2-demo-merged", "quantize:smollm2-demo-merged-Q4_K_M",
-                   "quantize:smollm2-demo-merged-Q8_0", "manifest:smollm2-demo"]
+    tmp_path = default_build["folder"]
+    assert default_build["ran"] == [
+        "import:smollm2-demo", "train:smollm2-demo", "adapter:smollm2-demo", "merge:smollm2-demo",
+        "convert:smollm2-demo", "convert:smollm2-demo-merged", "quantize:smollm2-demo-merged-Q4_K_M",
+        "quantize:smollm2-demo-merged-Q8_0", "package:smollm2-demo-Q4_K_M", "package:smollm2-demo-Q8_0",
+        "package:smollm2-demo-lora", "manifest:smollm2-demo"]
     gguf_dir = tmp_path / "cache/smollm2-demo/gguf"
     question = [{"role": "user", "content": "What is the capital of Peru?"}]
 

@@ -1,0 +1,158 @@
+"""Deployment texts beside a packaged GGUF: an Ollama Modelfile and a Compose `models:` snippet.
+
+Ollama's Modelfile: one instruction per line, `FROM`, `ADAPTER`, `TEMPLATE`, `SYSTEM`,
+`PARAMETER name value`, `LICENSE`; multi-line values in triple quotes. `TEMPLATE` is a Go
+text/template over `.Messages` (each with `.Role` and `.Content`); Ollama puts the Modelfile's
+`SYSTEM` first in `.Messages` when a request brings no system message of its own.
+
+Hugging Face chat templates are Jinja and cannot be run by Ollama, so each supported family
+gets its Go translation here, checked against the family's Jinja template on a two-turn
+conversation (tests/golden/modelfile). A template of no known family gets no `TEMPLATE`:
+Ollama then picks one itself from the GGUF's `tokenizer.chat_template`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from .errors import BuildError
+
+
+@dataclass(frozen=True)
+class ChatFamily:
+    name: str
+    markers: tuple[str, ...]  # all present in a Jinja chat template of this family
+    template: str  # Ollama's Go template
+    stop: tuple[str, ...]  # what ends an assistant turn, besides the GGUF's end-of-generation tokens
+
+
+CHATML = ChatFamily(
+    "chatml", ("<|im_start|>", "<|im_end|>"),
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
+    "{{ .Content }}<|im_end|>\n"
+    "{{ end }}<|im_start|>assistant\n",
+    ("<|im_start|>", "<|im_end|>"),
+)
+
+LLAMA3 = ChatFamily(
+    "llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+    "{{ .Content }}<|eot_id|>\n"
+    "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+)
+
+# Gemma has no system turn: like Gemma 3's own template, the system text opens the first user turn.
+GEMMA = ChatFamily(
+    "gemma", ("<start_of_turn>", "<end_of_turn>"),
+    '{{- $system := "" }}\n'
+    "{{- range .Messages }}\n"
+    '{{- if eq .Role "system" }}{{ $system = .Content }}\n'
+    '{{- else if eq .Role "user" }}<start_of_turn>user\n'
+    '{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>\n'
+    '{{ else if eq .Role "assistant" }}<start_of_turn>model\n'
+    "{{ .Content }}<end_of_turn>\n"
+    "{{ end }}\n"
+    "{{- end }}<start_of_turn>model\n",
+    ("<start_of_turn>", "<end_of_turn>"),
+)
+
+# Mistral Instruct v0.3: the system text goes into the last user turn; no generation header.
+MISTRAL = ChatFamily(
+    "mistral", ("[INST]", "[/INST]"),
+    '{{- $system := "" }}\n'
+    "{{- range $i, $_ := .Messages }}\n"
+    "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
+    '{{- if eq .Role "system" }}{{ $system = .Content }}\n'
+    '{{- else if eq .Role "user" }}[INST] {{ if and $last $system }}{{ $system }}\n\n{{ end }}{{ .Content }}[/INST]\n'
+    '{{- else if eq .Role "assistant" }} {{ .Content }}</s>\n'
+    "{{- end }}\n"
+    "{{- end }}",
+    ("[INST]", "[/INST]"),
+)
+
+FAMILIES = (LLAMA3, CHATML, GEMMA, MISTRAL)
+
+
+def chat_family(jinja_template: str | None) -> ChatFamily | None:
+    """The family whose markers a Hugging Face chat template uses; None when none fits."""
+    if not jinja_template or "<<SYS>>" in jinja_template:  # Llama 2 shares [INST] but not its layout
+        return None
+    return next((f for f in FAMILIES if all(m in jinja_template for m in f.markers)), None)
+
+
+def default_system(jinja_template: str | None) -> str | None:
+    """The system prompt a ChatML template inserts when a conversation brings none (SmolLM2, Qwen2.5):
+    as the Modelfile's SYSTEM, Ollama inserts it in the same case, so prompts match the template's."""
+    if chat_family(jinja_template) is not CHATML:
+        return None
+    found = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<\\]+)<\|im_end\|>", jinja_template)
+    return found.group(1) if found else None
+
+
+def quoted(value: str, what: str) -> str:
+    """A Modelfile value: bare when it is one plain word, "…" on one line, else \"\"\"…\"\"\"."""
+    if '"""' in value:
+        raise BuildError(f"{what} contains three double quotes in a row, which an Ollama Modelfile cannot hold")
+    if "\n" in value or '"' in value or "\\" in value:
+        return f'"""{value}"""'
+    return f'"{value}"'
+
+
+def parameter_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return quoted(str(value), "a PARAMETER value")
+
+
+def modelfile(*, header: str, from_file: str, adapter_file: str | None, family: ChatFamily | None,
+              system: str | None, parameters: dict, license_text: str | None) -> str:
+    """The Modelfile text. Files are named `./<name>` so `ollama create` finds them beside it."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    lines.append(f"FROM ./{from_file}")
+    if adapter_file:
+        lines.append(f"ADAPTER ./{adapter_file}")
+    if family:
+        lines.append(f"TEMPLATE {quoted(family.template, 'the chat template')}")
+    else:
+        lines.append("# No TEMPLATE: the chat template is of no family modelmake translates; "
+                     "Ollama infers one from the GGUF.")
+    if system:
+        lines.append(f"SYSTEM {quoted(system, 'package.system')}")
+    for stop in family.stop if family else ():
+        lines.append(f"PARAMETER stop {quoted(stop, 'a stop token')}")
+    for name, value in parameters.items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"PARAMETER {name} {parameter_value(item)}")
+    if license_text:
+        lines.append(f"LICENSE {quoted(license_text.strip(), 'the license file')}")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml(value) -> str:
+    """A YAML scalar: JSON strings and numbers are valid YAML and need no escaping rules of their own."""
+    return json.dumps(value)
+
+
+def compose(*, model_key: str, reference: str, context_size: int) -> str:
+    """A Compose file with a top-level `models:` entry and one service bound to it."""
+    return (
+        "# Docker Compose with Docker Model Runner: `docker compose up` pulls the model and gives the\n"
+        "# service its URL and name in the variables below. Replace the image with your own service.\n"
+        "services:\n"
+        "  app:\n"
+        "    image: alpine:3\n"
+        "    command: [\"sh\", \"-c\", \"echo model $$MODEL_NAME at $$MODEL_URL\"]\n"
+        "    models:\n"
+        f"      {model_key}:\n"
+        "        endpoint_var: MODEL_URL\n"
+        "        model_var: MODEL_NAME\n"
+        "models:\n"
+        f"  {model_key}:\n"
+        f"    model: {_yaml(reference)}\n"
+        f"    context_size: {context_size}\n"
+    )

@@ -1,0 +1,236 @@
+"""package stage: one released variant → a folder a user can ship as is.
+
+    package/<variant>/
+      <model>.<variant>.gguf          the model (and for the adapter route, base + LoRA GGUFs)
+      LICENSE, chat_template.jinja    when the spec names a license / the GGUF has a template
+      oci/                            OCI image layout: a Docker Model Runner model artifact
+      <model>-<variant>.oci.tar       the same layout as one deterministic tar
+      Modelfile                       `ollama create NAME -f Modelfile`
+      compose.yaml                    a Compose `models:` entry and a service bound to it
+      README.md                       the commands that use all of the above
+      SHA256SUMS, files.b3            every file above, by sha256 and blake3
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from . import __version__, modelfile, oci
+from .atomic import atomic_dir
+from .errors import BuildError
+from .hashing import HashingWriter, file_sha256, remember, tree_files, write_index
+from .spec import PackageSpec
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class Release:
+    """What one package holds, as the graph decides it."""
+
+    model: str
+    variant: str  # Q4_K_M, F16, …, or "lora" for base + adapter
+    gguf: Path  # the model GGUF: the merged/quantized release, or the base for the adapter route
+    lora: Path | None  # the GGUF LoRA of the adapter route
+    reference: str  # how Docker names it: registry/ns/model:variant, or model:variant when no registry is set
+
+
+_SCALARS = {
+    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
+    gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
+    gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
+}
+
+
+def scan_gguf(data) -> tuple[dict, int]:
+    """(scalar metadata, total tensor elements) from a GGUF's bytes, skipping array values.
+
+    gguf-py's GGUFReader builds a numpy view per vocabulary entry (seconds for a 49k-token
+    vocabulary); packaging needs only the scalars and the tensor shapes, read straight from the
+    header as the GGUF spec lays it out."""
+    offset = 0
+
+    def take(fmt: str):
+        nonlocal offset
+        (value,) = struct.unpack_from(fmt, data, offset)
+        offset += struct.calcsize(fmt)
+        return value
+
+    def take_str() -> str:
+        nonlocal offset
+        length = take("<Q")
+        offset += length
+        return bytes(data[offset - length:offset]).decode("utf-8")
+
+    def skip_array():
+        nonlocal offset
+        item_type, count = gguf.GGUFValueType(take("<I")), take("<Q")
+        if item_type == gguf.GGUFValueType.STRING:
+            for _ in range(count):
+                length = take("<Q")  # not `offset += take(...)`: that adds to the offset before the read
+                offset += length
+        elif item_type == gguf.GGUFValueType.ARRAY:
+            for _ in range(count):
+                skip_array()
+        else:
+            offset += count * struct.calcsize(_SCALARS[item_type])
+
+    if bytes(data[:4]) != b"GGUF":
+        raise ValueError("no GGUF magic")
+    take("<4s"), take("<I")
+    tensor_count, kv_count = take("<Q"), take("<Q")
+    scalars = {}
+    for _ in range(kv_count):
+        key, value_type = take_str(), gguf.GGUFValueType(take("<I"))
+        if value_type == gguf.GGUFValueType.STRING:
+            scalars[key] = take_str()
+        elif value_type == gguf.GGUFValueType.ARRAY:
+            skip_array()
+        else:
+            scalars[key] = take(_SCALARS[value_type])
+    elements = 0
+    for _ in range(tensor_count):
+        take_str()
+        dims = [take("<Q") for _ in range(take("<I"))]
+        take("<I"), take("<Q")  # type, data offset
+        elements += math.prod(dims)
+    return scalars, elements
+
+
+def gguf_facts(path: Path) -> tuple[dict, str | None]:
+    """(the config blob's `gguf` object, the chat template) of a GGUF file: its scalar metadata as
+    strings; the chat template travels as a layer of its own."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            scalars, elements = scan_gguf(data)
+    except (ValueError, struct.error, UnicodeDecodeError) as err:
+        raise BuildError(f"{path} is not a readable GGUF file ({err}); rebuild it with `doit`") from None
+    template = scalars.pop("tokenizer.chat_template", None)
+    facts = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in scalars.items()}
+    facts |= {
+        "architecture": facts.get("general.architecture", "unknown"),
+        "parameter_count": oci.parameter_count_text(elements),
+        "quantization": gguf.LlamaFileType(int(facts.get("general.file_type", 0))).name
+        .removeprefix("MOSTLY_").replace("ALL_", ""),
+    }
+    return facts, template
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system: copy
+        shutil.copyfile(source, target)
+
+
+def _readme(release: Release, files: dict[str, str], context_size: int, has_license: bool) -> str:
+    name = release.reference.rsplit("/", 1)[-1]
+    model_file = files["model"]
+    lora = files.get("lora")
+    llama = f"llama-cli -m {model_file}" + (f" --lora {lora}" if lora else "") + " -cnv"
+    pushed = "`doit push` sends the OCI artifact to the registry in `[package]` of the spec; then"
+    docker_local = (
+        f"docker model package --gguf \"$PWD/{model_file}\"" + (" --license LICENSE" if has_license else "")
+        + f" --context-size {context_size} {name}\ndocker model run {name} \"Hello\""
+    )
+    return f"""# {release.model} · {release.variant}
+
+Built by modelmake {__version__}. Every file here is listed in `SHA256SUMS` and `files.b3`:
+check them with `sha256sum -c SHA256SUMS` (or `b3sum -c files.b3`).
+
+## llama.cpp
+
+```sh
+{llama}
+```
+
+## Ollama
+
+```sh
+ollama create {release.model}-{release.variant.lower()} -f Modelfile
+ollama run {release.model}-{release.variant.lower()}
+```
+
+## Docker Model Runner
+
+`oci/` is the model as an OCI artifact (Docker's model-spec), `{files["tar"]}` the same as one tar.
+{pushed}
+
+```sh
+docker model pull {release.reference}
+docker model run {release.reference} "Hello"
+```
+
+Without a registry, load the GGUF into the local Model Runner:
+
+```sh
+{docker_local}
+```
+
+## Compose
+
+`compose.yaml` declares the model under `models:` and binds it to a service, which gets the
+model's endpoint in `MODEL_URL` and its name in `MODEL_NAME`:
+
+```sh
+docker compose -f compose.yaml up
+```
+"""
+
+
+def run(*, release: Release, options: PackageSpec, out_dir: Path, source_date_epoch: int) -> None:
+    facts, chat_template = gguf_facts(release.gguf)
+    if release.lora:
+        gguf_facts(release.lora)  # a damaged adapter is refused here, not by the user's runtime
+    context_size = options.context_size or min(int(facts.get(f"{facts['architecture']}.context_length",
+                                                              DEFAULT_CONTEXT)), DEFAULT_CONTEXT)
+    license_text = options.license.read_text(encoding="utf-8") if options.license else None
+    with atomic_dir(out_dir) as tmp:
+        files = {"model": release.gguf.name}
+        _link(release.gguf, tmp / release.gguf.name)
+        layer_files = [(tmp / release.gguf.name, oci.GGUF)]
+        if release.lora:
+            files["lora"] = release.lora.name
+            _link(release.lora, tmp / release.lora.name)
+            layer_files.append((tmp / release.lora.name, oci.GGUF_LORA))
+        if license_text is not None:
+            (tmp / "LICENSE").write_text(license_text, encoding="utf-8")
+            layer_files.append((tmp / "LICENSE", oci.LICENSE))
+        if chat_template:
+            (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+            layer_files.append((tmp / "chat_template.jinja", oci.CHAT_TEMPLATE))
+
+        layers = [oci.Layer(path, media, path.name, f"sha256:{file_sha256(path)}", path.stat().st_size)
+                  for path, media in layer_files]
+        config = oci.model_config(facts, layers, oci.created_at({"SOURCE_DATE_EPOCH": str(source_date_epoch)}))
+        oci.write_layout(tmp / "oci", layers, config, tag=release.variant)
+        files["tar"] = f"{release.model}-{release.variant}.oci.tar"
+        with open(tmp / files["tar"], "wb") as out:
+            hashed = HashingWriter(out)
+            oci.write_tar(tmp / "oci", hashed, mtime=source_date_epoch)
+        remember(tmp / files["tar"], hashed.blake3.hexdigest(), hashed.sha256.hexdigest())
+
+        (tmp / "Modelfile").write_text(modelfile.modelfile(
+            header=f"{release.model} {release.variant}, built by modelmake {__version__}\n"
+                   f"ollama create {release.model}-{release.variant.lower()} -f Modelfile",
+            from_file=files["model"], adapter_file=files.get("lora"),
+            family=modelfile.chat_family(chat_template),
+            system=options.system or modelfile.default_system(chat_template),
+            parameters={"num_ctx": context_size} | options.parameters, license_text=license_text,
+        ), encoding="utf-8")
+        (tmp / "compose.yaml").write_text(modelfile.compose(
+            model_key=release.model, reference=release.reference, context_size=context_size), encoding="utf-8")
+        (tmp / "README.md").write_text(_readme(release, files, context_size, license_text is not None), encoding="utf-8")
+
+        sums = "".join(f"{file_sha256(p)}  {p.relative_to(tmp).as_posix()}\n" for p in tree_files(tmp))
+        (tmp / "SHA256SUMS").write_text(sums, encoding="utf-8")
+        write_index(tmp)

@@ -1,0 +1,3 @@
+module modelmake/gotemplate
+
+go 1.19
