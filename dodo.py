@@ -15,6 +15,7 @@ from stages.spec import load_spec
 
 try:
     SPEC = load_spec(get_var("spec", "models.toml"))
+    TASKS = graph.tasks(SPEC)
 except BuildError as err:
     sys.exit(f"modelmake: {err}")
 SPEC.cache.mkdir(parents=True, exist_ok=True)
@@ -29,7 +30,6 @@ DOIT_CONFIG = {
     # `doit` alone builds; push, pull and verify run only when named.
     "default_tasks": [stage for stage in graph.STAGES],
 }
-TASKS = graph.tasks(SPEC)
 
 
 def task_import():

@@ -339,6 +339,8 @@ def test_package_spec_errors_name_the_field(tmp_path, tiny_llama):
         ('[[models]]\nname = "t"\nbase = "tiny"\n[models.package]\nlicense = "NOPE"\n', "license file"),
         ('[[models]]\nname = "t"\nbase = "tiny"\n[models.package]\nparameters = {"Top P" = 1}\n',
          "not an Ollama parameter name"),
+        ('[package]\nregistry = "127.0.0.1:5000/ns"\n[[models]]\nname = "Tiny"\nbase = "tiny"\n',
+         "repository 'Tiny' (from [package] tag) has capitals"),
     ]:
         if not body.startswith("[[models]]"):
             body += '[[models]]\nname = "t"\nbase = "tiny"\n'
