@@ -28,7 +28,7 @@ DOIT_CONFIG = {
     "subtasks": True,  # `doit list` shows convert:NAME, quantize:NAME-Q4_K_M, …
     "sort": "definition",
     # `doit` alone builds; push, pull and verify run only when named.
-    "default_tasks": [stage for stage in graph.STAGES],
+    "default_tasks": list(graph.STAGES),
 }
 
 

@@ -28,6 +28,15 @@ def atomic_file(path: str | os.PathLike):
         tmp.unlink(missing_ok=True)
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows (no second copy of a multi-GB GGUF), else a copy.
+    Safe because modelmake never rewrites a file in place: outputs are renamed in."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yield a fresh temporary folder; on success it takes the place of `path`."""

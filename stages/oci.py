@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .atomic import link_or_copy
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MODEL_CONFIG = "application/vnd.docker.ai.model.config.v0.1+json"
@@ -119,15 +121,9 @@ def blob_path(layout: Path, digest: str) -> Path:
 
 
 def _place_blob(layout: Path, digest: str, source: Path) -> None:
-    """A layer blob is a hard link to the file it came from when the file system allows: no copy of a
-    multi-GB GGUF. Safe because modelmake never rewrites a file in place (outputs are renamed in)."""
     target = blob_path(layout, digest)
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        import shutil
-        shutil.copyfile(source, target)
+    link_or_copy(source, target)
 
 
 def _write_blob(layout: Path, data: bytes) -> str:

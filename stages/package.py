@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from pathlib import Path
 import gguf
 
 from . import __version__, modelfile, oci
-from .atomic import atomic_dir
+from .atomic import atomic_dir, link_or_copy
 from .errors import BuildError
 from .hashing import HashingWriter, file_sha256, remember, tree_files, write_index
 from .spec import PackageSpec
@@ -125,19 +123,11 @@ def gguf_facts(path: Path) -> tuple[dict, str | None]:
     return facts, template
 
 
-def _link(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # another file system: copy
-        shutil.copyfile(source, target)
-
-
 def _readme(release: Release, files: dict[str, str], context_size: int, has_license: bool) -> str:
     name = release.reference.rsplit("/", 1)[-1]
     model_file = files["model"]
     lora = files.get("lora")
     llama = f"llama-cli -m {model_file}" + (f" --lora {lora}" if lora else "") + " -cnv"
-    pushed = "`doit push` sends the OCI artifact to the registry in `[package]` of the spec; then"
     docker_local = (
         f"docker model package --gguf \"$PWD/{model_file}\"" + (" --license LICENSE" if has_license else "")
         + f" --context-size {context_size} {name}\ndocker model run {name} \"Hello\""
@@ -163,7 +153,8 @@ ollama run {release.model}-{release.variant.lower()}
 ## Docker Model Runner
 
 `oci/` is the model as an OCI artifact (Docker's model-spec), `{files["tar"]}` the same as one tar.
-{pushed}
+`doit push` sends the OCI artifact to the registry in `[package]` of the spec; then
+
 
 ```sh
 docker model pull {release.reference}
@@ -196,11 +187,11 @@ def run(*, release: Release, options: PackageSpec, out_dir: Path, source_date_ep
     license_text = options.license.read_text(encoding="utf-8") if options.license else None
     with atomic_dir(out_dir) as tmp:
         files = {"model": release.gguf.name}
-        _link(release.gguf, tmp / release.gguf.name)
+        link_or_copy(release.gguf, tmp / release.gguf.name)
         layer_files = [(tmp / release.gguf.name, oci.GGUF)]
         if release.lora:
             files["lora"] = release.lora.name
-            _link(release.lora, tmp / release.lora.name)
+            link_or_copy(release.lora, tmp / release.lora.name)
             layer_files.append((tmp / release.lora.name, oci.GGUF_LORA))
         if license_text is not None:
             (tmp / "LICENSE").write_text(license_text, encoding="utf-8")

@@ -13,7 +13,6 @@ else the docker config file (`$DOCKER_CONFIG/config.json` or `~/.docker/config.j
 from __future__ import annotations
 
 import base64
-import hashlib
 import ipaddress
 import json
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from . import oci
 from .errors import BuildError
+from .hashing import file_sha256
 
 RETRIES = 2  # skopeo waits 1 s, then 2 s: a registry that is down fails in about 3 s
 
@@ -124,7 +124,7 @@ def push(*, layout: Path, tag: str, ref: str, tls_verify: bool | None) -> str:
         pushed = digest_file.read_text().strip()
         raw = skopeo("inspect", "--raw", f"--retry-times={RETRIES}",
                      *_transport_flags("", host, tls_verify, authfile), f"docker://{ref}", ref=ref)
-    served = "sha256:" + hashlib.sha256(raw).hexdigest()
+    served = oci.sha256_digest(raw)
     if not pushed == served == local_digest:
         raise BuildError(f"{ref}: the registry holds manifest {served} (push reported {pushed}), "
                          f"but the package's manifest is {local_digest}")
@@ -142,8 +142,7 @@ def verify_layout(layout: Path) -> tuple[str, dict]:
             raise BuildError(f"{layout}: blob {blob_digest} is missing")
         if size is not None and path.stat().st_size != size:
             raise BuildError(f"{layout}: blob {blob_digest} has {path.stat().st_size} bytes, the manifest says {size}")
-        with open(path, "rb") as f:
-            actual = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        actual = "sha256:" + file_sha256(path)
         if actual != blob_digest:
             raise BuildError(f"{layout}: blob {blob_digest} hashes to {actual}: it was altered")
     return digest, manifest

@@ -1,6 +1,5 @@
 """models.toml validation: each bad input is one clear sentence naming file and field."""
 
-from pathlib import Path
 
 import pytest
 
