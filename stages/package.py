@@ -13,17 +13,13 @@
 
 from __future__ import annotations
 
-import math
-import mmap
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 
-from . import __version__, modelfile, oci
+from . import __version__, ggufheader, modelfile, oci
 from .atomic import atomic_dir, link_or_copy
-from .errors import BuildError
 from .hashing import HashingWriter, file_sha256, remember, tree_files, write_index
 from .spec import PackageSpec
 
@@ -41,82 +37,16 @@ class Release:
     reference: str  # how Docker names it: registry/ns/model:variant, or model:variant when no registry is set
 
 
-_SCALARS = {
-    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
-    gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
-    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
-    gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
-}
-
-
-def scan_gguf(data) -> tuple[dict, int]:
-    """(scalar metadata, total tensor elements) from a GGUF's bytes, skipping array values.
-
-    gguf-py's GGUFReader builds a numpy view per vocabulary entry (seconds for a 49k-token
-    vocabulary); packaging needs only the scalars and the tensor shapes, read straight from the
-    header as the GGUF spec lays it out."""
-    offset = 0
-
-    def take(fmt: str):
-        nonlocal offset
-        (value,) = struct.unpack_from(fmt, data, offset)
-        offset += struct.calcsize(fmt)
-        return value
-
-    def take_str() -> str:
-        nonlocal offset
-        length = take("<Q")
-        offset += length
-        return bytes(data[offset - length:offset]).decode("utf-8")
-
-    def skip_array():
-        nonlocal offset
-        item_type, count = gguf.GGUFValueType(take("<I")), take("<Q")
-        if item_type == gguf.GGUFValueType.STRING:
-            for _ in range(count):
-                length = take("<Q")  # not `offset += take(...)`: that adds to the offset before the read
-                offset += length
-        elif item_type == gguf.GGUFValueType.ARRAY:
-            for _ in range(count):
-                skip_array()
-        else:
-            offset += count * struct.calcsize(_SCALARS[item_type])
-
-    if bytes(data[:4]) != b"GGUF":
-        raise ValueError("no GGUF magic")
-    take("<4s"), take("<I")
-    tensor_count, kv_count = take("<Q"), take("<Q")
-    scalars = {}
-    for _ in range(kv_count):
-        key, value_type = take_str(), gguf.GGUFValueType(take("<I"))
-        if value_type == gguf.GGUFValueType.STRING:
-            scalars[key] = take_str()
-        elif value_type == gguf.GGUFValueType.ARRAY:
-            skip_array()
-        else:
-            scalars[key] = take(_SCALARS[value_type])
-    elements = 0
-    for _ in range(tensor_count):
-        take_str()
-        dims = [take("<Q") for _ in range(take("<I"))]
-        take("<I"), take("<Q")  # type, data offset
-        elements += math.prod(dims)
-    return scalars, elements
-
-
 def gguf_facts(path: Path) -> tuple[dict, str | None]:
     """(the config blob's `gguf` object, the chat template) of a GGUF file: its scalar metadata as
     strings; the chat template travels as a layer of its own."""
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            scalars, elements = scan_gguf(data)
-    except (ValueError, struct.error, UnicodeDecodeError) as err:
-        raise BuildError(f"{path} is not a readable GGUF file ({err}); rebuild it with `doit`") from None
+    header = ggufheader.read(path)
+    scalars = dict(header.scalars)
     template = scalars.pop("tokenizer.chat_template", None)
     facts = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in scalars.items()}
     facts |= {
         "architecture": facts.get("general.architecture", "unknown"),
-        "parameter_count": oci.parameter_count_text(elements),
+        "parameter_count": oci.parameter_count_text(header.elements),
         "quantization": gguf.LlamaFileType(int(facts.get("general.file_type", 0))).name
         .removeprefix("MOSTLY_").replace("ALL_", ""),
     }

@@ -355,6 +355,7 @@ def test_gguf_scan_reads_what_gguf_py_reads_and_refuses_a_truncated_file(tmp_pat
     import gguf
 
     from helpers import SMOLLM_GGUF
+    from stages import ggufheader
     from stages.package import gguf_facts
 
     facts, template = gguf_facts(SMOLLM_GGUF)
@@ -366,6 +367,7 @@ def test_gguf_scan_reads_what_gguf_py_reads_and_refuses_a_truncated_file(tmp_pat
         name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in expected.items()}
     assert facts["parameter_count"] == oci.parameter_count_text(sum(int(t.n_elements) for t in reader.tensors))
     assert (facts["architecture"], facts["quantization"]) == ("llama", "Q4_1")
+    assert ggufheader.read(SMOLLM_GGUF).data_offset == reader.data_offset  # eval's bits per weight start here
 
     truncated = tmp_path / "t.gguf"
     truncated.write_bytes(SMOLLM_GGUF.read_bytes()[:300_000])
