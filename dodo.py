@@ -27,8 +27,8 @@ DOIT_CONFIG = {
     "verbosity": 2,
     "subtasks": True,  # `doit list` shows convert:NAME, quantize:NAME-Q4_K_M, …
     "sort": "definition",
-    # `doit` alone builds; push, pull and verify run only when named.
-    "default_tasks": list(graph.STAGES),
+    # `doit` alone builds and reports; push, pull and verify run only when named.
+    "default_tasks": [*graph.STAGES, "report"],
 }
 
 
@@ -62,6 +62,11 @@ def task_quantize():
     yield from TASKS["quantize"]
 
 
+def task_eval():
+    """perplexity, KL against F16, speed and size of every GGUF variant (llama.cpp)"""
+    yield from TASKS["eval"]
+
+
 def task_package():
     """released GGUF → OCI artifact (Docker Model Runner), Ollama Modelfile, compose.yaml"""
     yield from TASKS["package"]
@@ -70,6 +75,11 @@ def task_package():
 def task_manifest():
     """checksums of every artifact: manifest.json, SHA256SUMS"""
     yield from TASKS["manifest"]
+
+
+def task_report():
+    """REPORT.md + report.html: what each variant costs, the fine-tune's effect, build times, the graph"""
+    return TASKS["report"][0]
 
 
 def task_push():

@@ -174,6 +174,31 @@ class PublishSpec(Strict):
         return tag
 
 
+class GateSpec(Strict):
+    """What a variant must meet, against its reference GGUF, before it is packaged."""
+
+    max_ppl_increase: float | None = Field(default=None, ge=0)  # 0.05: perplexity at most 5% above the reference's
+    max_kl: float | None = Field(default=None, ge=0)  # mean KL divergence from the reference, in nats
+    min_top1: float | None = Field(default=None, ge=0, le=1)  # share of tokens whose most likely next token agrees
+
+
+class EvalSpec(Strict):
+    """[models.eval]: how every GGUF variant is measured (perplexity, KL, speed) with llama.cpp."""
+
+    text: Path | None = None  # held-out text; default: the train stage's validation split, as trained on
+    context: int = Field(default=512, ge=16)  # tokens per perplexity window
+    max_tokens: int = Field(default=8192, ge=32)  # of the held-out text, at most
+    speed_prompt: int = Field(default=128, ge=1)  # prompt tokens per prompt-processing run
+    speed_tokens: int = Field(default=32, ge=1)  # tokens per generation run
+    speed_runs: int = Field(default=3, ge=1)  # timed runs; the median is reported
+    gate: dict[str, GateSpec] = Field(default_factory=dict)  # by variant: a quant type, or "lora"
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text_exists(cls, value, info):
+        return None if value is None else _resolve_file(value, info, "eval text")
+
+
 class ModelSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     base: BaseRef
@@ -184,6 +209,28 @@ class ModelSpec(Strict):
     train: TrainSpec | None = None
     adapter: AdapterSpec | None = None
     package: PackageSpec = Field(default_factory=PackageSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @property
+    def variants(self) -> list[str]:
+        """What eval measures: the converted GGUF, every quant type, and with an adapter the base
+        before fine-tuning and the adapter route (base + GGUF LoRA)."""
+        return [self.outtype.upper(), *[q for q in self.quantize if q != self.outtype.upper()],
+                *(["base", "lora"] if self.has_adapter else [])]
+
+    @model_validator(mode="after")
+    def _gates_name_variants(self):
+        for variant in self.eval.gate:
+            if variant not in self.variants:
+                raise ValueError(f"eval.gate.{variant}: not a variant of this model; its variants are "
+                                 f"{', '.join(self.variants)}")
+            if variant in (self.outtype.upper(), "base"):
+                raise ValueError(f"eval.gate.{variant}: {variant} is not compared with anything (it is the yardstick, "
+                                 "or the model before fine-tuning); gate a quant type or the lora route")
+            if not self.eval.text and not self.train:
+                raise ValueError(f"eval.gate.{variant} compares outputs on held-out text, and this model has none: "
+                                 "set [models.eval] text = \"a held-out text file\"")
+        return self
 
     @model_validator(mode="after")
     def _one_adapter_source(self):

@@ -1,0 +1,331 @@
+"""eval: what each GGUF variant costs and gives, measured with llama.cpp (llama-cpp-python).
+
+- perplexity on held-out text, in windows of at most `context` tokens, each evaluated from an
+  empty cache: a window's first token is context only, every later token is scored. Held-out
+  conversations are a window each (no conversation sees another's answers), and for them the
+  perplexity of the answers alone, the tokens the train stage learns, is measured too;
+- against the reference GGUF (the converted F16 of the same model), on the same tokens: the mean
+  KL divergence of the next-token distributions and how often their most likely tokens agree,
+  the measure of llama.cpp's `llama-perplexity --kl-divergence`;
+- prompt-processing and generation speed: the median of several timed runs, after one untimed;
+- size and bits per weight (tensor bytes × 8 / weights).
+
+Results are JSON (eval/<variant>.json). They hold timings, so they are reports, not artifacts:
+the manifest leaves them out, as it leaves out the train log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import dataset as datasets
+from . import ggufheader
+from .atomic import atomic_file
+from .errors import BuildError
+from .hashing import tool_versions
+from .spec import EvalSpec, GateSpec, TrainSpec
+
+ROWS_PER_CHUNK = 64  # next-token distributions turned to float64 at a time: bounds memory at any vocabulary
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One model as llama.cpp runs it: a GGUF, and for the adapter route a GGUF LoRA on top."""
+
+    model: Path
+    lora: Path | None = None
+
+    def files(self) -> list[Path]:
+        return [self.model] + ([self.lora] if self.lora else [])
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one eval task measures; the graph decides it."""
+
+    model: str
+    variant: str  # F16, Q4_K_M, …, "base" (before fine-tuning) or "lora" (base + adapter)
+    subject: Subject
+    reference: Subject | None  # compared with; None for the yardstick itself and the base before fine-tuning
+    text: Path | None  # held-out text; None: speed and size only
+    text_source: str  # how results name the text: "data/demo.jsonl (validation split)", "notes.txt"
+
+
+# ---- formats and arithmetic, no I/O ----
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens evaluated together from an empty cache, and which of them belong to an answer."""
+
+    tokens: list[int]
+    is_answer: list[bool]
+
+
+def windows(documents: list[Window], context: int) -> list[Window]:
+    """Each document cut into pieces of at most `context` tokens; a piece needs two tokens to score one.
+    Conversations are documents of their own, so none sees another's answers."""
+    return [Window(doc.tokens[i:i + context], doc.is_answer[i:i + context])
+            for doc in documents for i in range(0, len(doc.tokens), context) if len(doc.tokens) - i >= 2]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class Tally:
+    """Sums over scored positions; `add` takes one window's logits (rows: positions, cols: vocabulary)."""
+
+    scored: int = 0
+    nll: float = 0.0  # Σ −log p(actual next token)
+    answers: int = 0  # scored positions whose next token belongs to an answer
+    answer_nll: float = 0.0
+    kl: float = 0.0  # Σ KL(reference ‖ model)
+    top1: int = 0  # positions where both models' most likely next token is the same
+
+    def add(self, logits: np.ndarray, window: Window, reference: np.ndarray | None = None) -> None:
+        targets, answer = np.asarray(window.tokens[1:]), np.asarray(window.is_answer[1:], dtype=bool)
+        for start in range(0, len(targets), ROWS_PER_CHUNK):
+            rows = slice(start, min(start + ROWS_PER_CHUNK, len(targets)))
+            logp = log_softmax(logits[rows])
+            nll = -logp[np.arange(len(logp)), targets[rows]]
+            self.nll += float(nll.sum())
+            self.answer_nll += float(nll[answer[rows]].sum())
+            if reference is not None:
+                ref_logp = log_softmax(reference[rows])
+                self.kl += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
+                self.top1 += int((ref_logp.argmax(axis=-1) == logp.argmax(axis=-1)).sum())
+        self.scored += len(targets)
+        self.answers += int(answer.sum())
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.scored)
+
+    @property
+    def answer_perplexity(self) -> float | None:
+        return math.exp(self.answer_nll / self.answers) if self.answers else None
+
+
+def bits_per_weight(header: ggufheader.Header, size: int) -> float:
+    return (size - header.data_offset) * 8 / header.elements
+
+
+def gate_failures(result: dict, gate: GateSpec) -> list[str]:
+    """Each limit of `gate` that `result` misses, in words."""
+    failures = []
+    quality = result.get("quality")
+    if not quality or quality.get("reference_perplexity") is None:
+        return ["it has no comparison with the reference to gate on"]
+    increase = quality["perplexity"] / quality["reference_perplexity"] - 1
+    if gate.max_ppl_increase is not None and increase > gate.max_ppl_increase:
+        failures.append(f"perplexity {quality['perplexity']:.4f} is {increase:+.2%} over the reference's "
+                        f"{quality['reference_perplexity']:.4f} (max_ppl_increase = {gate.max_ppl_increase} "
+                        f"allows {gate.max_ppl_increase:+.2%})")
+    if gate.max_kl is not None and quality["kl_divergence"] > gate.max_kl:
+        failures.append(f"mean KL divergence {quality['kl_divergence']:.6f} exceeds max_kl = {gate.max_kl}")
+    if gate.min_top1 is not None and quality["top1_agreement"] < gate.min_top1:
+        failures.append(f"top-1 agreement {quality['top1_agreement']:.2%} is under min_top1 = {gate.min_top1}")
+    return failures
+
+
+# ---- llama.cpp ----
+
+def _llama(subject: Subject, context: int, threads: int, logits_all: bool):
+    import llama_cpp
+
+    from .quantize import captured_llama_log
+
+    with captured_llama_log() as log:
+        try:
+            return llama_cpp.Llama(
+                model_path=str(subject.model), lora_path=str(subject.lora) if subject.lora else None,
+                n_ctx=context, n_batch=context, n_ubatch=context, n_threads=threads, n_threads_batch=threads,
+                logits_all=logits_all, verbose=False)
+        except (ValueError, RuntimeError) as err:
+            tail = "".join(log[-3:]).strip().replace("\n", " | ")
+            raise BuildError(f"llama.cpp cannot load {' + '.join(map(str, subject.files()))} ({err}): {tail}; "
+                             "rebuild it with `doit`") from None
+
+
+def read_documents(path: Path) -> list[list[tuple[str, bool]]]:
+    """Documents of (text, is it an answer) pieces: a .jsonl of {"prompt", "answer"} records (what
+    the train split is written as) is a document per record; any other file is one plain text."""
+    if path.suffix != ".jsonl":
+        return [[(path.read_text(encoding="utf-8"), False)]]
+    documents = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            documents.append([(record["prompt"], False), (record["answer"], True)])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise BuildError(f"{path}:{number}: not a {{\"prompt\", \"answer\"}} record; a .jsonl eval text holds "
+                             "one such record per line (or give a plain text file)") from None
+    return documents
+
+
+def tokenize(subject: Subject, documents: list[list[tuple[str, bool]]], max_tokens: int) -> list[Window]:
+    """Each document as the model's own tokenizer splits its pieces (special tokens such as
+    <|im_start|> included; BOS first where the model asks for one), prompt and answer apart as the
+    train stage splits them; up to `max_tokens` tokens in all."""
+    import llama_cpp
+
+    from .quantize import captured_llama_log
+
+    with captured_llama_log():
+        llm = llama_cpp.Llama(model_path=str(subject.model), vocab_only=True, verbose=False)
+    tokenized, total = [], 0
+    for pieces in documents:
+        tokens, is_answer = [], []
+        for text, answer in pieces:
+            ids = llm.tokenize(text.encode("utf-8"), add_bos=not tokens, special=True)
+            tokens += ids
+            is_answer += [answer] * len(ids)
+        keep = min(len(tokens), max_tokens - total)
+        tokenized.append(Window(tokens[:keep], is_answer[:keep]))
+        total += keep
+        if total >= max_tokens:
+            break
+    return tokenized
+
+
+def window_logits(llm, tokens: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[:len(tokens)], dtype=np.float32)
+
+
+def quality(job: Job, documents: list[Window], context: int, threads: int) -> dict:
+    # Both models stay loaded (llama.cpp maps the files) so each window's distributions are
+    # compared as they come, never stored: a stored reference is tokens × vocabulary floats.
+    model = _llama(job.subject, context, threads, logits_all=True)
+    reference = _llama(job.reference, context, threads, logits_all=True) if job.reference else None
+    mine, theirs = Tally(), Tally()
+    for window in windows(documents, context):
+        ref_logits = window_logits(reference, window.tokens) if reference else None
+        mine.add(window_logits(model, window.tokens), window, ref_logits)
+        if reference:
+            theirs.add(ref_logits, window)
+    result = {"documents": len(documents), "tokens": sum(len(d.tokens) for d in documents), "context": context,
+              "scored": mine.scored, "perplexity": mine.perplexity}
+    if mine.answers:
+        result |= {"answer_tokens": mine.answers, "answer_perplexity": mine.answer_perplexity}
+    if reference:
+        result |= {"reference_perplexity": theirs.perplexity, "kl_divergence": mine.kl / mine.scored,
+                   "top1_agreement": mine.top1 / mine.scored}
+    return result
+
+
+def speed(subject: Subject, spec: EvalSpec, threads: int) -> dict:
+    """llama-bench's pp/tg idea: time a prompt of `speed_prompt` tokens, then `speed_tokens` tokens
+    one at a time after it. Token ids are drawn at random (seed 0); speed does not depend on them."""
+    llm = _llama(subject, spec.speed_prompt + spec.speed_tokens, threads, logits_all=False)
+    rng = random.Random(0)
+    ids = [rng.randrange(llm.n_vocab()) for _ in range(spec.speed_prompt + spec.speed_tokens)]
+    prompt, generated = ids[:spec.speed_prompt], ids[spec.speed_prompt:]
+    prompt_speeds, gen_speeds = [], []
+    for run in range(spec.speed_runs + 1):  # run 0 warms caches and is not counted
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(prompt)
+        prompted = time.perf_counter()
+        for token in generated:
+            llm.eval([token])
+        if run:
+            prompt_speeds.append(len(prompt) / (prompted - started))
+            gen_speeds.append(len(generated) / (time.perf_counter() - prompted))
+    return {"threads": threads, "prompt_tokens": len(prompt), "gen_tokens": len(generated), "runs": spec.speed_runs,
+            "prompt_tokens_per_s": statistics.median(prompt_speeds), "gen_tokens_per_s": statistics.median(gen_speeds)}
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
+def run(job: Job, spec: EvalSpec, out_path: Path, model_root: Path, threads: int = 0) -> None:
+    threads = threads or os.cpu_count() or 1
+    header = ggufheader.read(job.subject.model)
+    size = sum(os.path.getsize(f) for f in job.subject.files())
+    result = {
+        "model": job.model,
+        "variant": job.variant,
+        "files": [f.relative_to(model_root).as_posix() for f in job.subject.files()],
+        "reference": [f.relative_to(model_root).as_posix() for f in job.reference.files()] if job.reference else None,
+        "size_bytes": size,
+        "parameters": header.elements,
+        "bits_per_weight": bits_per_weight(header, os.path.getsize(job.subject.model)),
+        "text": job.text_source if job.text else None,
+        "quality": None,
+        "speed": None,
+        "versions": tool_versions("llama-cpp-python"),
+    }
+    if job.text:
+        documents = tokenize(job.subject, read_documents(job.text), spec.max_tokens)
+        if not windows(documents, spec.context):
+            raise BuildError(f"{job.text}: fewer than two tokens of held-out text; give eval more text")
+        result["quality"] = quality(job, documents, spec.context, threads)
+    result["speed"] = speed(job.subject, spec, threads)
+    with atomic_file(out_path) as tmp:
+        tmp.write_text(json.dumps(_rounded(result), indent=2) + "\n", encoding="utf-8")
+    _print_summary(result)
+
+
+def _print_summary(result: dict) -> None:
+    parts = [f"{result['model']} {result['variant']}: {result['size_bytes'] / 1e6:.1f} MB, "
+             f"{result['bits_per_weight']:.2f} bpw"]
+    if quality := result["quality"]:
+        parts.append(f"ppl {quality['perplexity']:.4f} ({quality['scored']} tokens)")
+        if "kl_divergence" in quality:
+            parts.append(f"KL {quality['kl_divergence']:.5f}, top-1 {quality['top1_agreement']:.1%}")
+    speed_ = result["speed"]
+    parts.append(f"{speed_['prompt_tokens_per_s']:.0f} / {speed_['gen_tokens_per_s']:.1f} t/s "
+                 f"(prompt / generation, {speed_['threads']} threads)")
+    print(", ".join(parts))
+
+
+def check_gate(result_path: Path, variant: str, gate: GateSpec) -> None:
+    """Refuse to package a variant that misses its gate; the message says by how much."""
+    failures = gate_failures(json.loads(result_path.read_text(encoding="utf-8")), gate)
+    if failures:
+        raise BuildError(f"{variant} fails its quality gate: {'; '.join(failures)}. It is not packaged. "
+                         f"Loosen [models.eval.gate.{variant}] or drop {variant} from the release "
+                         f"(measured in {result_path})")
+
+
+# ---- the held-out conversations ----
+
+def heldout_records(train: TrainSpec, base_dir: Path) -> list[dict]:
+    """The validation records as the train stage writes them (chat template, system prompt)."""
+    from transformers import AutoTokenizer
+
+    from .train import prompt_and_answer
+
+    if isinstance(train.validation, Path):
+        held_out = datasets.read_jsonl(train.validation)
+    else:
+        held_out = datasets.split(datasets.read_jsonl(train.dataset), train.validation, train.seed)[1]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    return [dict(zip(("prompt", "answer"), prompt_and_answer(e.messages, tokenizer, train.template, train.system)))
+            for e in held_out]
+
+
+def write_heldout(train: TrainSpec, base_dir: Path, out_path: Path) -> None:
+    records = heldout_records(train, base_dir)
+    with atomic_file(out_path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    print(f"{out_path.name}: {len(records)} held-out conversations")

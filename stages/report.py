@@ -1,0 +1,350 @@
+"""report: one page per spec that answers, with measured numbers, what the build made.
+
+    cache/report/REPORT.md      the page, for a repository or a terminal
+    cache/report/report.html    the same, self-contained (images inline), for a browser offline
+    cache/report/<model>.loss.png
+
+Per model: a table of GGUF variants × (size, bits per weight, perplexity, KL and top-1 against
+the reference, speed); the fine-tune before and after; the training loss curve; every artifact
+with its sha256. Then the build: each task's wall time and peak memory, when it last ran, and a
+Mermaid flowchart of the task graph marking what ran in the last build.
+
+The page is built as a list of blocks, and two small writers turn it into Markdown and HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__, runlog
+from .atomic import atomic_file
+from .errors import BuildError
+
+
+# ---- blocks ----
+
+@dataclass(frozen=True)
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass(frozen=True)
+class Image:
+    file: str  # beside the report
+    alt: str
+
+
+@dataclass(frozen=True)
+class Mermaid:
+    source: str
+
+
+Block = Heading | Text | Table | Image | Mermaid
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            out.append(f"{'#' * block.level} {block.text}")
+        elif isinstance(block, Text):
+            out.append(block.text)
+        elif isinstance(block, Table):
+            out.append("\n".join(["| " + " | ".join(map(_md_cell, block.header)) + " |",
+                                  "|" + "---|" * len(block.header)]
+                                 + ["| " + " | ".join(map(_md_cell, row)) + " |" for row in block.rows]))
+        elif isinstance(block, Image):
+            out.append(f"![{block.alt}]({block.file})")
+        else:
+            out.append(f"```mermaid\n{block.source}\n```")
+    return "\n\n".join(out) + "\n"
+
+
+STYLE = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1b1f24}
+table{border-collapse:collapse;margin:.6em 0 1.2em}th,td{border:1px solid #c9d1d9;padding:.3em .6em;text-align:left}
+th{background:#dde7f5}td{font-variant-numeric:tabular-nums}code{background:#f2f4f7;padding:0 .2em}
+pre{background:#f6f8fa;padding:.8em;overflow:auto}img{max-width:100%}"""
+
+
+def _inline(text: str) -> str:
+    """`code` spans, the only Markdown the text blocks use."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def to_html(blocks: list[Block], images: dict[str, bytes], title: str) -> str:
+    out = [f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+           f"<style>{STYLE}</style></head><body>"]
+    for block in blocks:
+        if isinstance(block, Heading):
+            out.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
+        elif isinstance(block, Text):
+            out.append(f"<p>{_inline(block.text)}</p>")
+        elif isinstance(block, Table):
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in block.header)
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif isinstance(block, Image):
+            data = base64.b64encode(images[block.file]).decode("ascii")
+            out.append(f"<img alt=\"{html.escape(block.alt)}\" src=\"data:image/png;base64,{data}\">")
+        else:
+            out.append("<details open><summary>Mermaid source (renders on GitHub, GitLab, mermaid.live)</summary>"
+                       f"<pre class=\"mermaid\">{html.escape(block.source)}</pre></details>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+# ---- the task graph ----
+
+@dataclass(frozen=True)
+class Node:
+    task: str  # stage:name
+    needs: tuple[str, ...]  # tasks whose outputs it reads, or that must run first
+
+
+def graph_nodes(tasks: dict[str, list[dict]], stages: tuple[str, ...]) -> list[Node]:
+    """The doit graph of `stages` (the sub-task dicts, before doit names them `stage:name`): an edge
+    wherever a task's file_dep is another's target, or a task_dep; edges implied by a longer path
+    are left out, so the picture shows the lifecycle, not every file read."""
+    flat = [(f"{stage}:{t['name']}", t) for stage in stages for t in tasks.get(stage, [])]
+    made_by = {target: name for name, t in flat for target in t.get("targets", [])}
+    needs = {name: ({made_by[f] for f in t.get("file_dep", []) if f in made_by} | set(t.get("task_dep", []))) - {name}
+             for name, t in flat}
+    return [Node(name, tuple(sorted(transitive_reduction(needs)[name]))) for name, _ in flat]
+
+
+def transitive_reduction(needs: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Drop a → c where c is also reached through another need of a (the graph is acyclic)."""
+    reach: dict[str, set[str]] = {}
+
+    def reachable(node: str) -> set[str]:
+        if node not in reach:
+            reach[node] = set()
+            for need in needs.get(node, ()):
+                reach[node] |= {need} | reachable(need)
+        return reach[node]
+
+    return {node: {n for n in direct if not any(n in reachable(other) for other in direct - {n})}
+            for node, direct in needs.items()}
+
+
+def mermaid(nodes: list[Node], ran: set[str]) -> str:
+    ids = {node.task: f"t{i}" for i, node in enumerate(nodes)}
+    lines = ["flowchart LR"]
+    lines += [f"  {ids[n.task]}[\"{n.task}\"]" for n in nodes]
+    lines += [f"  {ids[need]} --> {ids[n.task]}" for n in nodes for need in n.needs if need in ids]
+    lines += ["  classDef ran fill:#c8e6c0,stroke:#2f7a21,color:#10320a",
+              "  classDef uptodate fill:#eef0f3,stroke:#8b949e,color:#3d444d"]
+    for css, members in (("ran", [n for n in nodes if n.task in ran]), ("uptodate", [n for n in nodes if n.task not in ran])):
+        if members:
+            lines.append(f"  class {','.join(ids[n.task] for n in members)} {css}")
+    return "\n".join(lines)
+
+
+# ---- numbers into words ----
+
+def _mb(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:,.1f} {unit}"
+    return f"{size} B"
+
+
+def _num(value, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def variant_rows(results: list[dict], gates: dict[str, dict]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        q = r.get("quality") or {}
+        compared = "reference_perplexity" in q
+        increase = q["perplexity"] / q["reference_perplexity"] - 1 if compared else None
+        rows.append([
+            r["variant"], ", ".join(f"`{Path(f).name}`" for f in r["files"]), _mb(r["size_bytes"]),
+            f"{r['bits_per_weight']:.2f}", _num(q.get("perplexity")), _num(q.get("answer_perplexity")),
+            "—" if increase is None else f"{increase:+.2%}", _num(q.get("kl_divergence"), 5),
+            "—" if not compared else f"{q['top1_agreement']:.1%}",
+            f"{r['speed']['prompt_tokens_per_s']:,.0f}", f"{r['speed']['gen_tokens_per_s']:,.1f}",
+            _gate_words(gates.get(r["variant"])),
+        ])
+    return rows
+
+
+def _gate_words(gate: dict | None) -> str:
+    if not gate:
+        return ""
+    words = {"max_ppl_increase": "ppl ≤ +{:.1%}", "max_kl": "KL ≤ {}", "min_top1": "top-1 ≥ {:.0%}"}
+    return ", ".join(words[k].format(v) for k, v in gate.items() if v is not None)
+
+
+def loss_curve_png(log: list[dict], title: str) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    train = [(r["step"], r["train_loss"]) for r in log if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="training loss", color="#3b6fb6", linewidth=1.4)
+    if val:
+        ax.plot(*zip(*val), label="validation loss", color="#d1495b", marker="o", linewidth=1.4)
+    ax.set(xlabel="step", ylabel="loss (nats per answer token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# ---- the page ----
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """Where one model's results are; the graph fills this in."""
+
+    name: str
+    root: Path  # cache/<model>
+    variants: list[str]  # in the order the table lists them
+    train_log: Path | None
+    text_source: str | None
+    gates: dict[str, dict]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BuildError(f"{path} is missing: run `doit` to build and measure, then `doit report`") from None
+
+
+def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
+    results = [_read_json(model.root / "eval" / f"{v}.json") for v in model.variants]
+    by_variant = {r["variant"]: r for r in results}
+    speed = results[0]["speed"]
+    blocks: list[Block] = [Heading(2, model.name), Heading(3, "Quality and speed of every GGUF")]
+    quality = next((r["quality"] for r in results if r["quality"]), None)
+    if quality:
+        blocks.append(Text(
+            f"Held-out text: {model.text_source}: {quality.get('documents', 1)} documents, {quality['tokens']} tokens, "
+            f"windows of at most {quality['context']} tokens, {quality['scored']} tokens scored"
+            + (f" ({quality['answer_tokens']} of them answers)" if quality.get("answer_tokens") else "")
+            + ". KL divergence and top-1 agreement are against the reference GGUF on the same tokens "
+              "(llama.cpp's `--kl-divergence` measure)."))
+    else:
+        blocks.append(Text("No held-out text (set `[models.eval] text`): size and speed only."))
+    blocks.append(Text(
+        f"Speed: llama.cpp through llama-cpp-python {results[0]['versions'].get('llama-cpp-python', '?')}, "
+        f"{speed['threads']} threads, prompt processing of {speed['prompt_tokens']} tokens and generation of "
+        f"{speed['gen_tokens']} tokens, median of {speed['runs']} runs."))
+    blocks.append(Table(["variant", "GGUF", "size", "bits/weight", "perplexity", "answer ppl", "Δ ppl",
+                         "KL", "top-1", "prompt t/s", "gen t/s", "gate"], variant_rows(results, model.gates)))
+
+    base, tuned = by_variant.get("base"), next((r for r in results if r["variant"] not in ("base", "lora")), None)
+    if base and tuned and base.get("quality") and tuned.get("quality"):
+        rows = [["perplexity", _num(base["quality"]["perplexity"]), _num(tuned["quality"]["perplexity"])]]
+        if base["quality"].get("answer_perplexity"):
+            rows.append(["answer perplexity", _num(base["quality"]["answer_perplexity"]),
+                         _num(tuned["quality"]["answer_perplexity"])])
+        log = _train_log(model.train_log)
+        val = [r["val_loss"] for r in log if "val_loss" in r]
+        if len(val) >= 2:
+            rows.append(["validation loss (train stage, PyTorch)", _num(val[0]), _num(val[-1])])
+        blocks += [Heading(3, "Fine-tune: before and after"),
+                   Text(f"The base model's GGUF before fine-tuning against the merged {tuned['variant']} GGUF, "
+                        "on the same held-out text."),
+                   Table(["", "before (base)", f"after (merged {tuned['variant']})"], rows)]
+        if log:
+            name = f"{model.name}.loss.png"
+            images[name] = loss_curve_png(log, f"{model.name}: LoRA fine-tune")
+            steps = [r for r in log if "train_loss" in r]
+            blocks += [Image(name, f"{model.name} training and validation loss"),
+                       Text(f"{len(steps)} steps; median {_median([r['tokens_per_s'] for r in steps]):,.0f} "
+                            f"tokens/s; peak memory {max(r['peak_memory_mb'] for r in steps):,.0f} MB.")]
+
+    manifest = _read_json(model.root / "manifest.json")
+    listed = [a for a in manifest["artifacts"] if "/oci/blobs/" not in a["path"]]
+    blocks += [Heading(3, "Artifacts"),
+               Text(f"From `{model.name}/manifest.json` and `{model.name}/SHA256SUMS`, which also list the OCI "
+                    f"blobs (each named by its sha256); `doit verify` re-hashes them all."),
+               Table(["file", "size", "sha256"], [[f"`{a['path']}`", _mb(a["size"]), f"`{a['sha256']}`"] for a in listed])]
+    return blocks
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values) if values else 0.0
+
+
+def _train_log(path: Path | None) -> list[dict]:
+    if not path or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def build_blocks(nodes: list[Node], records: dict[str, dict]) -> list[Block]:
+    last = max((r["build"] for r in records.values()), default=None)
+    ran = {task for task, r in records.items() if r["build"] == last}
+    rows = []
+    for node in nodes:
+        record = records.get(node.task)
+        rows.append([f"`{node.task}`", "ran" if node.task in ran else "up to date",
+                     f"{record['wall_s']:,.1f} s" if record else "—",
+                     f"{record['peak_rss_mb']:,.0f} MB" if record else "—",
+                     record["finished"].replace("T", " ").replace("+00:00", " UTC") if record else "never"])
+    peak_of = {r.get("peak_of") for r in records.values()}
+    return [Heading(2, "Build"),
+            Text(f"The last build started {last.replace('T', ' ').replace('+00:00', ' UTC') if last else 'never'}; "
+                 f"{len(ran)} of {len(nodes)} tasks ran in it, the others were up to date. Wall time and peak "
+                 f"memory are each task's last run" + ("" if peak_of <= {"task"} else
+                                                       " (peak memory: of the whole doit process)") + "."),
+            Table(["task", "last build", "wall time", "peak memory", "last rebuilt"], rows),
+            Heading(3, "Task graph"),
+            Text("Generated from the doit graph (an arrow: reads the output of, or waits for). "
+                 "Green: ran in the last build; grey: up to date."),
+            Mermaid(mermaid(nodes, ran))]
+
+
+def run(models: list[ModelInputs], nodes: list[Node], spec_name: str, cache: Path, out_dir: Path) -> None:
+    images: dict[str, bytes] = {}
+    blocks: list[Block] = [Heading(1, f"modelmake report: {spec_name}"),
+                           Text(f"Built by modelmake {__version__}. Rebuild this page alone with `doit report` "
+                                "(or `doit -a report` when nothing changed).")]
+    for model in models:
+        blocks += model_blocks(model, images)
+    blocks += build_blocks(nodes, runlog.read_records(cache))
+    with atomic_file(out_dir / "REPORT.md") as tmp:
+        tmp.write_text(to_markdown(blocks), encoding="utf-8")
+    for name, data in images.items():
+        with atomic_file(out_dir / name) as tmp:
+            tmp.write_bytes(data)
+    with atomic_file(out_dir / "report.html") as tmp:
+        tmp.write_text(to_html(blocks, images, f"modelmake report: {spec_name}"), encoding="utf-8")
+    print(f"{out_dir / 'REPORT.md'}, {out_dir / 'report.html'}")
