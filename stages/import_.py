@@ -12,11 +12,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import arch
+from . import arch, ggufheader
 from .atomic import atomic_dir
 from .errors import BuildError
 from .hashing import tree_files, write_index
 from .spec import BaseRef
+from .tokenizer import restore_pretokenizer
 
 HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -45,6 +46,7 @@ def _from_gguf(path: Path, out: Path) -> None:
 
     check_gguf(path)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    restore_pretokenizer(tokenizer, ggufheader.read(path).scalars.get("tokenizer.ggml.pre"))
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
     # The weights are already dequantized; without these the model refuses to be saved.
     del model.config.quantization_config

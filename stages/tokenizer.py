@@ -36,6 +36,18 @@ PRETOKENIZERS: dict[str, str] = {
 }
 
 
+def restore_pretokenizer(tokenizer, gguf_pre: str | None) -> None:
+    """transformers rebuilds a GGUF's BPE tokenizer with a plain byte-level pre-tokenizer. Where the
+    GGUF names one that splits differently, put back the one its model was trained with, so the
+    train stage sees the tokens llama.cpp will feed the model (SmolLM2: "\\n\\n4" is two tokens, not three)."""
+    from tokenizers import pre_tokenizers
+
+    if gguf_pre == "smollm":  # digits one by one, then GPT-2's split: SmolLM's own tokenizer.json
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+
+
 def pretokenizer_name(tokenizer, where: str) -> str:
     digest = sha256(str(tokenizer.encode(PRETOKENIZER_PROBE)).encode()).hexdigest()
     if digest not in PRETOKENIZERS:
