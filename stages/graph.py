@@ -26,7 +26,7 @@ from .manifest import Producer
 from .spec import AdapterSpec, ModelSpec, Spec
 
 # Bump a stage's revision when its code changes the bytes it writes.
-STAGE_REVISIONS = {"import": 1, "train": 1, "adapter": 1, "merge": 2, "convert": 1, "quantize": 1, "eval": 1,
+STAGE_REVISIONS = {"import": 2, "train": 1, "adapter": 1, "merge": 2, "convert": 1, "quantize": 1, "eval": 1,
                    "package": 1, "manifest": 1}
 STAGE_TOOLS = {
     "import": ("transformers", "gguf", "safetensors", "torch", "huggingface-hub"),
