@@ -367,10 +367,10 @@ def _field_names_at(loc: tuple) -> list[str]:
     """The user-facing field names of the model class that `loc` points into."""
     model: type[BaseModel] = Spec
     for part in loc:
-        if isinstance(part, int):
+        if part not in model.model_fields:  # a list index or a dict key
             continue
         annotation = model.model_fields[part].annotation
-        inner = getattr(annotation, "__args__", (annotation,))[0]
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
-            model = inner
+        for inner in getattr(annotation, "__args__", (annotation,)):  # list[X], dict[str, X], X | None
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                model = inner
     return [name for name in model.model_fields if name != "source"]
