@@ -2,7 +2,7 @@
 
     cache/report/REPORT.md      the page, for a repository or a terminal
     cache/report/report.html    the same, self-contained (images inline), for a browser offline
-    cache/report/<model>.loss.png
+    cache/report/<model>.loss.png, graph.png (the task graph drawn, for the HTML page)
 
 Per model: a table of GGUF variants × (size, bits per weight, perplexity, KL and top-1 against
 the reference, speed); the fine-tune before and after; the training loss curve; every artifact
@@ -54,6 +54,7 @@ class Image:
 @dataclass(frozen=True)
 class Mermaid:
     source: str
+    picture: str | None = None  # the same graph drawn as a PNG beside the report, shown by the HTML page
 
 
 Block = Heading | Text | Table | Image | Mermaid
@@ -108,7 +109,11 @@ def to_html(blocks: list[Block], images: dict[str, bytes], title: str) -> str:
             data = base64.b64encode(images[block.file]).decode("ascii")
             out.append(f"<img alt=\"{html.escape(block.alt)}\" src=\"data:image/png;base64,{data}\">")
         else:
-            out.append("<details open><summary>Mermaid source (renders on GitHub, GitLab, mermaid.live)</summary>"
+            if block.picture:
+                data = base64.b64encode(images[block.picture]).decode("ascii")
+                out.append("<div style=\"overflow-x:auto\"><img style=\"max-width:none\" alt=\"task graph\" "
+                           f"src=\"data:image/png;base64,{data}\"></div>")
+            out.append("<details><summary>Mermaid source (renders on GitHub, GitLab, mermaid.live)</summary>"
                        f"<pre class=\"mermaid\">{html.escape(block.source)}</pre></details>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
@@ -159,6 +164,52 @@ def mermaid(nodes: list[Node], ran: set[str]) -> str:
         if members:
             lines.append(f"  class {','.join(ids[n.task] for n in members)} {css}")
     return "\n".join(lines)
+
+
+def graph_png(nodes: list[Node], ran: set[str]) -> bytes:
+    """The same graph as a picture, for the HTML page offline: a column per step of the longest path
+    to each task, a box per task, green where it ran in the last build."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    needs = {n.task: n.needs for n in nodes}
+    depth: dict[str, int] = {}
+
+    def column(task: str) -> int:
+        if task not in depth:
+            depth[task] = 1 + max((column(n) for n in needs[task] if n in needs), default=-1)
+        return depth[task]
+
+    columns: dict[int, list[str]] = {}
+    for node in nodes:
+        columns.setdefault(column(node.task), []).append(node.task)
+    place = {task: (x * 2.4, -(row - (len(tasks) - 1) / 2) * 0.62)
+             for x, tasks in columns.items() for row, task in enumerate(tasks)}
+    tallest = max(len(tasks) for tasks in columns.values())
+    fig, ax = plt.subplots(figsize=(2.4 * len(columns) + 0.4, 0.62 * tallest + 0.6), dpi=100)
+    for node in nodes:
+        for need in node.needs:
+            if need in place:
+                ax.annotate("", xy=place[node.task], xytext=place[need],
+                            arrowprops={"arrowstyle": "-|>", "color": "#8b949e", "lw": 0.8,
+                                        "shrinkA": 40, "shrinkB": 40})
+    for task, (x, y) in place.items():
+        stage, _, name = task.partition(":")
+        fill, edge = ("#c8e6c0", "#2f7a21") if task in ran else ("#eef0f3", "#8b949e")
+        ax.text(x, y, f"{stage}\n{name}", ha="center", va="center", fontsize=7,
+                bbox={"boxstyle": "round,pad=0.35", "facecolor": fill, "edgecolor": edge})
+    ax.set_xlim(-1.2, 2.4 * (len(columns) - 1) + 1.2)
+    ax.set_ylim(-0.31 * tallest - 0.3, 0.31 * tallest + 0.3)
+    ax.axis("off")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 # ---- numbers into words ----
@@ -309,9 +360,10 @@ def _train_log(path: Path | None) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def build_blocks(nodes: list[Node], records: dict[str, dict]) -> list[Block]:
+def build_blocks(nodes: list[Node], records: dict[str, dict], images: dict[str, bytes]) -> list[Block]:
     last = max((r["build"] for r in records.values()), default=None)
     ran = {task for task, r in records.items() if r["build"] == last}
+    images["graph.png"] = graph_png(nodes, ran)
     rows = []
     for node in nodes:
         record = records.get(node.task)
@@ -329,7 +381,7 @@ def build_blocks(nodes: list[Node], records: dict[str, dict]) -> list[Block]:
             Heading(3, "Task graph"),
             Text("Generated from the doit graph (an arrow: reads the output of, or waits for). "
                  "Green: ran in the last build; grey: up to date."),
-            Mermaid(mermaid(nodes, ran))]
+            Mermaid(mermaid(nodes, ran), "graph.png")]
 
 
 def run(models: list[ModelInputs], nodes: list[Node], spec_name: str, cache: Path, out_dir: Path) -> None:
@@ -339,7 +391,7 @@ def run(models: list[ModelInputs], nodes: list[Node], spec_name: str, cache: Pat
                                 "(or `doit -a report` when nothing changed).")]
     for model in models:
         blocks += model_blocks(model, images)
-    blocks += build_blocks(nodes, runlog.read_records(cache))
+    blocks += build_blocks(nodes, runlog.read_records(cache), images)
     with atomic_file(out_dir / "REPORT.md") as tmp:
         tmp.write_text(to_markdown(blocks), encoding="utf-8")
     for name, data in images.items():

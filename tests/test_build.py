@@ -55,8 +55,9 @@ def build(tmp_path_factory, tiny_llama):
 def test_first_build_runs_every_stage(build):
     assert build["first"].ran == [
         "import:smollm2", "convert:smollm2", "convert:tiny", "quantize:smollm2-Q4_K_M", "quantize:smollm2-Q8_0",
-        "quantize:tiny-Q8_0", "package:smollm2-Q4_K_M", "package:smollm2-Q8_0", "package:tiny-Q8_0",
-        "manifest:smollm2", "manifest:tiny",
+        "quantize:tiny-Q8_0", "eval:smollm2-F16", "eval:smollm2-Q4_K_M", "eval:smollm2-Q8_0", "eval:tiny-F16",
+        "eval:tiny-Q8_0", "package:smollm2-Q4_K_M", "package:smollm2-Q8_0", "package:tiny-Q8_0",
+        "manifest:smollm2", "manifest:tiny", "report",
     ]
     assert [p for p in leftovers(build["folder"] / "cache") if "/package/" not in p] == sorted(
         str(build["folder"] / "cache" / p) for p in (
@@ -153,7 +154,8 @@ def test_rebuilds_exactly_what_changed(build):
     assert doit(spec).ran == [], "touching a file without changing its bytes rebuilds nothing"
 
     spec.write_text(SPEC.replace('quantize = ["Q4_K_M", "Q8_0"]', 'quantize = ["Q4_K_M", "Q8_0", "Q6_K"]'))
-    assert doit(spec).ran == ["quantize:smollm2-Q6_K", "package:smollm2-Q6_K", "manifest:smollm2"]
+    assert doit(spec).ran == ["quantize:smollm2-Q6_K", "eval:smollm2-Q6_K", "package:smollm2-Q6_K",
+                              "manifest:smollm2", "report"]
 
     damaged = cache / "smollm2/gguf/smollm2.Q4_K_M.gguf"
     with open(damaged, "r+b") as f:
@@ -162,8 +164,8 @@ def test_rebuilds_exactly_what_changed(build):
         f.seek(-1, os.SEEK_END)
         f.write(bytes([last[0] ^ 0xFF]))
     # The package's GGUF is a hard link to the same bytes, so it was damaged too and is rebuilt as well.
-    assert doit(spec).ran == ["quantize:smollm2-Q4_K_M", "package:smollm2-Q4_K_M"], \
-        "a damaged output is rebuilt, to the same bytes"
+    assert doit(spec).ran == ["quantize:smollm2-Q4_K_M", "package:smollm2-Q4_K_M", "report"], \
+        "a damaged output is rebuilt, to the same bytes; its measurement stands"
 
     from gguf import GGUFReader
 
@@ -172,8 +174,9 @@ def test_rebuilds_exactly_what_changed(build):
         f.seek(int(norm.data_offset))
         f.write(np.float32(float(norm.data[0]) + 0.5).tobytes())
     assert doit(spec).ran == ["import:smollm2", "convert:smollm2", "quantize:smollm2-Q4_K_M",
-                              "quantize:smollm2-Q8_0", "quantize:smollm2-Q6_K", "package:smollm2-Q4_K_M",
-                              "package:smollm2-Q8_0", "package:smollm2-Q6_K", "manifest:smollm2"]
+                              "quantize:smollm2-Q8_0", "quantize:smollm2-Q6_K", "eval:smollm2-F16",
+                              "eval:smollm2-Q4_K_M", "eval:smollm2-Q8_0", "eval:smollm2-Q6_K", "package:smollm2-Q4_K_M",
+                              "package:smollm2-Q8_0", "package:smollm2-Q6_K", "manifest:smollm2", "report"]
 
 
 def test_truncated_gguf_base_fails_cleanly(tmp_path):
@@ -206,18 +209,19 @@ def test_unsupported_gguf_architecture_is_refused_before_import(tmp_path):
 def test_parallel_build_clean_and_forget(tmp_path, tiny_llama):
     shutil.copytree(tiny_llama, tmp_path / "tiny")
     spec = write_spec(tmp_path, '[[models]]\nname = "tiny"\nbase = "tiny"\nquantize = ["Q8_0", "Q4_0"]\n')
-    assert sorted(doit(spec, "-n", "2").ran) == ["convert:tiny", "manifest:tiny", "package:tiny-Q4_0",
-                                                 "package:tiny-Q8_0", "quantize:tiny-Q4_0", "quantize:tiny-Q8_0"]
+    assert sorted(doit(spec, "-n", "2").ran) == [
+        "convert:tiny", "eval:tiny-F16", "eval:tiny-Q4_0", "eval:tiny-Q8_0", "manifest:tiny", "package:tiny-Q4_0",
+        "package:tiny-Q8_0", "quantize:tiny-Q4_0", "quantize:tiny-Q8_0", "report"]
     ggufs = sorted((tmp_path / "cache/tiny/gguf").glob("*.gguf"))
     assert [p.name for p in ggufs] == ["tiny.F16.gguf", "tiny.Q4_0.gguf", "tiny.Q8_0.gguf"]
 
     doit(spec, command="clean")
     assert list((tmp_path / "cache/tiny/gguf").glob("*.gguf")) == []
     assert (tmp_path / "tiny/model.safetensors").exists(), "clean never touches the user's base"
-    assert len(doit(spec).ran) == 6
+    assert len(doit(spec).ran) == 10
 
     doit(spec, "quantize:tiny-Q8_0", command="forget")
-    assert doit(spec).ran == ["quantize:tiny-Q8_0"]
+    assert doit(spec).ran == ["quantize:tiny-Q8_0", "report"]
 
 
 def test_default_spec_fine_tunes_and_every_route_carries_it(default_build):
@@ -230,8 +234,10 @@ def test_default_spec_fine_tunes_and_every_route_carries_it(default_build):
     assert default_build["ran"] == [
         "import:smollm2-demo", "train:smollm2-demo", "adapter:smollm2-demo", "merge:smollm2-demo",
         "convert:smollm2-demo", "convert:smollm2-demo-merged", "quantize:smollm2-demo-merged-Q4_K_M",
-        "quantize:smollm2-demo-merged-Q8_0", "package:smollm2-demo-Q4_K_M", "package:smollm2-demo-Q8_0",
-        "package:smollm2-demo-lora", "manifest:smollm2-demo"]
+        "quantize:smollm2-demo-merged-Q8_0", "eval:smollm2-demo.heldout", "eval:smollm2-demo-F16",
+        "eval:smollm2-demo-Q4_K_M", "eval:smollm2-demo-Q8_0", "eval:smollm2-demo-base", "eval:smollm2-demo-lora",
+        "package:smollm2-demo-Q4_K_M", "package:smollm2-demo-Q8_0", "package:smollm2-demo-lora",
+        "manifest:smollm2-demo", "report"]
     gguf_dir = tmp_path / "cache/smollm2-demo/gguf"
     question = [{"role": "user", "content": "What is the capital of Peru?"}]
 

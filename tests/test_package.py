@@ -225,7 +225,7 @@ def test_a_package_rebuilt_from_scratch_is_byte_identical(default_build):
     tar = folder / "smollm2-demo-Q4_K_M.oci.tar"
     before = (_sha256(tar), _manifest_of(folder / "oci")[0], (folder / "SHA256SUMS").read_bytes())
     shutil.rmtree(folder)
-    assert doit(default_build["spec"]).ran == ["package:smollm2-demo-Q4_K_M"]
+    assert doit(default_build["spec"]).ran == ["package:smollm2-demo-Q4_K_M", "report"]
     assert (_sha256(tar), _manifest_of(folder / "oci")[0], (folder / "SHA256SUMS").read_bytes()) == before
     assert "smollm2-demo: " in doit(default_build["spec"], "verify").output
 
@@ -319,7 +319,7 @@ def test_verify_names_a_changed_artifact_and_a_build_repairs_it(tiny_workspace):
     modelfile_path.write_text(modelfile_path.read_text().replace("Be brief.", "Be long."))
     failed = doit(spec, "verify", check=False)
     assert failed.returncode != 0 and "package/Q8_0/Modelfile: bytes differ" in failed.output
-    assert doit(spec).ran == ["package:tiny-Q8_0"]
+    assert doit(spec).ran == ["package:tiny-Q8_0", "report"]
     doit(spec, "verify")
 
 

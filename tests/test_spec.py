@@ -87,7 +87,8 @@ def test_doit_list_reads_like_the_lifecycle(tmp_path):
     path = write_spec(tmp_path, f'[[models]]\nname = "demo"\nbase = "{SMOLLM_GGUF}"\nquantize = ["Q4_K_M", "Q8_0"]\n')
     listed = [line.split()[0] for line in doit(path, command="list").output.splitlines()]
     assert listed == ["import", "import:demo", "convert", "convert:demo", "quantize", "quantize:demo-Q4_K_M",
-                      "quantize:demo-Q8_0", "package", "package:demo-Q4_K_M", "package:demo-Q8_0", "manifest",
-                      "manifest:demo", "push", "push:no-registry", "verify", "verify:demo", "pull"]
+                      "quantize:demo-Q8_0", "eval", "eval:demo-F16", "eval:demo-Q4_K_M", "eval:demo-Q8_0",
+                      "package", "package:demo-Q4_K_M", "package:demo-Q8_0", "manifest", "manifest:demo", "report",
+                      "push", "push:no-registry", "verify", "verify:demo", "pull"]
     info = doit(path, "convert:demo", command="info", check=False).output  # exits 1: not built yet
     assert "demo.F16.gguf" in info and "files.b3" in info
