@@ -29,7 +29,7 @@ def chromium(tmp_path, *args: str) -> str:
 
 
 def render_mermaid(tmp_path, source: str) -> str:
-    """The DOM after Mermaid parsed and rendered `source`: an <svg>, or 'MERMAID ERROR: …'."""
+    """What Mermaid left in the page after parsing and rendering `source`: an <svg>, or 'MERMAID ERROR: …'."""
     assert MERMAID_JS.is_file(), "Mermaid is needed: npm ci --prefix tests/js (see README, Tests)"
     page = tmp_path / "mermaid.html"
     page.write_text(f"""<!doctype html><html><body><div id="out"></div>
@@ -42,7 +42,8 @@ mermaid.parse(source)
   .then(({{svg}}) => {{ document.getElementById("out").innerHTML = svg; }})
   .catch((e) => {{ document.getElementById("out").textContent = "MERMAID ERROR: " + e.message; }});
 </script></body></html>""")
-    return chromium(tmp_path, "--virtual-time-budget=20000", "--dump-dom", page.as_uri())
+    dom = chromium(tmp_path, "--virtual-time-budget=20000", "--dump-dom", page.as_uri())
+    return re.search(r'<div id="out">(.*?)</div>\s*<script', dom, re.S).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +90,14 @@ def test_mermaid_flowchart_is_the_doit_graph_and_renders_with_mermaid(built, tmp
         assert edge in edges
     assert ("import:smollm2-demo", "manifest:smollm2-demo") not in edges, "edges implied by a path are left out"
 
-    dom = render_mermaid(tmp_path, source)
-    assert "MERMAID ERROR" not in dom and "<svg" in dom
+    rendered = render_mermaid(tmp_path, source)
+    assert rendered.startswith("<svg") and 'aria-roledescription="flowchart-v2"' in rendered
     for label in labels.values():
-        assert html.escape(label) in dom
+        assert html.escape(label) in rendered
+    marked = re.findall(r'class="node default (ran|uptodate)"', rendered)
+    assert len(marked) == len(labels), "every task is a node, marked as ran or up to date"
     broken = render_mermaid(tmp_path, source.replace("-->", "-->>", 1))  # the check can fail
-    assert "MERMAID ERROR" in broken
+    assert broken.startswith("MERMAID ERROR")
 
 
 def test_html_report_is_self_contained_and_shows_its_tables(built, tmp_path):
