@@ -45,10 +45,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("LlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
         Architecture("MistralForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
         Architecture("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+        # Qwen2's layout without QKV biases, with RMS norms on q and k per head, and a head_dim of its own.
+        Architecture("Qwen3ForCausalLM", gguf.MODEL_ARCH.QWEN3, permute_qk=False),
     )
 }
 
-GGUF_ARCH_NAMES = sorted({a.gguf_name for a in ARCHITECTURES.values()})
+# What the import stage reads back from a GGUF base (transformers' GGUF loader), as tested.
+GGUF_ARCH_NAMES = ["llama", "qwen2"]
 
 
 def from_hf_config(config: dict, where: str) -> Architecture:

@@ -21,6 +21,11 @@ def tiny_qwen2(tmp_path_factory, smollm_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory, smollm_tokenizer):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3", smollm_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def registry(tmp_path_factory):
     from helpers import Registry
 

@@ -57,22 +57,28 @@ def save_smollm_tokenizer(folder: Path) -> None:
 
 
 def make_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A tiny random llama or qwen2 (fixed seed) with the SmolLM2 tokenizer, saved as safetensors."""
+    """A tiny random llama, qwen2 or qwen3 (fixed seed) with the SmolLM2 tokenizer, saved as safetensors.
+    The qwen3 one has a head_dim (32) other than hidden_size / heads (16), as Qwen3 models do."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
     config = config_cls(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        **({"head_dim": 32} if arch == "qwen3" else {}),
     )
     torch.manual_seed(seed)
     model = model_cls(config)
-    with torch.no_grad():  # random biases, so a dropped or misplaced bias shows
+    with torch.no_grad():  # random biases and norm weights, so a dropped or misplaced one shows
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0, 0.1)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.normal_(1, 0.2)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():

@@ -14,7 +14,7 @@ from stages.errors import BuildError
 
 # transformers forces Qwen's own pre-tokenizer onto any qwen2 model, so the tiny qwen2 (which
 # borrows SmolLM2's vocabulary) has a tokenizer llama.cpp does not know: it needs the override.
-PRETOKENIZER = {"llama": {}, "qwen2": {"pretokenizer": "smollm"}}
+PRETOKENIZER = {"llama": {}, "qwen2": {"pretokenizer": "smollm"}, "qwen3": {"pretokenizer": "smollm"}}
 PROMPT = "The quick brown fox jumps over the lazy dog. 1234 + 5678 = ?"
 
 
@@ -46,7 +46,7 @@ def prompt_ids(model_dir):
     return AutoTokenizer.from_pretrained(model_dir).encode(PROMPT)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_f32_gguf_holds_the_source_tensors(arch, request, tmp_path):
     model_dir = request.getfixturevalue(f"tiny_{arch}")
     out = tmp_path / "m.gguf"
@@ -83,6 +83,8 @@ def test_f32_gguf_holds_the_source_tensors(arch, request, tmp_path):
         }
         if arch == "qwen2":
             expected |= {f"blk.{i}.attn_{x}.bias": source[p + f"self_attn.{x}_proj.bias"] for x in "qkv"}
+        if arch == "qwen3":
+            expected |= {f"blk.{i}.attn_{x}_norm.weight": source[p + f"self_attn.{x}_norm.weight"] for x in "qk"}
     assert sorted(written) == sorted(expected)
     for name, values in expected.items():
         np.testing.assert_array_equal(written[name].reshape(values.shape), values, err_msg=name)
@@ -91,10 +93,13 @@ def test_f32_gguf_holds_the_source_tensors(arch, request, tmp_path):
     assert fields["general.architecture"] == arch
     assert fields[f"{arch}.block_count"] == 2 and fields[f"{arch}.attention.head_count_kv"] == 2
     assert fields[f"{arch}.context_length"] == 256
+    if arch == "qwen3":  # head_dim 32, not hidden_size / heads = 16
+        assert fields["qwen3.attention.key_length"] == fields["qwen3.attention.value_length"] == 32
 
 
 @pytest.mark.parametrize("arch, outtype, tolerance", [
-    ("llama", "f32", 1e-3), ("qwen2", "f32", 1e-3), ("llama", "f16", 5e-3), ("llama", "bf16", 3e-2),
+    ("llama", "f32", 1e-3), ("qwen2", "f32", 1e-3), ("qwen3", "f32", 1e-3), ("llama", "f16", 5e-3),
+    ("llama", "bf16", 3e-2),
     ("llama", "q8_0", 3e-2),
 ])
 def test_llama_cpp_logits_match_transformers(arch, outtype, tolerance, request, tmp_path):

@@ -21,8 +21,8 @@ def peft_model(base_dir, adapter_dir):
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir)
 
 
-@pytest.fixture(scope="module", params=[("llama", False), ("qwen2", False), ("llama", True)],
-                ids=["llama", "qwen2", "llama-rslora"])
+@pytest.fixture(scope="module", params=[("llama", False), ("qwen2", False), ("qwen3", False), ("llama", True)],
+                ids=["llama", "qwen2", "qwen3", "llama-rslora"])
 def adapted(request, tmp_path_factory):
     arch, rslora = request.param
     base = request.getfixturevalue(f"tiny_{arch}")
@@ -94,7 +94,9 @@ def test_gguf_lora_metadata(adapted, tmp_path):
     assert fields["general.architecture"] == adapted["arch"]
     assert fields["adapter.lora.alpha"] == pytest.approx(expected_alpha)
     shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}  # GGUF order: ne0 first
-    assert shapes["blk.0.attn_q.weight.lora_a"] == (64, 4) and shapes["blk.0.attn_q.weight.lora_b"] == (4, 64)
+    base = json.loads((adapted["base"] / "config.json").read_text())
+    q_rows = base["num_attention_heads"] * (base.get("head_dim") or base["hidden_size"] // base["num_attention_heads"])
+    assert shapes["blk.0.attn_q.weight.lora_a"] == (64, 4) and shapes["blk.0.attn_q.weight.lora_b"] == (4, q_rows)
     assert shapes["blk.1.ffn_down.weight.lora_a"] == (128, 4) and shapes["blk.1.ffn_down.weight.lora_b"] == (4, 64)
     assert len(shapes) == 2 * 7 * 2
 
