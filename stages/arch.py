@@ -61,7 +61,9 @@ def from_hf_config(config: dict, where: str) -> Architecture:
             return ARCHITECTURES[name]
     raise BuildError(
         f"{where}: architecture {', '.join(names) or '(none given)'} is not supported yet; "
-        f"modelmake converts {', '.join(ARCHITECTURES)}."
+        f"modelmake converts {', '.join(ARCHITECTURES)}. For another, name an external converter in the "
+        "model's table: [models.convert] command = [\"python3\", \"llama.cpp/convert_hf_to_gguf.py\", "
+        "\"{model_dir}\", \"--outfile\", \"{out}\", \"--outtype\", \"{outtype}\"]"
     )
 
 

@@ -1,12 +1,14 @@
 """convert: a Hugging Face safetensors model → one GGUF file, as llama.cpp's converter writes it.
 
 Tensors stream one at a time from the safetensors shards (memory-mapped) into the GGUF,
-so peak memory is about one tensor, never the model twice.
+so peak memory is about one tensor, never the model twice. For an architecture modelmake
+does not convert, `run_external` runs the converter the spec names instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import arch as arches
-from . import hf, tokenizer
+from . import ggufheader, hf, tokenizer
 from .atomic import atomic_file
 from .errors import BuildError
 
@@ -144,3 +146,24 @@ def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: 
             for plan in tqdm(plans, desc=f"convert {name}", unit="tensor", leave=False):
                 writer.write_tensor_data(_tensor_bytes(plan, handles[plan.hf_name]))
             writer.close()
+
+
+def run_external(command: list[str], model_dir: Path, out_path: Path, outtype: str, cwd: Path) -> None:
+    """Run the spec's converter (llama.cpp's convert_hf_to_gguf.py, say) into a temporary file, check
+    that what it wrote is a GGUF, then rename it into place like any other output."""
+    with atomic_file(out_path) as tmp:
+        argv = [arg.format(model_dir=model_dir, out=tmp, outtype=outtype) for arg in command]
+        try:
+            proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+        except OSError as err:
+            raise BuildError(f"the external converter {argv[0]!r} cannot be started ({err.strerror}); "
+                             "check [models.convert] command") from None
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+            raise BuildError(f"the external converter failed (exit {proc.returncode}) on {model_dir}: {tail}")
+        if not tmp.is_file():
+            raise BuildError(f"the external converter exited 0 but wrote nothing to {{out}}; check [models.convert] "
+                             f"command (it ran: {' '.join(argv)})")
+        header = ggufheader.read(tmp)
+        print(f"{out_path.name}: {header.scalars.get('general.architecture', '?')}, {header.elements:,} weights, "
+              f"by {' '.join(command[:2])}")

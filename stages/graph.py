@@ -195,10 +195,18 @@ def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
     if paths.adapter:
         sources.append((release, paths.merged, [paths.merged / INDEX]))
     for stem, folder, folder_files in sources:
+        out = paths.gguf(stem, model.outtype.upper())
+        if model.convert:  # the spec's own converter; its script is an input like the weights
+            spec_dir = spec.source.parent if spec.source else Path.cwd()
+            add("convert", stem, f"Hugging Face → GGUF {model.outtype} (external converter)",
+                convert.run_external, {"command": model.convert.command, "model_dir": folder, "out_path": out,
+                                       "outtype": model.outtype, "cwd": spec_dir},
+                {"command": model.convert.command, "outtype": model.outtype},
+                folder_files + model.convert.input_files(spec_dir), [out], [out])
+            continue
         add("convert", stem, f"Hugging Face → GGUF {model.outtype}", convert.run,
-            {"model_dir": folder, "out_path": paths.gguf(stem, model.outtype.upper()), "name": stem, **convert_params},
-            convert_params | {"name": stem}, folder_files, [paths.gguf(stem, model.outtype.upper())],
-            [paths.gguf(stem, model.outtype.upper())])
+            {"model_dir": folder, "out_path": out, "name": stem, **convert_params},
+            convert_params | {"name": stem}, folder_files, [out], [out])
 
     converted = paths.gguf(release, model.outtype.upper())
     for quant in model.quantize:
@@ -294,8 +302,7 @@ def _eval_tasks(spec: Spec, model: ModelSpec, paths: ModelPaths, release: str, l
     outtype = model.outtype.upper()
     yardstick = evaluate.Subject(paths.gguf(release, outtype))
     subjects = {outtype: (yardstick, None)}
-    subjects |= {quant: (evaluate.Subject(paths.gguf(release, quant)), yardstick)
-                 for quant in model.quantize if quant != outtype}
+    subjects |= {quant: (evaluate.Subject(paths.gguf(release, quant)), yardstick) for quant in model.quantize}
     if lora_gguf:
         base = paths.gguf(model.name, outtype)
         subjects |= {"base": (evaluate.Subject(base), None), "lora": (evaluate.Subject(base, lora_gguf), yardstick)}

@@ -174,6 +174,32 @@ class PublishSpec(Strict):
         return tag
 
 
+class ConvertSpec(Strict):
+    """[models.convert]: the way out for an architecture modelmake does not convert itself."""
+
+    # An external converter, run for each convert task; {model_dir}, {out} and {outtype} are filled in.
+    # An argument that names an existing file (relative to the spec) is an input: editing it rebuilds.
+    command: list[str] = Field(min_length=1)
+
+    @field_validator("command")
+    @classmethod
+    def _writes_out(cls, command: list[str]) -> list[str]:
+        if not any("{out}" in arg for arg in command):
+            raise ValueError("the command must write its GGUF to {out}, e.g. [\"python3\", "
+                             "\"llama.cpp/convert_hf_to_gguf.py\", \"{model_dir}\", \"--outfile\", \"{out}\", "
+                             "\"--outtype\", \"{outtype}\"]")
+        for arg in command:
+            try:
+                arg.format(model_dir="", out="", outtype="")
+            except (KeyError, IndexError, ValueError):
+                raise ValueError(f"{arg!r}: the placeholders are {{model_dir}}, {{out}} and {{outtype}}") from None
+        return command
+
+    def input_files(self, spec_dir: Path) -> list[Path]:
+        return [path for arg in self.command if "{" not in arg
+                and (path := _spec_path(arg, spec_dir)).is_file()]
+
+
 class GateSpec(Strict):
     """What a variant must meet, against its reference GGUF, before it is packaged."""
 
@@ -210,13 +236,21 @@ class ModelSpec(Strict):
     adapter: AdapterSpec | None = None
     package: PackageSpec = Field(default_factory=PackageSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    convert: ConvertSpec | None = None
 
     @property
     def variants(self) -> list[str]:
         """What eval measures: the converted GGUF, every quant type, and with an adapter the base
         before fine-tuning and the adapter route (base + GGUF LoRA)."""
-        return [self.outtype.upper(), *[q for q in self.quantize if q != self.outtype.upper()],
+        return [self.outtype.upper(), *self.quantize,
                 *(["base", "lora"] if self.has_adapter else [])]
+
+    @model_validator(mode="after")
+    def _outtype_is_not_quantized_again(self):
+        if self.outtype.upper() in self.quantize:
+            raise ValueError(f"quantize lists {self.outtype.upper()}, which is the outtype: convert already writes it; "
+                             "drop it from quantize")
+        return self
 
     @model_validator(mode="after")
     def _gates_name_variants(self):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from helpers import doit, leftovers, write_spec
+from helpers import REPO, doit, leftovers, write_spec
 from stages import convert
 from stages.errors import BuildError
 
@@ -161,7 +161,8 @@ def _garbage(model_dir):
 
 @pytest.mark.parametrize("mutate, expected", [
     (_unsupported, "architecture FalconForCausalLM is not supported yet; modelmake converts LlamaForCausalLM, "
-                   "MistralForCausalLM, Qwen2ForCausalLM"),
+                   "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM. For another, name an external converter "
+                   "in the model's table: [models.convert] command = [\"python3\", \"llama.cpp/convert_hf_to_gguf.py\""),
     (_truncated, "not a valid safetensors file, truncated"),
     (_garbage, "not a valid safetensors file, its header is not valid safetensors JSON"),
 ])
@@ -172,3 +173,64 @@ def test_bad_model_fails_cleanly(tiny_llama, tmp_path, mutate, expected):
     assert expected in result.output
     assert "Traceback" not in result.output
     assert leftovers(tmp_path / "cache") == []
+
+
+# Stands in for llama.cpp's convert_hf_to_gguf.py, with its command line: MODEL --outfile OUT --outtype T.
+EXTERNAL_CONVERTER = f"""
+import argparse, sys
+sys.path.insert(0, {str(REPO)!r})
+from stages import convert
+parser = argparse.ArgumentParser()
+parser.add_argument("model")
+parser.add_argument("--outfile", required=True)
+parser.add_argument("--outtype", required=True)
+args = parser.parse_args()
+if args.outtype == "bf16":
+    sys.exit("outtype bf16 is not supported by this converter")
+convert.run(args.model, args.outfile, args.outtype, "tiny")
+"""
+EXTERNAL_SPEC = """
+[[models]]
+name = "tiny"
+base = "model"
+outtype = "{outtype}"
+quantize = ["Q8_0"]
+
+[models.convert]
+command = ["{python}", "converter.py", "{{model_dir}}", "--outfile", "{{out}}", "--outtype", "{{outtype}}"]
+"""
+
+
+def test_external_converter_is_the_convert_stage(tiny_llama, tmp_path):
+    import sys
+
+    shutil.copytree(tiny_llama, tmp_path / "model")
+    script = tmp_path / "converter.py"
+    script.write_text(EXTERNAL_CONVERTER)
+    spec = write_spec(tmp_path, EXTERNAL_SPEC.format(outtype="f16", python=sys.executable))
+    ran = doit(spec).ran
+    assert ran[:3] == ["convert:tiny", "quantize:tiny-Q8_0", "eval:tiny-F16"]
+    out = tmp_path / "cache/tiny/gguf/tiny.F16.gguf"
+    own = tmp_path / "own.gguf"
+    convert.run(tmp_path / "model", own, "f16", "tiny")
+    assert out.read_bytes() == own.read_bytes(), "what the external converter wrote is the convert output"
+    assert "gguf/tiny.F16.gguf" in (tmp_path / "cache/tiny/SHA256SUMS").read_text()
+
+    assert doit(spec).ran == []
+    script.write_text(EXTERNAL_CONVERTER + "# a new version of the converter\n")
+    assert doit(spec).ran[0] == "convert:tiny", "the converter script is an input"
+
+    spec.write_text(EXTERNAL_SPEC.format(outtype="bf16", python=sys.executable))
+    failed = doit(spec, check=False)
+    assert failed.returncode != 0 and "Traceback" not in failed.output
+    assert "the external converter failed (exit 1)" in failed.output
+    assert "outtype bf16 is not supported by this converter" in failed.output
+    assert not [p for p in leftovers(tmp_path / "cache") if ".tmp-" in p], "no half-written GGUF"
+
+
+def test_external_converter_command_must_write_to_out(tiny_llama, tmp_path):
+    shutil.copytree(tiny_llama, tmp_path / "model")
+    spec = write_spec(tmp_path, '[[models]]\nname = "tiny"\nbase = "model"\n\n[models.convert]\n'
+                                'command = ["python3", "convert_hf_to_gguf.py", "{model_dir}"]\n')
+    result = doit(spec, check=False)
+    assert result.returncode != 0 and "convert.command: the command must write its GGUF to {out}" in result.output

@@ -58,6 +58,8 @@ def test_quant_names_are_normalised_and_paths_resolved_from_the_spec_folder(tmp_
      "a validation fraction is at least 0 and below 1"),
     ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.adapter]\nouttype = "f16"\n',
      "[models.adapter] needs a path to a PEFT adapter folder, or a [models.train] table"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\nouttype = "q8_0"\nquantize = ["Q4_K_M", "Q8_0"]\n',
+     "quantize lists Q8_0, which is the outtype: convert already writes it; drop it from quantize"),
 ])
 def test_bad_spec_is_one_clear_sentence(tmp_path, text, expected):
     (tmp_path / "x.gguf").write_bytes(b"")
