@@ -76,12 +76,41 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict, architecture:
     return plans
 
 
+def rope_of(config: dict) -> tuple[str, dict]:
+    """(scaling type, parameters): transformers 5 writes `rope_parameters`, older configs `rope_scaling`."""
+    rope = dict(config.get("rope_scaling") or {}) | dict(config.get("rope_parameters") or {})
+    return rope.get("rope_type") or rope.get("type") or "default", rope
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """Llama 3.1's per-frequency rope factors, as llama.cpp reads them from `rope_freqs.weight`:
+    short wavelengths keep their frequency, long ones are divided by `factor`, and those between
+    are blended by where the wavelength falls between the two bounds."""
+    _, rope = rope_of(config)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    base = float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    context = rope.get("original_max_position_embeddings", 8192)
+    wavelengths = 2 * np.pi * base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    blend = (context / wavelengths - low) / (high - low)
+    factors = np.where(wavelengths < context / high, 1.0,
+                       np.where(wavelengths > context / low, factor, 1 / ((1 - blend) / factor + blend)))
+    return factors.astype(np.float32)
+
+
+ROPE_SCALINGS = ("default", "linear", "llama3")
+
+
 def add_model_metadata(writer: gguf.GGUFWriter, config: dict, name: str, outtype: str) -> None:
     n_head = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise BuildError(f"{name}: rope scaling {rope.get('rope_type') or rope.get('type')!r} is not supported yet")
+    scaling, rope = rope_of(config)
+    if scaling not in ROPE_SCALINGS:
+        raise BuildError(f"{name}: rope scaling {scaling!r} is not supported yet (modelmake writes "
+                         f"{', '.join(ROPE_SCALINGS)}); use an external converter ([models.convert])")
+    if scaling == "linear":  # DeepSeek-Coder: positions divided by `factor`
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_name(name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -137,12 +166,19 @@ def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: 
             writer = gguf.GGUFWriter(tmp, architecture.gguf_name)
             add_model_metadata(writer, config, name, outtype)
             tokenizer.add_to_gguf(writer, model_dir, config["vocab_size"], pretokenizer)
+            # Computed, not read: llama.cpp's converter writes Llama 3.1's rope factors as a tensor, first.
+            extra = {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(config)} \
+                if rope_of(config)[0] == "llama3" else {}
+            for tensor_name, values in extra.items():
+                writer.add_tensor_info(tensor_name, values.shape, values.dtype, values.nbytes)
             for plan in plans:
                 byte_shape = gguf.quants.quant_shape_to_byte_shape(plan.shape, plan.qtype)
                 writer.add_tensor_info(plan.gguf_name, byte_shape, np.dtype(np.uint8), plan.nbytes, raw_dtype=plan.qtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            for values in extra.values():
+                writer.write_tensor_data(values)
             for plan in tqdm(plans, desc=f"convert {name}", unit="tensor", leave=False):
                 writer.write_tensor_data(_tensor_bytes(plan, handles[plan.hf_name]))
             writer.close()

@@ -56,7 +56,7 @@ def save_smollm_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def make_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+def make_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0, **config_overrides) -> Path:
     """A tiny random llama, qwen2 or qwen3 (fixed seed) with the SmolLM2 tokenizer, saved as safetensors.
     The qwen3 one has a head_dim (32) other than hidden_size / heads (16), as Qwen3 models do."""
     import torch
@@ -69,7 +69,7 @@ def make_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0)
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-        **({"head_dim": 32} if arch == "qwen3" else {}),
+        **({"head_dim": 32} if arch == "qwen3" else {}), **config_overrides,
     )
     torch.manual_seed(seed)
     model = model_cls(config)

@@ -117,6 +117,50 @@ def test_llama_cpp_logits_match_transformers(arch, outtype, tolerance, request, 
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
 
 
+ROPE_SCALINGS = {
+    # Llama 3.1's: with original_max_position_embeddings 64 the 8 frequencies of a 16-wide head fall
+    # on all three sides (kept, blended, divided by factor), so a wrong factor shows.
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},  # DeepSeek-Coder's kind
+}
+
+
+@pytest.mark.parametrize("scaling", ["llama3", "linear"])
+def test_rope_scaling_is_written_as_llama_cpp_reads_it(scaling, smollm_tokenizer, tiny_llama, tmp_path):
+    from helpers import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "model", "llama", smollm_tokenizer,
+                                rope_parameters=ROPE_SCALINGS[scaling])
+    out = tmp_path / "m.gguf"
+    convert.run(model_dir, out, "f32", "tiny")
+    ids = prompt_ids(model_dir)
+    expected = transformers_logits(model_dir, ids)
+    got = llama_cpp_logits(out, ids)
+    unscaled = transformers_logits(tiny_llama, ids)  # same seed and weights, no scaling
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 1e-3 * scale
+    print(f"{scaling}: |Δ| / scale {np.abs(got - expected).max() / scale:.1e}, unscaled {np.abs(unscaled - expected).max() / scale:.1e}")
+    assert np.abs(unscaled - expected).max() > 3e-3 * scale, "the scaling changes the logits, so the check bites"
+    fields = {k: f.contents() for k, f in GGUFReader(out).fields.items()}
+    if scaling == "llama3":
+        factors = np.array(next(t for t in GGUFReader(out).tensors if t.name == "rope_freqs.weight").data)
+        assert factors[0] == 1.0 and factors[-1] == 8.0 and 1.0 < factors[1] < factors[2] < 8.0
+    else:
+        assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 4.0
+
+
+def test_unsupported_rope_scaling_names_the_way_out(smollm_tokenizer, tmp_path):
+    from helpers import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "model", "llama", smollm_tokenizer, rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(BuildError, match=r"rope scaling 'dynamic' is not supported yet \(modelmake writes default, "
+                                         r"linear, llama3\); use an external converter"):
+        convert.run(model_dir, tmp_path / "m.gguf", "f32", "tiny")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_llama_cpp_tokenizes_like_transformers(tiny_llama, tmp_path):
     from llama_cpp import Llama
 
