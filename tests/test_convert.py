@@ -278,3 +278,31 @@ def test_external_converter_command_must_write_to_out(tiny_llama, tmp_path):
                                 'command = ["python3", "convert_hf_to_gguf.py", "{model_dir}"]\n')
     result = doit(spec, check=False)
     assert result.returncode != 0 and "convert.command: the command must write its GGUF to {out}" in result.output
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_sharded_sources_of_every_float_type_convert_exactly(dtype, tiny_llama, tmp_path):
+    """A base saved in shards (model-0000x-of-0000y.safetensors) converts to the same bytes as the
+    same weights in one file, and every source value is carried exactly (f32 out)."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import TOKENIZER_FILES
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=getattr(torch, dtype))
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    model.save_pretrained(one)
+    model.save_pretrained(sharded, max_shard_size="2MB")
+    for folder in (one, sharded):
+        for name in TOKENIZER_FILES:
+            if (tiny_llama / name).exists():
+                shutil.copy(tiny_llama / name, folder / name)
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    convert.run(one, tmp_path / "one.gguf", "f32", "tiny")
+    convert.run(sharded, tmp_path / "sharded.gguf", "f32", "tiny")
+    assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "sharded.gguf").read_bytes()
+    written = {t.name: np.array(t.data) for t in GGUFReader(tmp_path / "sharded.gguf").tensors}
+    source = model.state_dict()
+    np.testing.assert_array_equal(written["token_embd.weight"].reshape(-1, 64),
+                                  source["model.embed_tokens.weight"].float().numpy())
+    np.testing.assert_array_equal(written["blk.1.ffn_down.weight"].reshape(64, 128),
+                                  source["model.layers.1.mlp.down_proj.weight"].float().numpy())
