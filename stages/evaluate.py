@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dataset as datasets
 from . import ggufheader
 from .atomic import atomic_file
 from .errors import BuildError
@@ -91,6 +90,7 @@ class Tally:
     nll: float = 0.0  # Σ −log p(actual next token)
     answers: int = 0  # scored positions whose next token belongs to an answer
     answer_nll: float = 0.0
+    reference_nll: float = 0.0  # Σ −log p(actual next token) under the reference
     kl: float = 0.0  # Σ KL(reference ‖ model)
     top1: int = 0  # positions where both models' most likely next token is the same
 
@@ -104,6 +104,7 @@ class Tally:
             self.answer_nll += float(nll[answer[rows]].sum())
             if reference is not None:
                 ref_logp = log_softmax(reference[rows])
+                self.reference_nll -= float(ref_logp[np.arange(len(ref_logp)), targets[rows]].sum())
                 self.kl += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
                 self.top1 += int((ref_logp.argmax(axis=-1) == logp.argmax(axis=-1)).sum())
         self.scored += len(targets)
@@ -112,6 +113,10 @@ class Tally:
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll / self.scored)
+
+    @property
+    def reference_perplexity(self) -> float:
+        return math.exp(self.reference_nll / self.scored)
 
     @property
     def answer_perplexity(self) -> float | None:
@@ -211,18 +216,16 @@ def quality(job: Job, documents: list[Window], context: int, threads: int) -> di
     # compared as they come, never stored: a stored reference is tokens × vocabulary floats.
     model = _llama(job.subject, context, threads, logits_all=True)
     reference = _llama(job.reference, context, threads, logits_all=True) if job.reference else None
-    mine, theirs = Tally(), Tally()
+    mine = Tally()
     for window in windows(documents, context):
         ref_logits = window_logits(reference, window.tokens) if reference else None
         mine.add(window_logits(model, window.tokens), window, ref_logits)
-        if reference:
-            theirs.add(ref_logits, window)
     result = {"documents": len(documents), "tokens": sum(len(d.tokens) for d in documents), "context": context,
               "scored": mine.scored, "perplexity": mine.perplexity}
     if mine.answers:
         result |= {"answer_tokens": mine.answers, "answer_perplexity": mine.answer_perplexity}
     if reference:
-        result |= {"reference_perplexity": theirs.perplexity, "kl_divergence": mine.kl / mine.scored,
+        result |= {"reference_perplexity": mine.reference_perplexity, "kl_divergence": mine.kl / mine.scored,
                    "top1_agreement": mine.top1 / mine.scored}
     return result
 
@@ -313,12 +316,9 @@ def heldout_records(train: TrainSpec, base_dir: Path) -> list[dict]:
     """The validation records as the train stage writes them (chat template, system prompt)."""
     from transformers import AutoTokenizer
 
-    from .train import prompt_and_answer
+    from .train import prompt_and_answer, split_examples
 
-    if isinstance(train.validation, Path):
-        held_out = datasets.read_jsonl(train.validation)
-    else:
-        held_out = datasets.split(datasets.read_jsonl(train.dataset), train.validation, train.seed)[1]
+    _, held_out = split_examples(train)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     return [dict(zip(("prompt", "answer"), prompt_and_answer(e.messages, tokenizer, train.template, train.system)))
             for e in held_out]
