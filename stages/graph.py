@@ -168,12 +168,11 @@ def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
             [model.base.path] if model.base.kind == "gguf" else [], [paths.base], [paths.base / INDEX])
 
     if model.train:
-        data_files = [model.train.dataset] + ([model.train.validation] if isinstance(model.train.validation, Path) else [])
         add("train", model.name, "LoRA fine-tune (PyTorch + PEFT)", train.run,
             {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,
              "threads": spec.threads},
-            model.train.params(), paths.base_files() + data_files, paths.adapter_files(), paths.adapter_files(),
-            clean=[paths.adapter])
+            model.train.params(), paths.base_files() + model.train.data_files, paths.adapter_files(),
+            paths.adapter_files(), clean=[paths.adapter])
 
     release = model.name
     if paths.adapter:
@@ -291,13 +290,11 @@ def _eval_tasks(spec: Spec, model: ModelSpec, paths: ModelPaths, release: str, l
     text, source = _eval_text(spec, model, paths)
     text_deps = [text] if text else []
     if text and not model.eval.text:
-        validation = model.train.validation
-        data_files = [model.train.dataset] + ([validation] if isinstance(validation, Path) else [])
         add("eval", f"{model.name}.heldout", "the held-out conversations, as the train stage writes them",
             evaluate.write_heldout, {"train": model.train, "base_dir": paths.base, "out_path": text},
             {key: value for key, value in model.train.params().items()
              if key in ("validation", "template", "system", "seed")},
-            paths.base_files() + data_files, [text], [text], artifact=False)
+            paths.base_files() + model.train.data_files, [text], [text], artifact=False)
 
     outtype = model.outtype.upper()
     yardstick = evaluate.Subject(paths.gguf(release, outtype))
@@ -387,13 +384,12 @@ def _report_task(spec: Spec, all_tasks: dict[str, list[dict]]) -> dict:
     models, file_dep = [], []
     for model in spec.models:
         paths = ModelPaths.of(spec, model)
-        order = (["base"] if "base" in model.variants else []) + [v for v in model.variants if v != "base"]
         _, source = _eval_text(spec, model, paths)
         models.append(report.ModelInputs(
-            model.name, paths.root, order,
+            model.name, paths.root, model.variants,
             paths.adapter / "train_log.jsonl" if paths.trained else None, source,
             {v: g.model_dump(exclude_none=True) for v, g in model.eval.gate.items()}))
-        file_dep += [paths.eval(v) for v in order] + [paths.root / "manifest.json"]
+        file_dep += [paths.eval(v) for v in model.variants] + [paths.root / "manifest.json"]
     nodes = report.graph_nodes(all_tasks, STAGES)
     out_dir = spec.cache / "report"
     outputs = [out_dir / "REPORT.md", out_dir / "report.html"]

@@ -114,6 +114,11 @@ class TrainSpec(Strict):
             return float(value)
         return _resolve_file(value, info, "validation file")
 
+    @property
+    def data_files(self) -> list[Path]:
+        """The JSONL files the records come from: the dataset, and a validation file if one is named."""
+        return [self.dataset] + ([self.validation] if isinstance(self.validation, Path) else [])
+
     def params(self) -> dict:
         """What shapes the adapter besides the data files themselves (their bytes are inputs)."""
         params = self.model_dump(mode="json", exclude={"dataset", "validation", "resume"})
@@ -240,10 +245,10 @@ class ModelSpec(Strict):
 
     @property
     def variants(self) -> list[str]:
-        """What eval measures: the converted GGUF, every quant type, and with an adapter the base
-        before fine-tuning and the adapter route (base + GGUF LoRA)."""
-        return [self.outtype.upper(), *self.quantize,
-                *(["base", "lora"] if self.has_adapter else [])]
+        """What eval measures, in the order reports list it: with an adapter the base before
+        fine-tuning, then the converted GGUF, every quant type, and the adapter route (base + GGUF LoRA)."""
+        adapted = self.has_adapter
+        return [*(["base"] if adapted else []), self.outtype.upper(), *self.quantize, *(["lora"] if adapted else [])]
 
     @model_validator(mode="after")
     def _outtype_is_not_quantized_again(self):

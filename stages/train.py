@@ -167,13 +167,18 @@ def _normalize_config(path: Path, model_name: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def _rows(spec: TrainSpec, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
-    """Training and validation rows, tokenized, masked and (optionally) packed."""
+def split_examples(spec: TrainSpec) -> tuple[list[datasets.Example], list[datasets.Example]]:
+    """(training, validation) records: the dataset and the validation file, or a seeded split of the dataset."""
     examples = datasets.read_jsonl(spec.dataset)
     if isinstance(spec.validation, Path):
-        train_examples, val_examples, val_path = examples, datasets.read_jsonl(spec.validation), spec.validation
-    else:
-        (train_examples, val_examples), val_path = datasets.split(examples, spec.validation, spec.seed), spec.dataset
+        return examples, datasets.read_jsonl(spec.validation)
+    return datasets.split(examples, spec.validation, spec.seed)
+
+
+def _rows(spec: TrainSpec, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
+    """Training and validation rows, tokenized, masked and (optionally) packed."""
+    train_examples, val_examples = split_examples(spec)
+    val_path = spec.validation if isinstance(spec.validation, Path) else spec.dataset
     train_rows = make_rows(_encode_all(train_examples, tokenizer, spec, "training", spec.dataset),
                            spec.max_seq_len, spec.packing)
     val_rows = make_rows(_encode_all(val_examples, tokenizer, spec, "validation", val_path),
