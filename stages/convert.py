@@ -98,6 +98,14 @@ def llama3_rope_factors(config: dict) -> np.ndarray:
     return factors.astype(np.float32)
 
 
+def computed_tensors(config: dict) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp's converter computes rather than reads (it writes them first): Llama 3.1's
+    rope factors."""
+    if rope_of(config)[0] != "llama3":
+        return {}
+    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(config)}
+
+
 ROPE_SCALINGS = ("default", "linear", "llama3")
 
 
@@ -166,9 +174,7 @@ def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: 
             writer = gguf.GGUFWriter(tmp, architecture.gguf_name)
             add_model_metadata(writer, config, name, outtype)
             tokenizer.add_to_gguf(writer, model_dir, config["vocab_size"], pretokenizer)
-            # Computed, not read: llama.cpp's converter writes Llama 3.1's rope factors as a tensor, first.
-            extra = {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(config)} \
-                if rope_of(config)[0] == "llama3" else {}
+            extra = computed_tensors(config)
             for tensor_name, values in extra.items():
                 writer.add_tensor_info(tensor_name, values.shape, values.dtype, values.nbytes)
             for plan in plans:
