@@ -25,7 +25,7 @@ ORDER = ("base", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "lora")
 
 
 def table(cache: Path) -> None:
-    results = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in (cache / "eval").glob("*.json")}
+    results = {r["variant"]: r for r in (json.loads(p.read_text()) for p in (cache / "eval").glob("*.json"))}
     reference = results["F16"]
     print(f"{'variant':8} {'size MB':>8} {'bpw':>6} {'ppl':>9} {'ans ppl':>8} {'Δppl':>7} {'KL':>8} {'top-1':>6} "
           f"{'pp t/s':>7} {'tg t/s':>7} {'size×':>6} {'pp×':>5} {'tg×':>5}")

@@ -18,6 +18,7 @@ import base64
 import html
 import json
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,15 +167,33 @@ def mermaid(nodes: list[Node], ran: set[str]) -> str:
     return "\n".join(lines)
 
 
-def graph_png(nodes: list[Node], ran: set[str]) -> bytes:
-    """The same graph as a picture, for the HTML page offline: a column per step of the longest path
-    to each task, a box per task, green where it ran in the last build."""
-    import io
-
+def _pyplot():
+    """matplotlib's pyplot on its image backend (Agg), which needs no display."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes, closed; no Software stamp, so the same figure gives the same bytes."""
+    import io
+
+    from matplotlib import pyplot
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    pyplot.close(fig)
+    return buffer.getvalue()
+
+
+def graph_png(nodes: list[Node], ran: set[str]) -> bytes:
+    """The same graph as a picture, for the HTML page offline: a column per step of the longest path
+    to each task, a box per task, green where it ran in the last build."""
+    plt = _pyplot()
 
     needs = {n.task: n.needs for n in nodes}
     depth: dict[str, int] = {}
@@ -205,11 +224,7 @@ def graph_png(nodes: list[Node], ran: set[str]) -> bytes:
     ax.set_xlim(-1.2, 2.4 * (len(columns) - 1) + 1.2)
     ax.set_ylim(-0.31 * tallest - 0.3, 0.31 * tallest + 0.3)
     ax.axis("off")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 # ---- numbers into words ----
@@ -250,12 +265,7 @@ def _gate_words(gate: dict | None) -> str:
 
 
 def loss_curve_png(log: list[dict], title: str) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = _pyplot()
 
     train = [(r["step"], r["train_loss"]) for r in log if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
@@ -267,11 +277,7 @@ def loss_curve_png(log: list[dict], title: str) -> bytes:
     ax.set(xlabel="step", ylabel="loss (nats per answer token)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 # ---- the page ----
@@ -336,7 +342,8 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
             images[name] = loss_curve_png(log, f"{model.name}: LoRA fine-tune")
             steps = [r for r in log if "train_loss" in r]
             blocks += [Image(name, f"{model.name} training and validation loss"),
-                       Text(f"{len(steps)} steps; median {_median([r['tokens_per_s'] for r in steps]):,.0f} "
+                       Text(f"{len(steps)} steps; "
+                            f"median {statistics.median(r['tokens_per_s'] for r in steps):,.0f} "
                             f"tokens/s; peak memory {max(r['peak_memory_mb'] for r in steps):,.0f} MB.")]
 
     manifest = _read_json(model.root / "manifest.json")
@@ -346,12 +353,6 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
                     f"blobs (each named by its sha256); `doit verify` re-hashes them all."),
                Table(["file", "size", "sha256"], [[f"`{a['path']}`", _mb(a["size"]), f"`{a['sha256']}`"] for a in listed])]
     return blocks
-
-
-def _median(values: list[float]) -> float:
-    import statistics
-
-    return statistics.median(values) if values else 0.0
 
 
 def _train_log(path: Path | None) -> list[dict]:
