@@ -39,6 +39,7 @@ class TensorPlan:
     shape: tuple[int, ...]  # Hugging Face (row-major) shape
     qtype: gguf.GGMLQuantizationType
     permute_heads: int = 0  # >0: llama.cpp's rotary row permutation with this many heads
+    offset: float = 0.0  # added to every value (Gemma's norms)
 
     @property
     def nbytes(self) -> int:
@@ -63,60 +64,23 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict, architecture:
     names = gguf.get_tensor_name_map(architecture.gguf_arch, config["num_hidden_layers"])
     plans = []
     for hf_name, shape in shapes.items():
-        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
-            continue  # llama.cpp reads the tied output from token_embd
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue  # recomputed from rope parameters
+        if architecture.skips(hf_name, config):
+            continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise BuildError(f"{where}: tensor {hf_name!r} has no llama.cpp name for {architecture.gguf_name}; "
                              "is this checkpoint a plain causal LM without extra heads?")
         plans.append(TensorPlan(gguf_name, hf_name, tuple(shape), tensor_type(tuple(shape), outtype),
-                                architecture.rotary_heads(hf_name, config)))
+                                architecture.rotary_heads(hf_name, config), architecture.norm_offset(hf_name)))
     return plans
 
 
-def rope_of(config: dict) -> tuple[str, dict]:
-    """(scaling type, parameters): transformers 5 writes `rope_parameters`, older configs `rope_scaling`."""
-    rope = dict(config.get("rope_scaling") or {}) | dict(config.get("rope_parameters") or {})
-    return rope.get("rope_type") or rope.get("type") or "default", rope
-
-
-def llama3_rope_factors(config: dict) -> np.ndarray:
-    """Llama 3.1's per-frequency rope factors, as llama.cpp reads them from `rope_freqs.weight`:
-    short wavelengths keep their frequency, long ones are divided by `factor`, and those between
-    are blended by where the wavelength falls between the two bounds."""
-    _, rope = rope_of(config)
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    base = float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)
-    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    context = rope.get("original_max_position_embeddings", 8192)
-    wavelengths = 2 * np.pi * base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
-    blend = (context / wavelengths - low) / (high - low)
-    factors = np.where(wavelengths < context / high, 1.0,
-                       np.where(wavelengths > context / low, factor, 1 / ((1 - blend) / factor + blend)))
-    return factors.astype(np.float32)
-
-
-def computed_tensors(config: dict) -> dict[str, np.ndarray]:
-    """Tensors llama.cpp's converter computes rather than reads (it writes them first): Llama 3.1's
-    rope factors."""
-    if rope_of(config)[0] != "llama3":
-        return {}
-    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(config)}
-
-
-ROPE_SCALINGS = ("default", "linear", "llama3")
-
-
-def add_model_metadata(writer: gguf.GGUFWriter, config: dict, name: str, outtype: str) -> None:
+def add_model_metadata(writer: gguf.GGUFWriter, config: dict, architecture: arches.Architecture, name: str,
+                       outtype: str) -> None:
+    """The hyperparameters every family shares, then the family's own."""
     n_head = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    scaling, rope = rope_of(config)
-    if scaling not in ROPE_SCALINGS:
-        raise BuildError(f"{name}: rope scaling {scaling!r} is not supported yet (modelmake writes "
-                         f"{', '.join(ROPE_SCALINGS)}); use an external converter ([models.convert])")
-    if scaling == "linear":  # DeepSeek-Coder: positions divided by `factor`
+    scaling, rope = arches.rope_of(config)
+    if scaling == "linear":  # DeepSeek-Coder, Gemma 3's global layers: positions divided by `factor`
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_name(name)
@@ -126,15 +90,16 @@ def add_model_metadata(writer: gguf.GGUFWriter, config: dict, name: str, outtype
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(n_head)
     writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
-    writer.add_rope_freq_base(float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     if "head_dim" in config:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    writer.add_rope_dimension_count(architecture.rope_dimensions(config))
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(OUTTYPES[outtype][0])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    architecture.add_metadata(writer, config)
 
 
 def _open_shards(model_dir: Path, stack) -> dict[str, object]:
@@ -152,6 +117,8 @@ def _tensor_bytes(plan: TensorPlan, handle) -> np.ndarray:
     import torch
 
     data = handle.get_tensor(plan.hf_name)
+    if plan.offset:  # in float32: a bf16 1 + w would round w away
+        data = data.to(torch.float32) + plan.offset
     if plan.permute_heads:
         data = arches.permute_rotary(data, plan.permute_heads)
     # torch casts to f16/f32 several times faster than numpy; the block formats are gguf-py's.
@@ -172,9 +139,9 @@ def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: 
         plans = plan_tensors(shapes, config, architecture, outtype, str(model_dir))
         with atomic_file(out_path) as tmp:
             writer = gguf.GGUFWriter(tmp, architecture.gguf_name)
-            add_model_metadata(writer, config, name, outtype)
-            tokenizer.add_to_gguf(writer, model_dir, config["vocab_size"], pretokenizer)
-            extra = computed_tensors(config)
+            add_model_metadata(writer, config, architecture, name, outtype)
+            tokenizer.add_to_gguf(writer, model_dir, config["vocab_size"], pretokenizer, architecture.add_space_prefix)
+            extra = architecture.computed_tensors(config)
             for tensor_name, values in extra.items():
                 writer.add_tensor_info(tensor_name, values.shape, values.dtype, values.nbytes)
             for plan in plans:

@@ -1,8 +1,10 @@
 """Tokenizer metadata for GGUF: tokens, token types, merges, special ids, chat template.
 
 Written as llama.cpp's own converter writes it, so a GGUF made here tokenizes the same
-in llama.cpp as in transformers. Merges, special ids, add_bos/add_eos and the chat
-template come from gguf-py's `SpecialVocab`; tokens and the pre-tokenizer name are ours.
+in llama.cpp as in transformers. Two kinds: byte-level BPE ("gpt2": Llama 3, Qwen, SmolLM),
+whose pre-tokenizer llama.cpp names by a probe hash, and SentencePiece ("llama": Llama 2,
+Mistral, Gemma, Phi-3), whose pieces and scores come from tokenizer.model. Merges, special
+ids, add_bos/add_eos and the chat template come from gguf-py's `SpecialVocab`.
 """
 
 from __future__ import annotations
@@ -92,22 +94,68 @@ def bpe_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def check_byte_level_bpe(tokenizer, model_dir: Path) -> None:
-    """Byte-level BPE (gpt2-style) is what modelmake writes; anything else is refused, saying why."""
+def sentencepiece_vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and GGUF token types from tokenizer.model, as llama.cpp's converter reads them
+    (Llama 2, Mistral, Gemma, Phi-3): llama.cpp's SentencePiece tokenizer merges by these scores, so
+    they must be SentencePiece's own. Added tokens from tokenizer_config.json override their ids."""
+    import json
+
+    from sentencepiece import SentencePieceProcessor
+
+    path = model_dir / "tokenizer.model"
+    processor = SentencePieceProcessor()
+    try:
+        processor.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as err:
+        raise BuildError(f"{path}: not a SentencePiece model ({err}); restore it from the model's source") from None
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for i in range(min(processor.vocab_size(), vocab_size)):
+        tokens[i], scores[i] = processor.IdToPiece(i), processor.GetScore(i)
+        types[i] = (gguf.TokenType.UNKNOWN if processor.IsUnknown(i) else gguf.TokenType.CONTROL if processor.IsControl(i)
+                    else gguf.TokenType.UNUSED if processor.IsUnused(i) else gguf.TokenType.BYTE if processor.IsByte(i)
+                    else gguf.TokenType.NORMAL)
+    config_path = model_dir / "tokenizer_config.json"
+    added = json.loads(config_path.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) \
+        if config_path.is_file() else {}
+    for key, token in added.items():
+        i, text = int(key), token["content"]
+        if i >= vocab_size:
+            continue
+        if token.get("special") or _looks_special(text):
+            types[i] = gguf.TokenType.CONTROL
+        else:
+            text = text.replace("\u2581", " ")  # llama.cpp matches user-defined tokens on the raw text
+            types[i] = gguf.TokenType.USER_DEFINED
+        tokens[i], scores[i] = text, -1000.0
+    return tokens, scores, types
+
+
+def tokenizer_kind(tokenizer, model_dir: Path) -> str:
+    """"gpt2" (byte-level BPE) or "llama" (SentencePiece, read from tokenizer.model); anything else is
+    refused, saying why, since a guess would tokenize differently in llama.cpp."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise BuildError(f"{model_dir}: no tokenizer.json; modelmake needs a fast (tokenizers) tokenizer "
                          "saved beside the weights (tokenizer.save_pretrained)")
     model = backend.model
-    if type(model).__name__ == "BPE" and not model.byte_fallback:
-        return
-    kind = type(model).__name__ + (" with byte fallback (SentencePiece-style)" if getattr(model, "byte_fallback", False) else "")
-    raise BuildError(f"{model_dir}/tokenizer.json: a {kind} tokenizer is not supported yet; modelmake writes "
-                     "byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, DeepSeek-Coder).")
+    byte_fallback = getattr(model, "byte_fallback", False)
+    if type(model).__name__ == "BPE" and not byte_fallback:
+        return "gpt2"
+    if (model_dir / "tokenizer.model").is_file():
+        return "llama"
+    kind = type(model).__name__ + (" with byte fallback (SentencePiece-style)" if byte_fallback else "")
+    raise BuildError(f"{model_dir}/tokenizer.json: a {kind} tokenizer needs the SentencePiece model it came from: "
+                     "copy tokenizer.model from the model's source beside it. modelmake writes byte-level BPE "
+                     "(Llama 3, Qwen2, SmolLM, DeepSeek-Coder) and SentencePiece (Llama 2, Mistral, Gemma, Phi-3) "
+                     "tokenizers.")
 
 
-def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pretokenizer: str | None = None) -> None:
-    """`pretokenizer` overrides the probe, for tokenizers llama.cpp knows but our table does not."""
+def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pretokenizer: str | None = None,
+                add_space_prefix: bool | None = None) -> None:
+    """`pretokenizer` overrides the BPE probe, for tokenizers llama.cpp knows but our table does not;
+    `add_space_prefix` is the architecture's fixed choice for SentencePiece vocabularies (Gemma: no)."""
     from transformers import AutoTokenizer
 
     try:
@@ -115,13 +163,21 @@ def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, preto
     except (OSError, ValueError) as err:
         raise BuildError(f"{model_dir}: transformers cannot load the tokenizer ({err}); "
                          "restore tokenizer.json and tokenizer_config.json from the model's source") from None
-    check_byte_level_bpe(tokenizer, model_dir)
-    tokens, types = bpe_vocab(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pretokenizer or pretokenizer_name(tokenizer, str(model_dir)))
+    kind = tokenizer_kind(tokenizer, model_dir)
+    writer.add_tokenizer_model(kind)
+    if kind == "gpt2":
+        tokens, types = bpe_vocab(tokenizer, vocab_size)
+        writer.add_tokenizer_pre(pretokenizer or pretokenizer_name(tokenizer, str(model_dir)))
+    else:
+        tokens, scores, types = sentencepiece_vocab(model_dir, vocab_size)
+        writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
+    if kind == "llama":
+        writer.add_token_scores(scores)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    if kind == "llama" and add_space_prefix is not None:
+        writer.add_add_space_prefix(add_space_prefix)
+    special = gguf.SpecialVocab(model_dir, load_merges=kind == "gpt2", n_vocab=len(tokens))
     if "bos" not in special.add_special_token:
         # Not in tokenizer_config: take what the tokenizer actually does.
         ids = tokenizer.encode("a")

@@ -26,6 +26,21 @@ def tiny_qwen3(tmp_path_factory, smollm_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma2(tmp_path_factory, smollm_tokenizer):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-gemma2"), "gemma2", smollm_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory, smollm_tokenizer):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3", smollm_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory, smollm_tokenizer):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-phi3"), "phi3", smollm_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def registry(tmp_path_factory):
     from helpers import Registry
 

