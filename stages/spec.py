@@ -28,7 +28,7 @@ QUANT_TYPES: dict[str, int] = {
     "F16": 1, "BF16": 32,
 }
 
-OutType = Literal["f32", "f16", "bf16", "q8_0"]
+OutType = Literal["f32", "f16", "bf16", "q8_0", "auto"]  # "auto" is resolved to f16 or bf16 when the spec is read
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -295,8 +295,11 @@ class ModelSpec(Strict):
 
     @field_validator("outtype", mode="before")
     @classmethod
-    def _lower_outtype(cls, value):
-        return value.lower() if isinstance(value, str) else value
+    def _lower_outtype(cls, value, info):
+        value = value.lower() if isinstance(value, str) else value
+        if value == "auto" and "base" in info.data:  # else the base's own error is the one to show
+            return auto_outtype(info.data["base"])
+        return value
 
     @field_validator("quantize")
     @classmethod
@@ -328,6 +331,41 @@ class Spec(Strict):
         if duplicates:
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
         return self
+
+
+def auto_outtype(base: BaseRef) -> str:
+    """`outtype = "auto"`, decided as llama.cpp's converter decides it: f16 if the first tensor is
+    float16, else bf16 (config.json's torch_dtype is not trusted; some fine-tunes misstate it). A GGUF
+    base is imported as float32, so it gets bf16. Decided when the spec is read, because the file
+    names carry the type; only safetensors headers are read."""
+    from . import hf
+
+    if base.kind == "gguf":
+        return "bf16"
+    shards = sorted(base.path.glob("*.safetensors")) if base.kind == "hf_dir" else _cached_hub_shards(base)
+    if not shards:
+        raise ValueError(f"outtype = \"auto\" reads the dtype of the base's first tensor, and {base.text} has no "
+                         "safetensors weights here yet; set outtype = \"f16\" or \"bf16\" (or fetch the base first)")
+    try:
+        header = hf.read_header(shards[0])
+    except BuildError as err:
+        raise ValueError(str(err)) from None
+    return "f16" if header[min(header)]["dtype"] == "F16" else "bf16"
+
+
+def _cached_hub_shards(base: BaseRef) -> list[Path]:
+    """The first safetensors shard of a hub base, if the local Hugging Face cache holds it."""
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(base.location, "model.safetensors.index.json", revision=base.revision)
+    if isinstance(index, str):
+        names = sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
+    else:
+        names = ["model.safetensors"]
+    found = try_to_load_from_cache(base.location, names[0], revision=base.revision)
+    return [Path(found)] if isinstance(found, str) else []
 
 
 def parse_base(text: str, spec_dir: Path) -> BaseRef:

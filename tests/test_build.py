@@ -98,6 +98,37 @@ def test_f16_gguf_matches_transformers_on_the_real_model(build):
     assert "Paris" in expected_answer
 
 
+def test_converted_smollm2_is_the_imported_gguf_again(build):
+    """The real model round trip, GGUF → import → convert: the F16 GGUF's tokenizer metadata is the
+    embedded GGUF's (tokens, merges, token types, special ids, add_bos, chat template), and every
+    tensor is the embedded Q4_1 tensor's dequantized values rounded to f16, bit for bit."""
+    import gguf
+    from gguf import GGUFReader
+
+    embedded, converted = GGUFReader(SMOLLM_GGUF), GGUFReader(build["folder"] / "cache/smollm2/gguf/smollm2.F16.gguf")
+
+    def tokenizer_fields(reader):
+        return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+
+    source, written = tokenizer_fields(embedded), tokenizer_fields(converted)
+    # The embedded file also says add_space_prefix = false: llama.cpp's default for a gpt2 vocabulary,
+    # which its converter does not write.
+    assert source.pop("tokenizer.ggml.add_space_prefix") is False
+    assert sorted(written) == sorted(source) and len(source["tokenizer.ggml.tokens"]) == 49152
+    for key, value in source.items():
+        assert written[key] == value, key
+    assert "tokenizer.ggml.merges" in written and "tokenizer.chat_template" in written
+
+    converted_tensors = {t.name: t for t in converted.tensors}
+    assert sorted(converted_tensors) == sorted(t.name for t in embedded.tensors)
+    for tensor in embedded.tensors:
+        expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        if len(tensor.shape) > 1:  # 1-D norms stay f32 in both
+            expected = expected.astype(np.float16).astype(np.float32)
+        got = np.asarray(converted_tensors[tensor.name].data, dtype=np.float32)
+        np.testing.assert_array_equal(got.reshape(-1), expected.reshape(-1), err_msg=tensor.name)
+
+
 def test_quantized_ggufs_load_and_answer(build):
     """Q8_0 still answers the question; Q4_K_M (requantized from a Q4_1 original, so twice rounded)
     agrees with F16 on the next token at most positions of a plain-text passage."""

@@ -94,3 +94,25 @@ def test_doit_list_reads_like_the_lifecycle(tmp_path):
                       "push", "push:no-registry", "verify", "verify:demo", "pull"]
     info = doit(path, "convert:demo", command="info", check=False).output  # exits 1: not built yet
     assert "demo.F16.gguf" in info and "files.b3" in info
+
+
+@pytest.mark.parametrize("dtype, expected", [("float16", "f16"), ("bfloat16", "bf16"), ("float32", "bf16")])
+def test_auto_outtype_is_llama_cpps_choice_from_the_first_tensor(dtype, expected, tiny_llama, tmp_path):
+    """llama.cpp's converter: f16 if the first tensor is float16, else bf16. The file names carry it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=getattr(torch, dtype)).save_pretrained(tmp_path / "model")
+    spec = load_spec(write_spec(tmp_path, '[[models]]\nname = "m"\nbase = "model"\nouttype = "auto"\n'))
+    assert spec.models[0].outtype == expected
+    assert spec.models[0].variants == [expected.upper()]
+
+
+def test_auto_outtype_for_gguf_and_uncached_hub_bases(tmp_path):
+    gguf_spec = load_spec(write_spec(tmp_path, f'[[models]]\nname = "m"\nbase = "{SMOLLM_GGUF}"\nouttype = "AUTO"\n'))
+    assert gguf_spec.models[0].outtype == "bf16"  # imported as float32, which is not float16
+    with pytest.raises(BuildError) as err:
+        load_spec(write_spec(tmp_path, '[[models]]\nname = "m"\nbase = "hf:nobody/no-such-model@0123abc"\n'
+                                       'outtype = "auto"\n'))
+    assert "outtype" in str(err.value) and "has no safetensors weights here yet" in str(err.value)
+    assert 'set outtype = "f16" or "bf16"' in str(err.value)
