@@ -26,6 +26,11 @@ def tiny_qwen3(tmp_path_factory, smollm_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory, smollm_tokenizer):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral", smollm_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def tiny_gemma2(tmp_path_factory, smollm_tokenizer):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-gemma2"), "gemma2", smollm_tokenizer)
 

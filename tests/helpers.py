@@ -59,6 +59,7 @@ def save_smollm_tokenizer(folder: Path) -> None:
 
 TINY_ARCHS = {  # arch → (transformers config and model class names, config beyond the shared tiny shape)
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),  # llama's layout; its 4096-token window is not written
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),  # not hidden_size / heads = 16
     # query_pre_attn_scalar = head_dim is what llama.cpp assumes below the 27B size; a small window

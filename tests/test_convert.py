@@ -15,7 +15,7 @@ from stages.errors import BuildError
 # transformers forces Qwen's own pre-tokenizer onto any qwen2 model, so the tiny qwen2 (which
 # borrows SmolLM2's vocabulary) has a tokenizer llama.cpp does not know: it needs the override.
 PRETOKENIZER = {"llama": {}, "qwen2": {"pretokenizer": "smollm"}, "qwen3": {"pretokenizer": "smollm"},
-                "gemma2": {}, "gemma3": {}, "phi3": {}}
+                "mistral": {}, "gemma2": {}, "gemma3": {}, "phi3": {}}
 PROMPT = "The quick brown fox jumps over the lazy dog. 1234 + 5678 = ?"
 
 
@@ -100,7 +100,7 @@ def test_f32_gguf_holds_the_source_tensors(arch, request, tmp_path):
 
 
 @pytest.mark.parametrize("arch, outtype, tolerance", [
-    ("llama", "f32", 1e-3), ("qwen2", "f32", 1e-3), ("qwen3", "f32", 1e-3), ("gemma2", "f32", 1e-3),
+    ("llama", "f32", 1e-3), ("mistral", "f32", 1e-3), ("qwen2", "f32", 1e-3), ("qwen3", "f32", 1e-3), ("gemma2", "f32", 1e-3),
     ("gemma3", "f32", 2e-3), ("phi3", "f32", 1e-3), ("llama", "f16", 5e-3), ("gemma3", "f16", 5e-3),
     ("llama", "bf16", 3e-2),
     ("llama", "q8_0", 3e-2),

@@ -206,3 +206,16 @@ def test_llama_cpp_tokenizes_like_sentencepiece_and_transformers(sentencepiece_m
     leading_space_differs = sentencepiece_model["style"] == "llama2"
     for text in SPM_TEXTS[:2] if leading_space_differs else SPM_TEXTS:
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer.encode(text), text
+
+
+def test_sentencepiece_style_tokenizer_without_its_model_is_refused(sentencepiece_model, tmp_path):
+    """tokenizer.json alone does not hold SentencePiece's scores, which llama.cpp merges by: a guess
+    would tokenize differently, so convert says what is missing."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(sentencepiece_model["model"], model_dir)
+    (model_dir / "tokenizer.model").unlink()
+    with pytest.raises(BuildError) as err:
+        convert.run(model_dir, tmp_path / "m.gguf", "f16", "tiny")
+    assert "tokenizer.json: a BPE with byte fallback (SentencePiece-style) tokenizer needs the SentencePiece model" \
+        in str(err.value) and "copy tokenizer.model from the model's source" in str(err.value)
+    assert not (tmp_path / "m.gguf").exists()
