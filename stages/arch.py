@@ -141,13 +141,18 @@ class Qwen3(Architecture):
     gguf_arch = gguf.MODEL_ARCH.QWEN3
 
 
-def layer_types(config: dict, default_pattern: int) -> list[str]:
+def periodic_layer_types(layers: int, period: int) -> list[str]:
+    """Every period-th layer attends globally, the others within the sliding window."""
+    return ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+
+
+def layer_types(config: dict, default_period: int) -> list[str]:
     """Which layers attend within the sliding window: transformers 5 lists them, older configs
-    give a period (every period-th layer attends globally)."""
+    give a period."""
     if config.get("layer_types"):
         return list(config["layer_types"])
-    period = config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or default_pattern
-    return ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(config["num_hidden_layers"])]
+    period = config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or default_period
+    return periodic_layer_types(config["num_hidden_layers"], period)
 
 
 class Gemma2(Architecture):
@@ -167,8 +172,7 @@ class Gemma2(Architecture):
             raise BuildError(f"{where}: an untied output (tie_word_embeddings = false) is not a {self.gguf_name} "
                              f"llama.cpp can run: it always reads the output from the token embeddings; {EXTERNAL_CONVERTER_HINT}")
         layers = config["num_hidden_layers"]
-        expected = ["sliding_attention" if (i + 1) % self.swa_period else "full_attention" for i in range(layers)]
-        if layer_types(config, self.swa_period) != expected:
+        if layer_types(config, self.swa_period) != periodic_layer_types(layers, self.swa_period):
             raise BuildError(f"{where}: the sliding-window layers {layer_types(config, self.swa_period)} are not "
                              f"llama.cpp's {self.gguf_name} pattern (every {self.swa_period}th layer global); "
                              f"{EXTERNAL_CONVERTER_HINT}")
