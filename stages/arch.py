@@ -171,9 +171,9 @@ class Gemma2(Architecture):
         if not config.get("tie_word_embeddings", True):
             raise BuildError(f"{where}: an untied output (tie_word_embeddings = false) is not a {self.gguf_name} "
                              f"llama.cpp can run: it always reads the output from the token embeddings; {EXTERNAL_CONVERTER_HINT}")
-        layers = config["num_hidden_layers"]
-        if layer_types(config, self.swa_period) != periodic_layer_types(layers, self.swa_period):
-            raise BuildError(f"{where}: the sliding-window layers {layer_types(config, self.swa_period)} are not "
+        layers, types = config["num_hidden_layers"], layer_types(config, self.swa_period)
+        if types != periodic_layer_types(layers, self.swa_period):
+            raise BuildError(f"{where}: the sliding-window layers {types} are not "
                              f"llama.cpp's {self.gguf_name} pattern (every {self.swa_period}th layer global); "
                              f"{EXTERNAL_CONVERTER_HINT}")
         scalar = config.get("query_pre_attn_scalar", head_dim(config))
@@ -242,7 +242,8 @@ class Phi3(Architecture):
             or config["max_position_embeddings"]
 
     def add_metadata(self, writer: gguf.GGUFWriter, config: dict) -> None:
-        writer.add_rope_scaling_orig_ctx_len(self.original_context(config))
+        original = self.original_context(config)
+        writer.add_rope_scaling_orig_ctx_len(original)
         window = config.get("sliding_window") or 0
         writer.add_sliding_window(window)
         if window:
@@ -250,8 +251,7 @@ class Phi3(Architecture):
                   f"so beyond {window} tokens its outputs differ from transformers'")
         scaling, _ = rope_of(config)
         if scaling != "default":
-            scale = config["max_position_embeddings"] / self.original_context(config)
-            original = self.original_context(config)
+            scale = config["max_position_embeddings"] / original
             writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
 
     def computed_tensors(self, config: dict) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 import pytest
 
-from helpers import make_tiny_model, save_smollm_tokenizer
+from helpers import TINY_ARCHS, make_tiny_model, save_smollm_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -10,39 +10,18 @@ def smollm_tokenizer(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, smollm_tokenizer):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", smollm_tokenizer)
+def _tiny_model_fixture(arch):
+    @pytest.fixture(scope="session")
+    def tiny_model(tmp_path_factory, smollm_tokenizer):
+        return make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, smollm_tokenizer)
+
+    return tiny_model
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory, smollm_tokenizer):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", smollm_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3(tmp_path_factory, smollm_tokenizer):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3", smollm_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def tiny_mistral(tmp_path_factory, smollm_tokenizer):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral", smollm_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def tiny_gemma2(tmp_path_factory, smollm_tokenizer):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-gemma2"), "gemma2", smollm_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def tiny_gemma3(tmp_path_factory, smollm_tokenizer):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3", smollm_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def tiny_phi3(tmp_path_factory, smollm_tokenizer):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-phi3"), "phi3", smollm_tokenizer)
+# tiny_llama, tiny_qwen2, … tiny_phi3: one session fixture per arch helpers.make_tiny_model builds,
+# with SmolLM2's tokenizer (tests pick one by name with request.getfixturevalue(f"tiny_{arch}")).
+for _arch in TINY_ARCHS:
+    globals()[f"tiny_{_arch}"] = _tiny_model_fixture(_arch)
 
 
 @pytest.fixture(scope="session")
