@@ -17,7 +17,10 @@ from . import arch as arches
 from . import hf, lora
 from .atomic import atomic_file
 from .errors import BuildError
+from .task import ModelBuild, Task
 
+REVISION = 1
+TOOLS = ("gguf", "safetensors", "torch", "numpy")
 OUTTYPES = {"f32": np.float32, "f16": np.float16}
 
 
@@ -47,3 +50,14 @@ def run(adapter_dir: Path, base_dir: Path, out_path: Path, outtype: str, name: s
         writer.write_tensors_to_file()
         writer.close()
     print(f"{out_path.name}: {len(adapter.pairs)} adapted weights, rank {adapter.rank}, alpha {adapter.gguf_alpha:g}")
+
+
+def tasks(build: ModelBuild) -> list[Task]:
+    paths, options, lora_gguf = build.paths, build.adapter_options, build.lora_gguf
+    if not paths.adapter:
+        return []
+    return [Task(build.model.name, f"PEFT adapter → GGUF LoRA {options.outtype}", run,
+                 {"adapter_dir": paths.adapter, "base_dir": paths.base, "out_path": lora_gguf,
+                  "outtype": options.outtype, "name": build.model.name, "allow_pickle": options.allow_pickle},
+                 {"outtype": options.outtype, "name": build.model.name},
+                 inputs=paths.adapter_files() + paths.base_files(), outputs=[lora_gguf])]

@@ -20,6 +20,11 @@ from . import arch as arches
 from . import ggufheader, hf, tokenizer
 from .atomic import atomic_file
 from .errors import BuildError
+from .hashing import INDEX
+from .task import ModelBuild, Task
+
+REVISION = 1
+TOOLS = ("gguf", "safetensors", "torch", "transformers", "tokenizers", "numpy")
 
 # outtype → (GGUF file type, tensor type for 2-D weights)
 OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
@@ -176,3 +181,28 @@ def run_external(command: list[str], model_dir: Path, out_path: Path, outtype: s
         header = ggufheader.read(tmp)
         print(f"{out_path.name}: {header.scalars.get('general.architecture', '?')}, {header.elements:,} weights, "
               f"by {' '.join(command[:2])}")
+
+
+def tasks(build: ModelBuild) -> list[Task]:
+    """The base's GGUF, and with an adapter the merged model's: the release route starts from it."""
+    model, paths = build.model, build.paths
+    sources = [(model.name, paths.base, paths.base_files())]
+    if paths.adapter:
+        sources.append((build.release, paths.merged, [paths.merged / INDEX]))
+    found = []
+    for stem, folder, folder_files in sources:
+        out = paths.gguf(stem, model.outtype.upper())
+        if model.convert:  # the spec's own converter; its script is an input like the weights
+            spec_dir = build.spec.source.parent if build.spec.source else Path.cwd()
+            found.append(Task(
+                stem, f"Hugging Face → GGUF {model.outtype} (external converter)", run_external,
+                {"command": model.convert.command, "model_dir": folder, "out_path": out, "outtype": model.outtype,
+                 "cwd": spec_dir},
+                {"command": model.convert.command, "outtype": model.outtype},
+                inputs=folder_files + model.convert.input_files(spec_dir), outputs=[out]))
+            continue
+        params = {"outtype": model.outtype, "pretokenizer": model.pretokenizer}
+        found.append(Task(stem, f"Hugging Face → GGUF {model.outtype}", run,
+                          {"model_dir": folder, "out_path": out, "name": stem, **params},
+                          params | {"name": stem}, inputs=folder_files, outputs=[out]))
+    return found

@@ -32,6 +32,10 @@ from .atomic import atomic_file
 from .errors import BuildError
 from .hashing import tool_versions
 from .spec import EvalSpec, GateSpec, TrainSpec
+from .task import ModelBuild, Task
+
+REVISION = 1
+TOOLS = ("llama-cpp-python", "numpy", "transformers", "tokenizers")
 
 ROWS_PER_CHUNK = 64  # next-token distributions turned to float64 at a time: bounds memory at any vocabulary
 
@@ -329,3 +333,59 @@ def write_heldout(train: TrainSpec, base_dir: Path, out_path: Path) -> None:
     with atomic_file(out_path) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     print(f"{out_path.name}: {len(records)} held-out conversations")
+
+
+# ---- the tasks ----
+
+def eval_text(build: ModelBuild) -> tuple[Path | None, str | None]:
+    """(the held-out text eval reads, how reports name it): the spec's file, else the train stage's
+    validation records (written to eval/heldout.jsonl), else none."""
+    model = build.model
+    if model.eval.text:
+        return model.eval.text, build.input_name(model.eval.text)
+    if model.train and model.train.validation:
+        validation = model.train.validation
+        source = (build.input_name(validation) if isinstance(validation, Path) else
+                  f"{build.input_name(model.train.dataset)} (validation split)")
+        return build.paths.root / "eval" / "heldout.jsonl", source
+    return None, None
+
+
+def task_name(build: ModelBuild, variant: str) -> str:
+    return f"{build.model.name}-{variant}"
+
+
+def tasks(build: ModelBuild) -> list[Task]:
+    """eval:<model>-<variant> for every variant, and the held-out conversations they read. Results
+    hold timings, so they are not artifacts."""
+    model, paths = build.model, build.paths
+    text, source = eval_text(build)
+    text_deps = [text] if text else []
+    found = []
+    if text and not model.eval.text:
+        found.append(Task(
+            f"{model.name}.heldout", "the held-out conversations, as the train stage writes them", write_heldout,
+            {"train": model.train, "base_dir": paths.base, "out_path": text},
+            {key: value for key, value in model.train.params().items()
+             if key in ("validation", "template", "system", "seed")},
+            inputs=paths.base_files() + model.train.data_files, outputs=[text], artifact=False))
+
+    outtype = model.outtype.upper()
+    yardstick = Subject(paths.gguf(build.release, outtype))
+    subjects = {outtype: (yardstick, None)}
+    subjects |= {quant: (Subject(paths.gguf(build.release, quant)), yardstick) for quant in model.quantize}
+    if build.lora_gguf:
+        base = paths.gguf(model.name, outtype)
+        subjects |= {"base": (Subject(base), None), "lora": (Subject(base, build.lora_gguf), yardstick)}
+    options = model.eval.model_dump(mode="json", exclude={"text", "gate"})
+    for variant, (subject, reference) in subjects.items():
+        job = Job(model.name, variant, subject, reference, text, source or "")
+        compared = f", against {reference.model.name}" if reference else ""
+        found.append(Task(
+            task_name(build, variant), f"perplexity, KL, speed with llama.cpp{compared}", run,
+            {"job": job, "spec": model.eval, "out_path": paths.eval(variant), "model_root": paths.root,
+             "threads": build.spec.threads},
+            {"variant": variant, "text": source, "threads": build.spec.threads, **options},
+            inputs=subject.files() + (reference.files() if reference else []) + text_deps,
+            outputs=[paths.eval(variant)], artifact=False))
+    return found

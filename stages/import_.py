@@ -15,10 +15,13 @@ from pathlib import Path
 from . import arch, ggufheader
 from .atomic import atomic_dir
 from .errors import BuildError
-from .hashing import tree_files, write_index
+from .hashing import INDEX, tree_files, write_index
 from .spec import BaseRef
+from .task import ModelBuild, Task
 from .tokenizer import restore_pretokenizer
 
+REVISION = 2  # bump when this code changes the bytes it writes
+TOOLS = ("transformers", "gguf", "safetensors", "torch", "huggingface-hub")  # their versions shape the bytes
 HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
              "chat_template.json", "tokenizer.model", "LICENSE*"]
@@ -84,3 +87,13 @@ def run(base: BaseRef, out_dir: Path) -> None:
         else:
             raise AssertionError(f"a {base.kind} base needs no import")
         write_index(tmp)
+
+
+def tasks(build: ModelBuild) -> list[Task]:
+    base, paths = build.model.base, build.paths
+    if not paths.imported:  # a Hugging Face folder is read where it is
+        return []
+    return [Task(build.model.name, f"{base.text} → Hugging Face folder", run,
+                 {"base": base, "out_dir": paths.base}, {"base": base.text},
+                 inputs=[base.path] if base.kind == "gguf" else [], outputs=[paths.base],
+                 targets=[paths.base / INDEX])]

@@ -17,7 +17,10 @@ from . import hf, lora
 from .atomic import atomic_dir
 from .errors import BuildError
 from .hashing import INDEX, tree_files, write_index
+from .task import ModelBuild, Task
 
+REVISION = 2
+TOOLS = ("safetensors", "torch")
 CHUNK = 16 << 20
 TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -77,3 +80,14 @@ def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = F
             merged += merge_shard(shard, header, tmp / shard.name, adapter)
         write_index(tmp)
     print(f"merged {merged} weights of {Path(adapter_dir).name} into {out_dir}")
+
+
+def tasks(build: ModelBuild) -> list[Task]:
+    paths = build.paths
+    if not paths.adapter:
+        return []
+    return [Task(build.model.name, "LoRA folded into the base weights → Hugging Face folder", run,
+                 {"adapter_dir": paths.adapter, "base_dir": paths.base, "out_dir": paths.merged,
+                  "allow_pickle": build.adapter_options.allow_pickle},
+                 {}, inputs=paths.adapter_files() + paths.base_files(), outputs=[paths.merged],
+                 targets=[paths.merged / INDEX])]

@@ -16,13 +16,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import os
+
 import gguf
 
-from . import __version__, ggufheader, modelfile, oci
+from . import __version__, evaluate, ggufheader, modelfile, oci, registry
 from .atomic import atomic_dir, link_or_copy
-from .hashing import HashingWriter, file_sha256, remember, tree_files, write_index
-from .spec import PackageSpec
+from .hashing import INDEX, HashingWriter, file_sha256, remember, tree_files, write_index
+from .spec import PackageSpec, Spec
+from .task import ModelBuild, Task
 
+REVISION = 1
+TOOLS = ("gguf",)
 DEFAULT_CONTEXT = 4096
 
 
@@ -155,3 +160,44 @@ def run(*, release: Release, options: PackageSpec, out_dir: Path, source_date_ep
         sums = "".join(f"{file_sha256(p)}  {p.relative_to(tmp).as_posix()}\n" for p in tree_files(tmp))
         (tmp / "SHA256SUMS").write_text(sums, encoding="utf-8")
         write_index(tmp)
+
+
+def docker_reference(spec: Spec, model: str, variant: str) -> str:
+    if spec.package.registry:
+        return registry.reference(spec.package.registry, spec.package.tag, model, variant)
+    return spec.package.tag.format(model=model, variant=variant)
+
+
+def releases(build: ModelBuild) -> list[Release]:
+    """Every quantized variant (or the converted GGUF when there are none), and with a LoRA the
+    adapter route too: base GGUF + GGUF LoRA, for Ollama's ADAPTER and llama.cpp --lora."""
+    model, paths = build.model, build.paths
+    found = [Release(model.name, variant, paths.gguf(build.release, variant), None,
+                     docker_reference(build.spec, model.name, variant))
+             for variant in model.quantize or [model.outtype.upper()]]
+    if build.lora_gguf:
+        found.append(Release(model.name, "lora", paths.gguf(model.name, model.outtype.upper()), build.lora_gguf,
+                             docker_reference(build.spec, model.name, "lora")))
+    return found
+
+
+def tasks(build: ModelBuild) -> list[Task]:
+    """A package per release, measured before it ships: a variant that misses its gate is not packaged."""
+    options = build.model.package
+    source_date_epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or "0")
+    found = []
+    for release in releases(build):
+        folder = build.paths.package(release.variant)
+        gate = build.model.eval.gate.get(release.variant)
+        found.append(Task(
+            f"{release.model}-{release.variant}", f"{release.variant} → OCI artifact, Modelfile, compose.yaml", run,
+            {"release": release, "options": options, "out_dir": folder, "source_date_epoch": source_date_epoch},
+            {"variant": release.variant, "reference": release.reference, "source_date_epoch": source_date_epoch,
+             **options.model_dump(mode="json", exclude={"license"}),
+             **({"gate": gate.model_dump(exclude_none=True)} if gate else {})},
+            inputs=[release.gguf] + ([release.lora] if release.lora else []) + ([options.license] if options.license else []),
+            outputs=[folder], targets=[folder / INDEX],
+            after=[f"eval:{evaluate.task_name(build, release.variant)}"],
+            checks=[(evaluate.check_gate, {"result_path": build.paths.eval(release.variant),
+                                           "variant": release.variant, "gate": gate})] if gate else []))
+    return found

@@ -14,6 +14,10 @@ from pathlib import Path
 from .atomic import atomic_file
 from .errors import BuildError
 from .spec import QUANT_TYPES
+from .task import ModelBuild, Task
+
+REVISION = 1
+TOOLS = ("llama-cpp-python",)
 
 
 @contextlib.contextmanager
@@ -48,3 +52,13 @@ def run(in_path: Path, out_path: Path, quant_type: str, threads: int = 0) -> Non
             raise BuildError(f"llama.cpp could not quantize {in_path} to {quant_type} (status {status}): {tail}")
         size_in, size_out = os.path.getsize(in_path), os.path.getsize(tmp)
     print(f"{out_path.name}: {size_out / 1e6:.1f} MB, {size_out / size_in:.0%} of {in_path.name}")
+
+
+def tasks(build: ModelBuild) -> list[Task]:
+    model, paths, release = build.model, build.paths, build.release
+    converted = paths.gguf(release, model.outtype.upper())
+    return [Task(f"{release}-{quant}", f"GGUF {model.outtype} → {quant} (llama.cpp)", run,
+                 {"in_path": converted, "out_path": paths.gguf(release, quant), "quant_type": quant,
+                  "threads": build.spec.threads},
+                 {"type": quant}, inputs=[converted], outputs=[paths.gguf(release, quant)])
+            for quant in model.quantize]

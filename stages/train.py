@@ -24,6 +24,10 @@ from . import lora
 from .atomic import atomic_dir
 from .errors import BuildError
 from .spec import TrainSpec
+from .task import ModelBuild, Task
+
+REVISION = 1
+TOOLS = ("torch", "transformers", "peft", "safetensors", "tokenizers")
 
 LOG = "train_log.jsonl"
 IGNORE = -100  # label of tokens that carry no loss
@@ -284,3 +288,14 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
     _save(model, base_dir, out_dir, model_name, log)
     if val_rows:
         print(f"  validation loss {log[0]['val_loss']:.4f} → {log[-1]['val_loss']:.4f}")
+
+
+def tasks(build: ModelBuild) -> list[Task]:
+    model, paths = build.model, build.paths
+    if not model.train:
+        return []
+    return [Task(model.name, "LoRA fine-tune (PyTorch + PEFT)", run,
+                 {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,
+                  "threads": build.spec.threads},
+                 model.train.params(), inputs=paths.base_files() + model.train.data_files,
+                 outputs=paths.adapter_files(), clean=[paths.adapter])]

@@ -1,0 +1,119 @@
+"""One shape for every task of every stage: what it reads, writes, depends on and runs.
+
+Each stage module declares `tasks(build) -> list[Task]` (and its `REVISION` and `TOOLS`);
+`stages.graph` only wires those descriptions into doit tasks. The manifest, the lock and the
+cache all wrap tasks through this one shape, so none of them needs to know a stage's arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .hashing import INDEX, tree_files
+from .lora import ADAPTER_FILES
+from .spec import AdapterSpec, ModelSpec, Spec
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """Where one model's artifacts live; the single source of cache layout."""
+
+    root: Path  # cache/<model>
+    base: Path  # the Hugging Face directory the PyTorch stages read
+    imported: bool
+    adapter: Path | None  # the PEFT adapter folder: trained into the cache, or the user's own
+    trained: bool
+
+    @classmethod
+    def of(cls, spec: Spec, model: ModelSpec) -> ModelPaths:
+        root = spec.cache / model.name
+        imported = model.base.kind != "hf_dir"
+        base = root / "base" if imported else model.base.path
+        adapter = root / "adapter" if model.train else (model.adapter.path if model.has_adapter else None)
+        return cls(root, base, imported, adapter, trained=model.train is not None)
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    def gguf(self, stem: str, variant: str) -> Path:
+        return self.root / "gguf" / f"{stem}.{variant}.gguf"
+
+    def package(self, variant: str) -> Path:
+        return self.root / "package" / variant
+
+    def eval(self, variant: str) -> Path:
+        return self.root / "eval" / f"{variant}.json"
+
+    def base_files(self) -> list[Path]:
+        return [self.base / INDEX] if self.imported else tree_files(self.base)
+
+    def adapter_files(self) -> list[Path]:
+        if self.trained:
+            return [self.adapter / name for name in ADAPTER_FILES]
+        return tree_files(self.adapter)
+
+
+@dataclass(frozen=True)
+class ModelBuild:
+    """One model of a spec, with where its artifacts go: what every stage's `tasks` is given."""
+
+    spec: Spec
+    model: ModelSpec
+    paths: ModelPaths
+
+    @classmethod
+    def of(cls, spec: Spec, model: ModelSpec) -> ModelBuild:
+        return cls(spec, model, ModelPaths.of(spec, model))
+
+    @property
+    def adapter_options(self) -> AdapterSpec:
+        return self.model.adapter or AdapterSpec()
+
+    @property
+    def release(self) -> str:
+        """The stem of the GGUFs that are released: the merged model's when there is an adapter."""
+        return f"{self.model.name}-merged" if self.paths.adapter else self.model.name
+
+    @property
+    def lora_gguf(self) -> Path | None:
+        if not self.paths.adapter:
+            return None
+        return self.paths.gguf(self.model.name, f"lora.{self.adapter_options.outtype.upper()}")
+
+    def input_name(self, path: Path) -> str:
+        """How the manifest and the lock name an input: the same on every machine, never a host path."""
+        base = self.model.base
+        if path.is_relative_to(self.paths.root):
+            return path.relative_to(self.paths.root).as_posix()
+        if path == base.path:
+            return base.text
+        if path.is_relative_to(base.path):  # a file of an hf_dir base
+            return f"{base.text}/{path.relative_to(base.path).as_posix()}"
+        if self.spec.source and path.is_relative_to(self.spec.source.parent):
+            return path.relative_to(self.spec.source.parent).as_posix()
+        return path.name
+
+
+@dataclass
+class Task:
+    """What one task of a stage reads, writes and runs; `stages.graph` makes it a doit task.
+
+    It is up to date while its inputs hash as they did, its params and the stage's versions are
+    unchanged, and its outputs still hash as the last run left them.
+    """
+
+    name: str  # the part after `<stage>:` in `doit list`
+    doc: str
+    action: Callable[..., object]  # the stage's work: action(**kwargs); it may return facts for the run record
+    kwargs: dict
+    params: dict  # everything besides input files that shapes the outputs, as the spec resolves it
+    inputs: list[Path]  # files whose bytes it reads
+    outputs: list[Path]  # files or folders it writes (a folder counts by the files in it)
+    targets: list[Path] | None = None  # the files later tasks depend on; default: the outputs
+    artifact: bool = True  # False for results that hold timings (eval): not in the manifest or the lock
+    after: list[str] = field(default_factory=list)  # tasks that must run first though no file links them
+    checks: list[tuple[Callable[..., object], dict]] = field(default_factory=list)  # run before the action
+    clean: list[Path] | None = None  # what `doit clean` removes; default: the outputs
