@@ -82,6 +82,16 @@ def task_report():
     return TASKS["report"][0]
 
 
+def task_lock():
+    """write models.lock (<spec stem>.lock) from the build, building what is stale first"""
+    return graph.lock_task(SPEC, DOIT_CONFIG["default_tasks"])
+
+
+def task_check():
+    """build what is stale, then compare every artifact with the committed lock (CI's reproducibility check)"""
+    return graph.check_task(SPEC, DOIT_CONFIG["default_tasks"])
+
+
 def task_push():
     """push every package to the registry of [package], and check the digest it serves"""
     yield from TASKS["push"]

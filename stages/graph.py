@@ -16,7 +16,7 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from . import __version__, adapter, convert, evaluate, import_, manifest, merge, package, quantize, registry, runlog, train
+from . import __version__, adapter, convert, evaluate, import_, lock, manifest, merge, package, quantize, registry, runlog, train
 from .errors import BuildError
 from .hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions
 from .manifest import Producer
@@ -40,8 +40,8 @@ def versions(stage: str) -> dict[str, str]:
 def run_stage(func, kwargs: dict, outputs: list[Path], cache: Path, task: str):
     """doit python-action: run one stage, timed for the report; a BuildError becomes a one-paragraph failure."""
     try:
-        with runlog.measured(cache, task):
-            func(**kwargs)
+        with runlog.measured(cache, task) as platform:
+            platform |= func(**kwargs) or {}  # a stage may report more of what shaped its bytes
     except BuildError as err:
         return TaskFailed(str(err))
     return {"outputs": record_outputs([str(f) for f in expand_files(outputs)])}
@@ -219,6 +219,26 @@ def _report_task(spec: Spec, all_tasks: dict[str, list[dict]]) -> dict:
         "uptodate": [config_changed(fingerprint({"models": [repr(m) for m in models]}, {"modelmake": __version__})),
                      outputs_intact, (_runs_unchanged, [], {"cache": spec.cache})],
         "clean": [(remove, [[out_dir]])],
+    }
+
+
+def lock_task(spec: Spec, build: list[str]) -> dict:
+    return {
+        "doc": f"write {lock.lock_path(spec).name} from the build (what is stale is built first); commit it",
+        "actions": [(run_action, [lock.write_from_build, {"spec": spec}])],
+        "task_dep": list(build),
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
+def check_task(spec: Spec, build: list[str]) -> dict:
+    return {
+        "doc": f"build what is stale, then compare every artifact with {lock.lock_path(spec).name} (CI's check)",
+        "actions": [(run_action, [lock.check, {"spec": spec}])],
+        "task_dep": list(build),
+        "uptodate": [False],
+        "verbosity": 2,
     }
 
 

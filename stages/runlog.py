@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import platform
 import re
 import resource
 import sys
@@ -43,15 +44,22 @@ def _peak_mb() -> float:
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
+def platform_facts() -> dict[str, str]:
+    """Where a task runs, as far as it can change bytes everywhere: the OS and the CPU architecture."""
+    return {"os": platform.system(), "arch": platform.machine()}
+
+
 @contextlib.contextmanager
 def measured(cache: Path, task: str):
-    """Time the block and take its peak memory; write the record only if it succeeds."""
+    """Time the block and take its peak memory; write the record only if it succeeds. The block
+    may add what else of the platform shaped its bytes to the yielded dict (train: device, dtype)."""
     per_task = _reset_peak()
     started = time.perf_counter()
-    yield
+    facts = platform_facts()
+    yield facts
     record = {"task": task, "build": BUILD, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "wall_s": round(time.perf_counter() - started, 3), "peak_rss_mb": round(_peak_mb(), 1),
-              "peak_of": "task" if per_task else "process"}
+              "peak_of": "task" if per_task else "process", "platform": facts}
     path = record_path(cache, task)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:

@@ -264,7 +264,8 @@ def _save(model, base_dir: Path, out_dir: Path, model_name: str, log: list[dict]
         (tmp / LOG).write_text("".join(json.dumps(r) + "\n" for r in log), encoding="utf-8")
 
 
-def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int = 0) -> None:
+def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int = 0) -> dict[str, str]:
+    """Train and save the adapter; returns the platform facts that shaped its bytes, for the lock."""
     import torch
     from transformers import AutoTokenizer
 
@@ -288,6 +289,10 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
     _save(model, base_dir, out_dir, model_name, log)
     if val_rows:
         print(f"  validation loss {log[0]['val_loss']:.4f} → {log[-1]['val_loss']:.4f}")
+    facts = {"device": device, "dtype": str(dtype).removeprefix("torch.")}
+    if device == "cpu":  # the SIMD kernels torch picked and how many threads split the sums shape the floats
+        facts |= {"cpu_kernels": torch.backends.cpu.get_cpu_capability(), "threads": str(torch.get_num_threads())}
+    return facts | ({"resumed": "true"} if resumed else {})
 
 
 def tasks(build: ModelBuild) -> list[Task]:
