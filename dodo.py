@@ -1,4 +1,5 @@
-"""modelmake: `doit` builds every model of models.toml; `doit spec=PATH` builds another spec.
+"""modelmake: `doit` builds every model of models.toml; `doit spec=PATH` builds another spec;
+`doit cache=off` runs every stale task instead of restoring it from the action cache.
 
 The graph lives in stages.graph; this file only loads the spec and hands its tasks to doit,
 one `task_<stage>` per stage, in the order of the lifecycle.
@@ -15,7 +16,9 @@ from stages.spec import load_spec
 
 try:
     SPEC = load_spec(get_var("spec", "models.toml"))
-    TASKS = graph.tasks(SPEC)
+    if get_var("cache", "on") not in ("on", "off"):
+        raise BuildError(f"cache={get_var('cache')}: say cache=off to build without the action cache (default on)")
+    TASKS = graph.tasks(SPEC, use_cache=get_var("cache", "on") == "on")
 except BuildError as err:
     sys.exit(f"modelmake: {err}")
 SPEC.cache.mkdir(parents=True, exist_ok=True)
@@ -100,6 +103,16 @@ def task_push():
 def task_verify():
     """re-hash every artifact against manifest.json and SHA256SUMS"""
     yield from TASKS["verify"]
+
+
+def task_cache_push():
+    """upload every task output this checkout has built to the [cache] remote"""
+    return graph.cache_push_task(SPEC)
+
+
+def task_cache_gc():
+    """doit cache-gc --keep-size 20GB: drop least recently used cache entries (never this build's)"""
+    return graph.cache_gc_task(SPEC)
 
 
 def task_pull():

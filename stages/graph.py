@@ -5,6 +5,8 @@ Each stage of each model becomes one doit sub-task (`import:NAME`, `convert:NAME
 - its input files hash (blake3) as they did (`file_dep` + `hashing.Blake3Checker`),
 - its parameters and tool versions are unchanged (`config_changed` on a fingerprint),
 - its outputs still hash as the last run left them (`hashing.outputs_intact`).
+A stale task first looks its action key up in the action cache (`stages.cache`): on a hit its
+outputs are restored instead of the stage running; after a run they are recorded there.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from . import __version__, adapter, convert, evaluate, import_, lock, manifest, merge, package, quantize, registry, runlog, train
+from .cache import ActionCache, ActionKey, Recipe, Store, collect_garbage, measure, parse_size
 from .errors import BuildError
 from .hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions
 from .manifest import Producer
+from .remote import Remote
 from .spec import ModelSpec, Spec
 from .task import ModelBuild, Task
 
@@ -37,11 +41,22 @@ def versions(stage: str) -> dict[str, str]:
     return {"modelmake": __version__, f"stage.{stage}": str(revision), **tool_versions(*tools)}
 
 
-def run_stage(func, kwargs: dict, outputs: list[Path], cache: Path, task: str):
-    """doit python-action: run one stage, timed for the report; a BuildError becomes a one-paragraph failure."""
+def run_stage(func, kwargs: dict, outputs: list[Path], cache: Path, task: str, recipe: Recipe,
+              action_cache: ActionCache | None):
+    """doit python-action: restore the task's outputs from the action cache, or run the stage and
+    record them there; timed for the report. A BuildError becomes a one-paragraph failure."""
     try:
-        with runlog.measured(cache, task) as platform:
-            platform |= func(**kwargs) or {}  # a stage may report more of what shaped its bytes
+        with runlog.measured(cache, task) as run:
+            key = recipe.key() if action_cache else None
+            restored = action_cache.restore(recipe, key) if key else None
+            if restored:
+                run |= restored  # the platform it was built on, for the lock
+            else:
+                run["platform"] |= func(**kwargs) or {}  # a stage may report more of what shaped its bytes
+            if key:
+                run["action_key"] = key
+        if key and not restored:
+            action_cache.record(recipe, key, run)
     except BuildError as err:
         return TaskFailed(str(err))
     return {"outputs": record_outputs([str(f) for f in expand_files(outputs)])}
@@ -71,18 +86,23 @@ def run_check(func, kwargs: dict):
         return TaskFailed(str(err))
 
 
-def doit_task(stage: str, task: Task, cache: Path) -> dict:
+def doit_task(stage: str, task: Task, build: ModelBuild, action_cache: ActionCache | None) -> dict:
     """A stage's task description → the doit task; every stage is wrapped the same way."""
-    outputs = task.outputs
+    outputs, name = task.outputs, f"{stage}:{task.name}"
+    cache = build.spec.cache
+    recipe = Recipe(name, {build.input_name(p): p for p in task.inputs}, task.params, versions(stage),
+                    tuple(task.written), cache)
     wired = {
         "name": task.name,
         "doc": task.doc,
         "actions": [*((run_check, [check, kwargs]) for check, kwargs in task.checks),
-                    (run_stage, [task.action, task.kwargs, outputs, cache, f"{stage}:{task.name}"])],
+                    (run_stage, [task.action, task.kwargs, outputs, cache, name, recipe,
+                                 action_cache if task.cacheable else None])],
         "file_dep": [str(p) for p in task.inputs],
         "targets": [str(p) for p in task.targets or outputs],
         "uptodate": [config_changed(fingerprint(task.params, versions(stage))), outputs_intact],
-        "clean": [(remove, [task.clean or outputs])],
+        "clean": [(remove, [task.written])],
+        "meta": {"action key": ActionKey(recipe)},
     }
     if task.after:
         wired["task_dep"] = list(task.after)
@@ -96,7 +116,7 @@ def producer(stage: str, task: Task, build: ModelBuild) -> Producer:
                     versions=versions(stage))
 
 
-def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
+def model_tasks(spec: Spec, model: ModelSpec, action_cache: ActionCache | None) -> dict[str, list[dict]]:
     """Every task of one model, by stage, in lifecycle order: each stage's own, then the manifest
     over every artifact, and the push and verify tasks that run only when named."""
     build = ModelBuild.of(spec, model)
@@ -106,7 +126,7 @@ def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
     built: list[Path] = []  # every artifact task's targets: what the manifest waits for
     for stage, module in STAGE_MODULES.items():
         for task in module.tasks(build):
-            wired[stage].append(doit_task(stage, task, spec.cache))
+            wired[stage].append(doit_task(stage, task, build, action_cache))
             if task.artifact:
                 built.extend(task.targets or task.outputs)
                 producers.append(producer(stage, task, build))
@@ -130,7 +150,7 @@ def model_tasks(spec: Spec, model: ModelSpec) -> dict[str, list[dict]]:
     wired["manifest"].append(doit_task("manifest", Task(
         model.name, "manifest.json + SHA256SUMS of every artifact", manifest.run,
         {"model": model.name, "model_dir": paths.root, "producers": producers},
-        {"producers": described}, inputs=built, outputs=manifest_files), spec.cache))
+        {"producers": described}, inputs=built, outputs=manifest_files), build, action_cache))
     wired["verify"].append({
         "name": model.name,
         "doc": "re-hash every artifact against manifest.json and SHA256SUMS",
@@ -177,11 +197,11 @@ def _no_registry(source: Path) -> str:
     raise BuildError(f"{source}: no registry to push to: add [package] registry = \"host[:port]/namespace\"")
 
 
-def _report_action(models, nodes, spec_name: str, cache: Path, out_dir: Path):
+def _report_action(models, nodes, spec_name: str, cache: Path, out_dir: Path, store: Store):
     from . import report
 
     try:
-        report.run(models, nodes, spec_name, cache, out_dir)
+        report.run(models, nodes, spec_name, cache, out_dir, report.store_words(measure(store)))
     except BuildError as err:
         return TaskFailed(str(err))
     return {"outputs": record_outputs([str(out_dir / "REPORT.md"), str(out_dir / "report.html")])}
@@ -213,7 +233,8 @@ def _report_task(spec: Spec, all_tasks: dict[str, list[dict]]) -> dict:
     outputs = [out_dir / "REPORT.md", out_dir / "report.html"]
     return {
         "doc": "REPORT.md and report.html: eval tables, fine-tune before/after, loss curve, build times, task graph",
-        "actions": [(_report_action, [models, nodes, spec.source.stem if spec.source else "spec", spec.cache, out_dir])],
+        "actions": [(_report_action, [models, nodes, spec.source.stem if spec.source else "spec", spec.cache, out_dir,
+                                      action_cache(spec).store])],
         "file_dep": [str(p) for p in file_dep],
         "targets": [str(p) for p in outputs],
         "uptodate": [config_changed(fingerprint({"models": [repr(m) for m in models]}, {"modelmake": __version__})),
@@ -242,11 +263,77 @@ def check_task(spec: Spec, build: list[str]) -> dict:
     }
 
 
-def tasks(spec: Spec) -> dict[str, list[dict]]:
-    """stage → the doit sub-task dicts of every model, for dodo.py's `task_<stage>` creators."""
+def action_cache(spec: Spec) -> ActionCache:
+    """The spec's [cache]: the local store, and the registry behind it if one is named."""
+    options = spec.cache_options
+    remote = Remote(options.remote, options.push, options.tls_verify) if options.remote else None
+    return ActionCache(Store(options.store or spec.cache / ".store"), remote)
+
+
+def _built_keys(spec: Spec) -> dict[str, str]:
+    """task → the action key its last run (or restore) had: what this checkout's build uses."""
+    return {task: record["action_key"] for task, record in runlog.read_records(spec.cache).items()
+            if "action_key" in record}
+
+
+def _cache_push(spec: Spec) -> str:
+    cache = action_cache(spec)
+    if cache.remote is None:
+        raise BuildError(f"{spec.source}: no remote to push the cache to: add [cache] remote = \"host[:port]/repository\"")
+    pushed, absent = 0, []
+    for task, key in sorted(_built_keys(spec).items()):
+        entry = cache.store.lookup(key)
+        if entry is None:
+            absent.append(task)
+            continue
+        cache.remote.upload(entry, cache.store)
+        pushed += 1
+    note = f"; not in the local store (built with `cache=off`, or collected): {', '.join(absent)}" if absent else ""
+    return f"{pushed} cache entries pushed to {cache.remote.repository}{note}"
+
+
+def cache_push_task(spec: Spec) -> dict:
+    return {
+        "basename": "cache-push",
+        "doc": "upload every task output this checkout has built to the [cache] remote",
+        "actions": [(run_action, [_cache_push, {"spec": spec}])],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
+def _cache_gc(keep_size: str, spec: Spec) -> str:
+    try:
+        limit = parse_size(keep_size)
+    except ValueError as err:
+        raise BuildError(f"doit cache-gc --keep-size: {err}") from None
+    store = action_cache(spec).store
+    return collect_garbage(store, limit, set(_built_keys(spec).values()))
+
+
+def _cache_gc_action(keep_size: str, spec: Spec):
+    return run_action(_cache_gc, {"keep_size": keep_size, "spec": spec})
+
+
+def cache_gc_task(spec: Spec) -> dict:
+    return {
+        "basename": "cache-gc",
+        "doc": "shrink the local action cache to --keep-size (least recently used first, never this build's)",
+        "actions": [(_cache_gc_action, [], {"spec": spec})],
+        "params": [{"name": "keep_size", "long": "keep-size", "default": "20GB",
+                    "help": "the most the store may keep, e.g. 20GB, 500MB, 0 (default 20GB)"}],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
+def tasks(spec: Spec, use_cache: bool = True) -> dict[str, list[dict]]:
+    """stage → the doit sub-task dicts of every model, for dodo.py's `task_<stage>` creators;
+    `use_cache=False` (`doit cache=off`) runs every stale task instead of restoring it."""
     merged: dict[str, list[dict]] = {}
+    cache = action_cache(spec) if use_cache else None
     for model in spec.models:
-        for stage, stage_tasks in model_tasks(spec, model).items():
+        for stage, stage_tasks in model_tasks(spec, model, cache).items():
             merged.setdefault(stage, []).extend(stage_tasks)
     merged["report"] = [_report_task(spec, merged)]  # one task, not sub-tasks: dodo.py returns it as is
     if not spec.package.registry:  # `doit push` says what is missing instead of "unknown task"

@@ -88,11 +88,11 @@ def model_config(gguf_facts: dict, layers: list[Layer], created: str) -> dict:
     }
 
 
-def image_manifest(config_blob: bytes, layers: list[Layer]) -> dict:
+def image_manifest(config_blob: bytes, layers: list[Layer], config_type: str = MODEL_CONFIG) -> dict:
     return {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": descriptor(MODEL_CONFIG, sha256_digest(config_blob), len(config_blob)),
+        "config": descriptor(config_type, sha256_digest(config_blob), len(config_blob)),
         "layers": [layer_descriptor(layer) for layer in layers],
     }
 
@@ -134,14 +134,14 @@ def _write_blob(layout: Path, data: bytes) -> str:
     return digest
 
 
-def write_layout(layout: Path, layers: list[Layer], config: dict, tag: str) -> str:
+def write_layout(layout: Path, layers: list[Layer], config: dict, tag: str, config_type: str = MODEL_CONFIG) -> str:
     """Write an OCI image layout into the empty folder `layout`; return the manifest digest."""
     layout.mkdir(parents=True, exist_ok=True)
     for layer in layers:
         _place_blob(layout, layer.digest, layer.path)
     config_blob = json_bytes(config)
     _write_blob(layout, config_blob)
-    manifest_blob = json_bytes(image_manifest(config_blob, layers))
+    manifest_blob = json_bytes(image_manifest(config_blob, layers, config_type))
     manifest_digest = _write_blob(layout, manifest_blob)
     (layout / "index.json").write_bytes(json_bytes(image_index(manifest_blob, tag)))
     (layout / "oci-layout").write_bytes(json_bytes({"imageLayoutVersion": "1.0.0"}))

@@ -78,35 +78,55 @@ def auth_file(host: str):
     yield docker_config if docker_config.is_file() else None
 
 
-def _explain(stderr: str, ref: str) -> str:
-    """skopeo's last error line, and what to do about the usual ones."""
+def classify(stderr: str) -> tuple[str, str]:
+    """(kind, detail) of skopeo's last error line; kind is one of auth, unreachable, damaged,
+    missing, plain-http or other."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     detail = re.sub(r'^time="[^"]*" level=\w+ msg="(.*)"$', r"\1", lines[-1] if lines else "no output")
     lowered = detail.lower()
-    if "unauthorized" in lowered or "authentication required" in lowered or "denied" in lowered:
-        return (f"the registry refused the credentials for {ref}: set MODELMAKE_REGISTRY_USER and "
-                f"MODELMAKE_REGISTRY_PASSWORD, or `docker login` to it ({detail})")
-    if "connection refused" in lowered or "no such host" in lowered or "i/o timeout" in lowered:
-        return f"cannot reach the registry of {ref} after {RETRIES + 1} tries: is it running, and is the address right? ({detail})"
-    if "digest did not match" in lowered:
-        return f"a blob of {ref} does not have the digest its manifest names: the registry's copy is damaged ({detail})"
-    if "manifest unknown" in lowered or "name unknown" in lowered or "not found" in lowered:
-        return f"{ref} is not in the registry: check the repository and tag ({detail})"
-    if "http response to https client" in lowered:
-        return f"{ref}: the registry speaks plain HTTP; set [package] tls_verify = false ({detail})"
-    return f"skopeo failed for {ref}: {detail}"
+    for kind, signs in (("auth", ("unauthorized", "authentication required", "denied")),
+                        ("unreachable", ("connection refused", "no such host", "i/o timeout")),
+                        ("damaged", ("digest did not match",)),
+                        ("missing", ("manifest unknown", "name unknown", "not found")),
+                        ("plain-http", ("http response to https client",))):
+        if any(sign in lowered for sign in signs):
+            return kind, detail
+    return "other", detail
+
+
+def _explain(kind: str, detail: str, ref: str) -> str:
+    """What went wrong with `ref`, and what to do about the usual cases."""
+    return {
+        "auth": f"the registry refused the credentials for {ref}: set MODELMAKE_REGISTRY_USER and "
+                f"MODELMAKE_REGISTRY_PASSWORD, or `docker login` to it ({detail})",
+        "unreachable": f"cannot reach the registry of {ref} after {RETRIES + 1} tries: is it running, and is the "
+                       f"address right? ({detail})",
+        "damaged": f"a blob of {ref} does not have the digest its manifest names: the registry's copy is damaged ({detail})",
+        "missing": f"{ref} is not in the registry: check the repository and tag ({detail})",
+        "plain-http": f"{ref}: the registry speaks plain HTTP; set [package] tls_verify = false ({detail})",
+    }.get(kind, f"skopeo failed for {ref}: {detail}")
+
+
+class SkopeoError(BuildError):
+    """A skopeo failure, with its kind (see `classify`) for callers that degrade instead of failing."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def skopeo(*args: str, ref: str) -> bytes:
     if shutil.which("skopeo") is None:
-        raise BuildError("skopeo is not installed: `apt-get install skopeo` (Debian/Ubuntu) or see containers/skopeo")
+        raise SkopeoError("skopeo is not installed: `apt-get install skopeo` (Debian/Ubuntu) or see containers/skopeo",
+                          "no-skopeo")
     result = subprocess.run(["skopeo", *args], capture_output=True)
     if result.returncode != 0:
-        raise BuildError(_explain(result.stderr.decode(errors="replace"), ref))
+        kind, detail = classify(result.stderr.decode(errors="replace"))
+        raise SkopeoError(_explain(kind, detail, ref), kind)
     return result.stdout
 
 
-def _transport_flags(side: str, host: str, tls_verify: bool | None, authfile: Path | None) -> list[str]:
+def transport_flags(side: str, host: str, tls_verify: bool | None, authfile: Path | None) -> list[str]:
     verify = default_tls_verify(host) if tls_verify is None else tls_verify
     flags = [f"--{side}tls-verify={'true' if verify else 'false'}"]
     return flags + ([f"--{side}authfile={authfile}"] if authfile else [])
@@ -120,10 +140,10 @@ def push(*, layout: Path, tag: str, ref: str, tls_verify: bool | None) -> str:
     with auth_file(host) as authfile, tempfile.TemporaryDirectory(prefix="modelmake-push-") as work:
         digest_file = Path(work) / "digest"
         skopeo("copy", "--quiet", f"--retry-times={RETRIES}", f"--digestfile={digest_file}",
-               *_transport_flags("dest-", host, tls_verify, authfile), f"oci:{layout}:{tag}", f"docker://{ref}", ref=ref)
+               *transport_flags("dest-", host, tls_verify, authfile), f"oci:{layout}:{tag}", f"docker://{ref}", ref=ref)
         pushed = digest_file.read_text().strip()
         raw = skopeo("inspect", "--raw", f"--retry-times={RETRIES}",
-                     *_transport_flags("", host, tls_verify, authfile), f"docker://{ref}", ref=ref)
+                     *transport_flags("", host, tls_verify, authfile), f"docker://{ref}", ref=ref)
     served = oci.sha256_digest(raw)
     if not pushed == served == local_digest:
         raise BuildError(f"{ref}: the registry holds manifest {served} (push reported {pushed}), "
@@ -167,7 +187,7 @@ def pull(*, ref: str, dest: Path, tls_verify: bool | None) -> str:
         layout = staged / "oci"
         staged.mkdir()
         with auth_file(host) as authfile:
-            skopeo("copy", "--quiet", f"--retry-times={RETRIES}", *_transport_flags("src-", host, tls_verify, authfile),
+            skopeo("copy", "--quiet", f"--retry-times={RETRIES}", *transport_flags("src-", host, tls_verify, authfile),
                    f"docker://{ref}", f"oci:{layout}:pulled", ref=ref)
         digest, manifest = verify_layout(layout)
         if not any(layer["mediaType"] == oci.GGUF for layer in manifest["layers"]):

@@ -154,14 +154,22 @@ def transitive_reduction(needs: dict[str, set[str]]) -> dict[str, set[str]]:
             for node, direct in needs.items()}
 
 
-def mermaid(nodes: list[Node], ran: set[str]) -> str:
+STATES = {  # a task's part in the last build → (Mermaid class, fill, stroke, text colour)
+    "ran": ("ran", "#c8e6c0", "#2f7a21", "#10320a"),
+    "restored": ("restored", "#cfe3f7", "#1f5f9e", "#0b2b4a"),
+    "up to date": ("uptodate", "#eef0f3", "#8b949e", "#3d444d"),
+}
+
+
+def mermaid(nodes: list[Node], states: dict[str, str]) -> str:
+    """`states`: task → its part in the last build (a key of STATES); absent is up to date."""
     ids = {node.task: f"t{i}" for i, node in enumerate(nodes)}
     lines = ["flowchart LR"]
     lines += [f"  {ids[n.task]}[\"{n.task}\"]" for n in nodes]
     lines += [f"  {ids[need]} --> {ids[n.task]}" for n in nodes for need in n.needs if need in ids]
-    lines += ["  classDef ran fill:#c8e6c0,stroke:#2f7a21,color:#10320a",
-              "  classDef uptodate fill:#eef0f3,stroke:#8b949e,color:#3d444d"]
-    for css, members in (("ran", [n for n in nodes if n.task in ran]), ("uptodate", [n for n in nodes if n.task not in ran])):
+    lines += [f"  classDef {css} fill:{fill},stroke:{stroke},color:{text}" for css, fill, stroke, text in STATES.values()]
+    for state, (css, *_) in STATES.items():
+        members = [n for n in nodes if states.get(n.task, "up to date") == state]
         if members:
             lines.append(f"  class {','.join(ids[n.task] for n in members)} {css}")
     return "\n".join(lines)
@@ -190,9 +198,9 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def graph_png(nodes: list[Node], ran: set[str]) -> bytes:
+def graph_png(nodes: list[Node], states: dict[str, str]) -> bytes:
     """The same graph as a picture, for the HTML page offline: a column per step of the longest path
-    to each task, a box per task, green where it ran in the last build."""
+    to each task, a box per task, coloured by its part in the last build (as the Mermaid graph)."""
     plt = _pyplot()
 
     needs = {n.task: n.needs for n in nodes}
@@ -218,7 +226,7 @@ def graph_png(nodes: list[Node], ran: set[str]) -> bytes:
                                         "shrinkA": 40, "shrinkB": 40})
     for task, (x, y) in place.items():
         stage, _, name = task.partition(":")
-        fill, edge = ("#c8e6c0", "#2f7a21") if task in ran else ("#eef0f3", "#8b949e")
+        _, fill, edge, _ = STATES[states.get(task, "up to date")]
         ax.text(x, y, f"{stage}\n{name}", ha="center", va="center", fontsize=7,
                 bbox={"boxstyle": "round,pad=0.35", "facecolor": fill, "edgecolor": edge})
     ax.set_xlim(-1.2, 2.4 * (len(columns) - 1) + 1.2)
@@ -361,38 +369,47 @@ def _train_log(path: Path | None) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def build_blocks(nodes: list[Node], records: dict[str, dict], images: dict[str, bytes]) -> list[Block]:
+def build_blocks(nodes: list[Node], records: dict[str, dict], images: dict[str, bytes], store: str) -> list[Block]:
     last = max((r["build"] for r in records.values()), default=None)
-    ran = {task for task, r in records.items() if r["build"] == last}
-    images["graph.png"] = graph_png(nodes, ran)
+    states = {task: "restored" if r.get("restored") else "ran" for task, r in records.items() if r["build"] == last}
+    images["graph.png"] = graph_png(nodes, states)
     rows = []
     for node in nodes:
         record = records.get(node.task)
-        rows.append([f"`{node.task}`", "ran" if node.task in ran else "up to date",
-                     f"{record['wall_s']:,.1f} s" if record else "—",
-                     f"{record['peak_rss_mb']:,.0f} MB" if record else "—",
+        state = states.get(node.task, "up to date")
+        rows.append([f"`{node.task}`", f"restored from {record['restored']}" if state == "restored" else state,
+                     f"{record.get('built_wall_s', record['wall_s']):,.1f} s" if record else "—",
+                     f"{record['peak_rss_mb']:,.0f} MB" if record and state != "restored" else "—",
                      record["finished"].replace("T", " ").replace("+00:00", " UTC") if record else "never"])
     peak_of = {r.get("peak_of") for r in records.values()}
+    restored = sum(1 for state in states.values() if state == "restored")
     return [Heading(2, "Build"),
             Text(f"The last build started {last.replace('T', ' ').replace('+00:00', ' UTC') if last else 'never'}; "
-                 f"{len(ran)} of {len(nodes)} tasks ran in it, the others were up to date. Wall time and peak "
-                 f"memory are each task's last run" + ("" if peak_of <= {"task"} else
-                                                       " (peak memory: of the whole doit process)") + "."),
+                 f"{len(states) - restored} of {len(nodes)} tasks ran in it, {restored} were restored from the action "
+                 f"cache, the others were up to date. Wall time and peak memory are each task's last run (for a "
+                 f"restored task, the run that built it)" + ("" if peak_of <= {"task"} else
+                                                             " (peak memory: of the whole doit process)") + f". {store}"),
             Table(["task", "last build", "wall time", "peak memory", "last rebuilt"], rows),
             Heading(3, "Task graph"),
             Text("Generated from the doit graph (an arrow: reads the output of, or waits for). "
-                 "Green: ran in the last build; grey: up to date."),
-            Mermaid(mermaid(nodes, ran), "graph.png")]
+                 "Green: ran in the last build; blue: restored from the action cache; grey: up to date."),
+            Mermaid(mermaid(nodes, states), "graph.png")]
 
 
-def run(models: list[ModelInputs], nodes: list[Node], spec_name: str, cache: Path, out_dir: Path) -> None:
+def store_words(size) -> str:
+    """The action cache's size, for the build section (`size`: a stages.cache.StoreSize)."""
+    return (f"The action cache holds {size.entries} entries, {_mb(size.size)} in {size.blobs} files, "
+            f"{_mb(size.own)} of them in no output folder (`doit cache-gc --keep-size …` trims it).")
+
+
+def run(models: list[ModelInputs], nodes: list[Node], spec_name: str, cache: Path, out_dir: Path, store: str) -> None:
     images: dict[str, bytes] = {}
     blocks: list[Block] = [Heading(1, f"modelmake report: {spec_name}"),
                            Text(f"Built by modelmake {__version__}. Rebuild this page alone with `doit report` "
                                 "(or `doit -a report` when nothing changed).")]
     for model in models:
         blocks += model_blocks(model, images)
-    blocks += build_blocks(nodes, runlog.read_records(cache), images)
+    blocks += build_blocks(nodes, runlog.read_records(cache), images, store)
     with atomic_file(out_dir / "REPORT.md") as tmp:
         tmp.write_text(to_markdown(blocks), encoding="utf-8")
     for name, data in images.items():

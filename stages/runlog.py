@@ -52,18 +52,19 @@ def platform_facts() -> dict[str, str]:
 @contextlib.contextmanager
 def measured(cache: Path, task: str):
     """Time the block and take its peak memory; write the record only if it succeeds. The block
-    may add what else of the platform shaped its bytes to the yielded dict (train: device, dtype)."""
+    adds to the yielded run what else shaped its bytes (run["platform"]: train's device and dtype)
+    or that it restored its outputs from the action cache; on exit the run holds the whole record."""
     per_task = _reset_peak()
     started = time.perf_counter()
-    facts = platform_facts()
-    yield facts
-    record = {"task": task, "build": BUILD, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "wall_s": round(time.perf_counter() - started, 3), "peak_rss_mb": round(_peak_mb(), 1),
-              "peak_of": "task" if per_task else "process", "platform": facts}
+    run = {"platform": platform_facts()}
+    yield run
+    run |= {"task": task, "build": BUILD, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - started, 3), "peak_rss_mb": round(_peak_mb(), 1),
+            "peak_of": "task" if per_task else "process"}
     path = record_path(cache, task)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(run, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_records(cache: Path) -> dict[str, dict]:

@@ -179,6 +179,28 @@ class PublishSpec(Strict):
         return tag
 
 
+class CacheSpec(Strict):
+    """[cache]: where outputs go, and the action cache that keeps finished outputs by action key,
+    locally and in an OCI registry (`cache = "folder"` alone is short for `[cache] dir = "folder"`)."""
+
+    dir: Path = Path("cache")  # outputs and doit's state, relative to the spec
+    store: Path | None = None  # the local action cache; default <dir>/.store; checkouts on one machine may share one
+    remote: str | None = Field(default=None, pattern=r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+$")  # host[:port]/repository
+    push: bool = False  # upload every output this build makes to the remote (CI caches often only pull)
+    tls_verify: bool | None = None  # default: plain HTTP for loopback hosts (as Docker does), TLS elsewhere
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_path(cls, value, info):
+        return None if value is None else _spec_path(value, _spec_dir(info))
+
+    @model_validator(mode="after")
+    def _push_needs_remote(self):
+        if self.push and not self.remote:
+            raise ValueError('push = true needs remote = "host[:port]/repository" to push to')
+        return self
+
+
 class ConvertSpec(Strict):
     """[models.convert]: the way out for an architecture modelmake does not convert itself."""
 
@@ -318,11 +340,20 @@ class ModelSpec(Strict):
 
 
 class Spec(Strict):
-    cache: Path = Path("cache")
+    cache: Path = Path("cache")  # the output folder: `cache = "…"` or `[cache] dir = "…"`
     threads: int = Field(default=0, ge=0)  # 0: all cores
     models: list[ModelSpec] = Field(min_length=1)
     package: PublishSpec = Field(default_factory=PublishSpec)
+    cache_options: CacheSpec = Field(default_factory=CacheSpec)  # the [cache] table; errors name it `cache`
     source: Path | None = None  # the spec file; set by load_spec, not by users
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cache_table(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("cache"), dict):
+            table = data["cache"]
+            data = {**data, "cache": table.get("dir", "cache"), "cache_options": table}
+        return data
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -409,15 +440,16 @@ def load_spec(path: str | Path) -> Spec:
         raise BuildError(f"spec file {path} not found: create it or pass another with `doit spec=PATH`") from None
     except tomllib.TOMLDecodeError as err:
         raise BuildError(f"{path}: invalid TOML: {err}. Fix the syntax at that line and column.") from None
-    if "source" in data:
-        raise BuildError(f"{path}: 'source' is set by modelmake itself; remove it from the spec")
+    for internal in ("source", "cache_options"):
+        if internal in data:
+            raise BuildError(f"{path}: '{internal}' is set by modelmake itself; remove it from the spec")
     try:
         spec = Spec.model_validate(data, context={"spec_dir": path.parent})
     except ValidationError as err:
         problems = "; ".join(_describe(e) for e in err.errors())
         raise BuildError(f"{path}: {problems}") from None
-    cache = spec.cache if spec.cache.is_absolute() else path.parent / spec.cache
-    return spec.model_copy(update={"source": path, "cache": cache.resolve()})
+    cache = (spec.cache if spec.cache.is_absolute() else path.parent / spec.cache).resolve()
+    return spec.model_copy(update={"source": path, "cache": cache})
 
 
 # Names other tools use for the same setting, which string similarity alone would not find.
@@ -427,10 +459,10 @@ SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "
 
 def _describe(error: dict) -> str:
     """One readable sentence for one pydantic error, with a did-you-mean for unknown keys."""
-    loc = error["loc"]
+    loc = tuple("cache" if p == "cache_options" else p for p in error["loc"])
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "spec"
     if error["type"] == "extra_forbidden":
-        valid = _field_names_at(loc[:-1])
+        valid = _field_names_at(error["loc"][:-1])
         near = [SYNONYMS[loc[-1]]] if SYNONYMS.get(loc[-1]) in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
         return f"unknown key {where!r}: {hint}valid keys here are {', '.join(valid)}"
@@ -450,4 +482,4 @@ def _field_names_at(loc: tuple) -> list[str]:
         for inner in getattr(annotation, "__args__", (annotation,)):  # list[X], dict[str, X], X | None
             if isinstance(inner, type) and issubclass(inner, BaseModel):
                 model = inner
-    return [name for name in model.model_fields if name != "source"]
+    return [name for name in model.model_fields if name not in ("source", "cache_options")]

@@ -117,3 +117,9 @@ class Task:
     after: list[str] = field(default_factory=list)  # tasks that must run first though no file links them
     checks: list[tuple[Callable[..., object], dict]] = field(default_factory=list)  # run before the action
     clean: list[Path] | None = None  # what `doit clean` removes; default: the outputs
+    cacheable: bool = True  # False where the outputs depend on more than the recorded inputs (resume)
+
+    @property
+    def written(self) -> list[Path]:
+        """Everything the task writes: what `doit clean` removes and the action cache keeps."""
+        return self.clean or self.outputs

@@ -303,4 +303,5 @@ def tasks(build: ModelBuild) -> list[Task]:
                  {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,
                   "threads": build.spec.threads},
                  model.train.params(), inputs=paths.base_files() + model.train.data_files,
-                 outputs=paths.adapter_files(), clean=[paths.adapter])]
+                 outputs=paths.adapter_files(), clean=[paths.adapter],
+                 cacheable=not model.train.resume)]  # a resumed adapter depends on the one before it

@@ -1,0 +1,353 @@
+"""The action cache: every task's finished outputs kept under its action key, so a stale task whose
+key was seen before (a parameter switched back, a fresh clone, a teammate's build) is restored
+instead of run, as Bazel's action cache and DVC's run-cache do.
+
+The **action key** of a task is the blake3 of the canonical JSON of
+`{"format", "task", "inputs": {name: blake3}, "params", "versions", "platform", "outputs"}`:
+its input files by content (named as the manifest and the lock name them, never by host path),
+its parameters as the spec resolves them, the versions of modelmake, the stage revision and
+the tools that shape its bytes, the OS and CPU architecture, and where its outputs go. The same
+task on the same inputs has the same key on every machine of that platform (`action_key`, pure).
+
+The **local store** (`<cache>/.store`, or `[cache] store`):
+
+    blobs/<b3[:2]>/<b3>             each file once, named by the blake3 of its bytes; a hard link
+                                    to the output where the file system allows, so it costs no space
+    entries/<key[:2]>/<key>.json    what one key produced: path (under the cache folder) → blake3 and
+                                    size, and the facts of the run that made it (platform, wall time)
+    tmp/                            work in progress (pulls, pushes), never read as an entry
+
+An entry is written after all its blobs, by rename: a killed build can leave blobs that no entry
+names (`doit cache-gc` removes them), never an entry whose blobs are missing. A blob is trusted
+while it has the size, mtime and inode it had when its digest was last taken (as doit trusts
+file_dep); otherwise it is hashed again, and an entry whose bytes no longer match is discarded.
+An entry's file mtime is when it was last used: `cache-gc` drops the least recently used first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import blake3
+from pydantic import BaseModel, ValidationError
+
+from .atomic import atomic_dir, atomic_file, link_or_copy
+from .hashing import canonical_json, file_blake3, file_sha256, stat_key, tree_files
+from .runlog import platform_facts
+
+if TYPE_CHECKING:
+    from .remote import Remote
+
+FORMAT = 1
+
+
+def action_key(task: str, inputs: dict[str, str], params: dict, versions: dict[str, str],
+               platform: dict[str, str], outputs: list[str]) -> str:
+    """The digest of everything that decides a task's outputs (see the module's doc)."""
+    recipe = {"format": FORMAT, "task": task, "inputs": inputs, "params": params, "versions": versions,
+              "platform": platform, "outputs": sorted(outputs)}
+    return blake3.blake3(canonical_json(recipe).encode()).hexdigest()
+
+
+class StoredFile(BaseModel):
+    blake3: str
+    size: int
+    sha256: str | None = None  # known once the file went to or came from a registry
+    seen: list[int] | None = None  # the blob's [size, mtime_ns, inode] when its digest was last taken (local)
+
+
+class Entry(BaseModel):
+    format: int = FORMAT
+    key: str
+    task: str
+    files: dict[str, StoredFile]  # path relative to the cache folder
+    run: dict  # the run that made it: platform, wall_s, peak_rss_mb
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+def warn(message: str) -> None:
+    print(f"modelmake: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One task as the cache sees it: what its key digests and what it writes."""
+
+    task: str  # `stage:name`
+    inputs: dict[str, Path]  # input name (the same on every machine) → the file
+    params: dict
+    versions: dict[str, str]
+    written: tuple[Path, ...]  # the files and folders the task writes (a folder is replaced whole)
+    cache_dir: Path
+
+    def key(self) -> str:
+        inputs = {name: file_blake3(path) for name, path in sorted(self.inputs.items())}
+        outputs = [p.relative_to(self.cache_dir).as_posix() for p in self.written]
+        return action_key(self.task, inputs, self.params, self.versions, platform_facts(), outputs)
+
+    def files(self) -> list[Path]:
+        return [f for p in self.written for f in (tree_files(p) if p.is_dir() else [p])]
+
+
+class ActionKey:
+    """What `doit info TASK` prints under meta: the key this task would look up now."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def __repr__(self) -> str:
+        missing = [name for name, path in self.recipe.inputs.items() if not path.is_file()]
+        if missing:
+            return f"(not yet known: input {missing[0]} is not built)"
+        return self.recipe.key()
+
+
+# ---- the local store ----
+
+@dataclass(frozen=True)
+class Store:
+    root: Path
+
+    def blob(self, digest: str) -> Path:
+        return self.root / "blobs" / digest[:2] / digest
+
+    def entry_path(self, key: str) -> Path:
+        return self.root / "entries" / key[:2] / f"{key}.json"
+
+    def work_dir(self, purpose: str) -> Path:
+        """A fresh folder under tmp/ named by process, so `cache-gc` can tell abandoned ones."""
+        folder = self.root / "tmp" / f"{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True)
+        return folder
+
+    def lookup(self, key: str) -> Entry | None:
+        path = self.entry_path(key)
+        try:
+            return Entry.model_validate_json(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, ValidationError):
+            warn(f"cache entry {path} is unreadable; discarding it")
+            self.discard(key)
+            return None
+
+    def discard(self, key: str) -> None:
+        self.entry_path(key).unlink(missing_ok=True)
+
+    def intact(self, entry: Entry) -> str | None:
+        """None if every blob still holds its bytes, else what is wrong (and the damaged blob is removed,
+        so the next record puts good bytes in its place)."""
+        for path, stored in sorted(entry.files.items()):
+            blob = self.blob(stored.blake3)
+            try:
+                st = os.stat(blob)
+            except FileNotFoundError:
+                return f"{path}: its blob is missing"
+            if stored.seen == stat_key(st):
+                continue
+            if st.st_size != stored.size or file_blake3(blob) != stored.blake3:
+                blob.unlink(missing_ok=True)
+                return f"{path}: its blob's bytes no longer hash to {stored.blake3[:16]}…"
+        return None
+
+    def place(self, source: Path, digest: str) -> list[int]:
+        """Make `source` (whose blake3 is `digest`) the blob for `digest`; return the blob's stat.
+        A hard link replaces whatever was there, so a damaged old blob never survives a record."""
+        blob = self.blob(digest)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if blob.exists() and os.path.samefile(blob, source):
+            return stat_key(os.stat(blob))
+        tmp = blob.with_name(f".{digest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system: copy, unless a good copy is already there
+            if blob.exists() and file_blake3(blob) == digest:
+                return stat_key(os.stat(blob))
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, blob)
+        return stat_key(os.stat(blob))
+
+    def record(self, key: str, task: str, cache_dir: Path, files: list[Path], run: dict) -> Entry:
+        stored = {}
+        for path in files:
+            digest = file_blake3(path)
+            stored[path.relative_to(cache_dir).as_posix()] = StoredFile(
+                blake3=digest, size=os.path.getsize(path), seen=self.place(path, digest))
+        return self.write_entry(Entry(key=key, task=task, files=stored, run=run))
+
+    def write_entry(self, entry: Entry) -> Entry:
+        with atomic_file(self.entry_path(entry.key)) as tmp:
+            tmp.write_text(entry.model_dump_json(indent=1, exclude_none=True) + "\n", encoding="utf-8")
+        return entry
+
+    def restore(self, entry: Entry, written: tuple[Path, ...], cache_dir: Path) -> None:
+        """Put the entry's files in place, each folder and file renamed in whole, as the stage would."""
+        for target in written:
+            rel = target.relative_to(cache_dir).as_posix()
+            inside = {path: f for path, f in entry.files.items() if path.startswith(rel + "/")}
+            if inside:
+                with atomic_dir(target) as tmp:
+                    for path, stored in inside.items():
+                        (tmp / path[len(rel) + 1:]).parent.mkdir(parents=True, exist_ok=True)
+                        link_or_copy(self.blob(stored.blake3), tmp / path[len(rel) + 1:])
+            elif rel in entry.files:
+                with atomic_file(target) as tmp:
+                    link_or_copy(self.blob(entry.files[rel].blake3), tmp)
+        os.utime(self.entry_path(entry.key))  # used now: the last to go in `cache-gc`
+
+    def entries(self) -> list[tuple[float, Entry]]:
+        """(last used, entry) of every readable entry, least recently used first."""
+        found = []
+        for path in (self.root / "entries").glob("*/*.json"):
+            try:
+                found.append((path.stat().st_mtime, Entry.model_validate_json(path.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, ValidationError):
+                continue
+        return sorted(found, key=lambda pair: pair[0])
+
+    def blobs(self) -> list[Path]:
+        return [p for p in (self.root / "blobs").glob("*/*") if not p.name.startswith(".")]
+
+
+# ---- the cache a build uses: the local store, and a registry behind it ----
+
+@dataclass(frozen=True)
+class ActionCache:
+    store: Store
+    remote: Remote | None = None
+
+    def restore(self, recipe: Recipe, key: str) -> dict | None:
+        """Restore the outputs of `key` if it was built before (here, else in the remote); return the
+        run facts to record, or None to run the task."""
+        entry, where = self.store.lookup(key), "the local store"
+        if entry:
+            damage = self.store.intact(entry)
+            if damage:
+                warn(f"cache entry {entry.task} (key {key[:16]}…) in {self.store.root} is damaged ({damage}); "
+                     "discarding it and building")
+                self.store.discard(key)
+                entry = None
+        if entry is None and self.remote is not None:
+            entry, where = self.remote.fetch(key, recipe.task, self.store), f"registry {self.remote.repository}"
+        if entry is None:
+            return None
+        started = time.perf_counter()
+        try:
+            self.store.restore(entry, recipe.written, recipe.cache_dir)
+        except OSError as err:  # a full disk, a store on a read-only mount: build instead
+            warn(f"could not restore {entry.task} from {where} ({err}); building it")
+            return None
+        print(f"restored from {where} (action key {key[:16]}…, {len(entry.files)} files, {_mb(entry.size)}, "
+              f"built in {entry.run.get('wall_s', 0):,.1f} s on {entry.run.get('platform', {}).get('os', '?')})")
+        return {"platform": entry.run.get("platform", {}), "restored": where, "built_wall_s": entry.run.get("wall_s"),
+                "restore_s": round(time.perf_counter() - started, 3)}
+
+    def record(self, recipe: Recipe, key: str, run: dict) -> None:
+        facts = {k: run[k] for k in ("platform", "wall_s", "peak_rss_mb") if k in run}
+        try:
+            entry = self.store.record(key, recipe.task, recipe.cache_dir, recipe.files(), facts)
+        except OSError as err:  # the build succeeded; only its reuse is lost
+            warn(f"could not record {recipe.task} in {self.store.root} ({err})")
+            return
+        if self.remote is not None and self.remote.push:
+            self.remote.upload_or_warn(entry, self.store)
+
+
+def entry_sha256s(entry: Entry, store: Store) -> Entry:
+    """The entry with every file's sha256 (what a registry names blobs by), from the local blobs."""
+    files = {path: f.model_copy(update={"sha256": f.sha256 or file_sha256(store.blob(f.blake3))})
+             for path, f in entry.files.items()}
+    return entry.model_copy(update={"files": files})
+
+
+# ---- housekeeping ----
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'20GB', '500 MB', '1.5GiB', '0', '123' (bytes) → bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size: write it as e.g. 20GB, 500MB, 1.5GiB or a number of bytes")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+@dataclass
+class StoreSize:
+    entries: int
+    blobs: int
+    size: int  # bytes of every blob
+    own: int  # bytes of blobs no output in any cache folder links to: what the store alone costs
+
+
+def measure(store: Store) -> StoreSize:
+    blobs = store.blobs()
+    stats = [b.stat() for b in blobs]
+    return StoreSize(entries=len(list((store.root / "entries").glob("*/*.json"))), blobs=len(blobs),
+                     size=sum(s.st_size for s in stats), own=sum(s.st_size for s in stats if s.st_nlink == 1))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def collect_garbage(store: Store, keep_size: int, protected: set[str]) -> str:
+    """Drop least recently used entries until the blobs they keep fit in `keep_size` bytes, never
+    one in `protected` (the current build's keys); then every blob no entry names, and abandoned
+    work folders."""
+    entries = store.entries()
+    refs: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for _, entry in entries:
+        for f in entry.files.values():
+            refs[f.blake3] = refs.get(f.blake3, 0) + 1
+            sizes[f.blake3] = f.size
+    total = sum(sizes.values())
+    dropped = 0
+    for _, entry in entries:
+        if total <= keep_size:
+            break
+        if entry.key in protected:
+            continue
+        store.discard(entry.key)
+        dropped += 1
+        for f in entry.files.values():
+            refs[f.blake3] -= 1
+            if refs[f.blake3] == 0:
+                total -= sizes[f.blake3]
+    freed = 0
+    for blob in store.blobs():
+        if refs.get(blob.name, 0) == 0:
+            freed += blob.stat().st_size
+            blob.unlink()
+    for folder in (store.root / "tmp").glob("*-*-*"):
+        if not _alive(int(folder.name.split("-")[1])):
+            shutil.rmtree(folder, ignore_errors=True)
+    kept = len(entries) - dropped
+    note = "" if total <= keep_size else (f"; still over {_mb(keep_size)}: the current build's "
+                                          f"{len(protected & {e.key for _, e in entries})} entries are kept whatever their size")
+    return (f"{store.root}: dropped {dropped} of {len(entries)} entries (least recently used first), removed "
+            f"{_mb(freed)} of blobs; {kept} entries, {_mb(total)} kept{note}")
