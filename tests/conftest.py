@@ -34,7 +34,8 @@ def registry(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_build(tmp_path_factory, registry):
-    """The repo's own models.toml and data, built once, with a registry to push to."""
+    """The repo's own models.toml and data, built once, with a registry to push packages to and to
+    share its action cache through (push = true)."""
     import shutil
 
     from helpers import REPO, doit
@@ -42,5 +43,6 @@ def default_build(tmp_path_factory, registry):
     folder = tmp_path_factory.mktemp("default-spec")
     shutil.copytree(REPO / "data", folder / "data")
     spec = folder / "models.toml"
-    spec.write_text((REPO / "models.toml").read_text() + f'\n[package]\nregistry = "{registry.host}/modelmake"\n')
+    spec.write_text((REPO / "models.toml").read_text() + f'\n[package]\nregistry = "{registry.host}/modelmake"\n'
+                    f'\n[cache]\nremote = "{registry.host}/modelmake-cache"\npush = true\n')
     return {"folder": folder, "spec": spec, "ran": doit(spec).ran, "cache": folder / "cache/smollm2-demo"}
