@@ -153,6 +153,7 @@ class Registry:
         import urllib.error
         import urllib.request
 
+        self.folder.mkdir(parents=True, exist_ok=True)
         config = ["version: 0.1", "log:", "  level: warn", "storage:", "  filesystem:",
                   f"    rootdirectory: {self.storage}", "http:", f"  addr: {self.host}"]
         if self.users:

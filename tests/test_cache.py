@@ -255,7 +255,6 @@ def test_a_registry_that_is_down_costs_one_warning(pushed, tmp_path):
 
 
 def test_a_wrong_password_costs_one_warning(tmp_path, tiny_llama):
-    (tmp_path / "auth-registry").mkdir()
     with Registry(tmp_path / "auth-registry", users={"ci": "right"}) as running:
         spec = workspace(tmp_path / "w", tiny_llama, remote_spec(running.host))
         env = os.environ | {"MODELMAKE_REGISTRY_USER": "ci", "MODELMAKE_REGISTRY_PASSWORD": "wrong"}
@@ -302,7 +301,6 @@ def test_kill_9_during_a_restore_leaves_no_half_entry(pushed, tmp_path):
 
 
 def test_kill_9_during_a_cache_push_leaves_no_half_entry(pushed, tmp_path):
-    (tmp_path / "fresh-registry").mkdir()
     with Registry(tmp_path / "fresh-registry") as fresh:
         spec = clone(pushed["folder"], tmp_path / "pusher", remote_spec(fresh.host, push=False))
         doit(spec)
