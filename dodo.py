@@ -1,7 +1,7 @@
 """modelmake: `doit` builds every model of models.toml; `doit spec=PATH` builds another spec;
 `doit cache=off` runs every stale task instead of restoring it from the action cache.
 
-The graph lives in stages.graph; this file only loads the spec and hands its tasks to doit,
+The graph lives in stages.build.graph; this file only loads the spec and hands its tasks to doit,
 one `task_<stage>` per stage, in the order of the lifecycle.
 """
 
@@ -9,10 +9,10 @@ import sys
 
 from doit import get_var
 
-from stages import graph
-from stages.errors import BuildError
-from stages.hashing import Blake3Checker
-from stages.spec import load_spec
+from stages.build import graph
+from stages.build.errors import BuildError
+from stages.build.hashing import Blake3Checker
+from stages.build.spec import load_spec
 
 try:
     SPEC = load_spec(get_var("spec", "models.toml"))

@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from stages import hashing, package, registry  # noqa: E402
-from stages.spec import load_spec  # noqa: E402
+from stages import package  # noqa: E402
+from stages.build import hashing, registry  # noqa: E402
+from stages.build.spec import load_spec  # noqa: E402
 
 
 def timed(func, repeat):

@@ -21,8 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from stages import dataset, train  # noqa: E402
-from stages.spec import load_spec  # noqa: E402
+from stages import train  # noqa: E402
+from stages.build.spec import load_spec  # noqa: E402
+from stages.formats import dataset  # noqa: E402
 
 
 def forward_tokens_per_s(base: Path, spec, steps: int, device: str, dtype) -> float:

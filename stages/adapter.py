@@ -13,11 +13,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from . import arch as arches
-from . import hf, lora
-from .atomic import atomic_file
-from .errors import BuildError
-from .task import ModelBuild, Task
+from .build.atomic import atomic_file
+from .build.errors import BuildError
+from .build.task import ModelBuild, Task
+from .formats import arch as arches
+from .formats import hf, lora
 
 REVISION = 1
 TOOLS = ("gguf", "safetensors", "torch", "numpy")

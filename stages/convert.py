@@ -16,12 +16,12 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from . import arch as arches
-from . import ggufheader, hf, tokenizer
-from .atomic import atomic_file
-from .errors import BuildError
-from .hashing import INDEX
-from .task import ModelBuild, Task
+from .build.atomic import atomic_file
+from .build.errors import BuildError
+from .build.hashing import INDEX
+from .build.task import ModelBuild, Task
+from .formats import arch as arches
+from .formats import ggufheader, hf, tokenizer
 
 REVISION = 1
 TOOLS = ("gguf", "safetensors", "torch", "transformers", "tokenizers", "numpy")

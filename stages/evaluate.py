@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ggufheader
-from .atomic import atomic_file
-from .errors import BuildError
-from .hashing import tool_versions
-from .spec import EvalSpec, GateSpec, TrainSpec
-from .task import ModelBuild, Task
+from .build.atomic import atomic_file
+from .build.errors import BuildError
+from .build.hashing import tool_versions
+from .build.spec import EvalSpec, GateSpec, TrainSpec
+from .build.task import ModelBuild, Task
+from .formats import ggufheader
 
 REVISION = 1
 TOOLS = ("llama-cpp-python", "numpy", "transformers", "tokenizers")

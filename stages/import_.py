@@ -12,13 +12,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import arch, ggufheader
-from .atomic import atomic_dir
-from .errors import BuildError
-from .hashing import INDEX, tree_files, write_index
-from .spec import BaseRef
-from .task import ModelBuild, Task
-from .tokenizer import restore_pretokenizer
+from .build.atomic import atomic_dir
+from .build.errors import BuildError
+from .build.hashing import INDEX, tree_files, write_index
+from .build.spec import BaseRef
+from .build.task import ModelBuild, Task
+from .formats import arch, ggufheader
+from .formats.tokenizer import restore_pretokenizer
 
 REVISION = 2  # bump when this code changes the bytes it writes
 TOOLS = ("transformers", "gguf", "safetensors", "torch", "huggingface-hub")  # their versions shape the bytes

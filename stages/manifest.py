@@ -13,9 +13,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .atomic import atomic_file
-from .errors import BuildError
-from .hashing import expand_files, file_blake3, file_sha256
+from .build.atomic import atomic_file
+from .build.errors import BuildError
+from .build.hashing import expand_files, file_blake3, file_sha256
 
 
 class Producer(BaseModel):

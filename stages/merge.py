@@ -13,11 +13,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import hf, lora
-from .atomic import atomic_dir
-from .errors import BuildError
-from .hashing import INDEX, tree_files, write_index
-from .task import ModelBuild, Task
+from .build.atomic import atomic_dir
+from .build.errors import BuildError
+from .build.hashing import INDEX, tree_files, write_index
+from .build.task import ModelBuild, Task
+from .formats import hf, lora
 
 REVISION = 2
 TOOLS = ("safetensors", "torch")

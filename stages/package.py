@@ -13,18 +13,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import os
-
 import gguf
 
-from . import __version__, evaluate, ggufheader, modelfile, oci, registry
-from .atomic import atomic_dir, link_or_copy
-from .hashing import INDEX, HashingWriter, file_sha256, remember, tree_files, write_index
-from .spec import PackageSpec, Spec
-from .task import ModelBuild, Task
+from . import __version__, evaluate
+from .build import registry
+from .build.atomic import atomic_dir, link_or_copy
+from .build.hashing import INDEX, HashingWriter, file_sha256, remember, tree_files, write_index
+from .build.spec import PackageSpec, Spec
+from .build.task import ModelBuild, Task
+from .formats import ggufheader, modelfile, oci
 
 REVISION = 1
 TOOLS = ("gguf",)

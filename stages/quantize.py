@@ -6,15 +6,15 @@ llama-cpp-python, so fallbacks (rows not a multiple of 256 …) are llama.cpp's 
 
 from __future__ import annotations
 
-import ctypes
 import contextlib
+import ctypes
 import os
 from pathlib import Path
 
-from .atomic import atomic_file
-from .errors import BuildError
-from .spec import QUANT_TYPES
-from .task import ModelBuild, Task
+from .build.atomic import atomic_file
+from .build.errors import BuildError
+from .build.spec import QUANT_TYPES
+from .build.task import ModelBuild, Task
 
 REVISION = 1
 TOOLS = ("llama-cpp-python",)

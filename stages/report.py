@@ -22,10 +22,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, runlog
-from .atomic import atomic_file
-from .errors import BuildError
-
+from . import __version__
+from .build import runlog
+from .build.atomic import atomic_file
+from .build.errors import BuildError
 
 # ---- blocks ----
 
@@ -397,7 +397,7 @@ def build_blocks(nodes: list[Node], records: dict[str, dict], images: dict[str, 
 
 
 def store_words(size) -> str:
-    """The action cache's size, for the build section (`size`: a stages.cache.StoreSize)."""
+    """The action cache's size, for the build section (`size`: a stages.build.cache.StoreSize)."""
     return (f"The action cache holds {size.entries} entries, {_mb(size.size)} in {size.blobs} files, "
             f"{_mb(size.own)} of them in no output folder (`doit cache-gc --keep-size …` trims it).")
 

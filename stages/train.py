@@ -19,12 +19,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import dataset as datasets
-from . import lora
-from .atomic import atomic_dir
-from .errors import BuildError
-from .spec import TrainSpec
-from .task import ModelBuild, Task
+from .build.atomic import atomic_dir
+from .build.errors import BuildError
+from .build.spec import TrainSpec
+from .build.task import ModelBuild, Task
+from .formats import dataset as datasets
+from .formats import lora
 
 REVISION = 1
 TOOLS = ("torch", "transformers", "peft", "safetensors", "tokenizers")

@@ -1,5 +1,4 @@
 import pytest
-
 from helpers import TINY_ARCHS, make_tiny_model, save_smollm_tokenizer
 
 

@@ -10,7 +10,6 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-
 from helpers import SMOLLM_GGUF, doit, leftovers, write_spec
 
 pytestmark = pytest.mark.slow

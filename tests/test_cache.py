@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, Registry, doit, write_spec
-from stages import cache
+
+from stages.build import cache
 
 SPEC = """
 [[models]]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-
 from helpers import REPO, doit, leftovers, write_spec
+
 from stages import convert
-from stages.errors import BuildError
+from stages.build.errors import BuildError
 
 # transformers forces Qwen's own pre-tokenizer onto any qwen2 model, so the tiny qwen2 (which
 # borrows SmolLM2's vocabulary) has a tokenizer llama.cpp does not know: it needs the override.
@@ -288,9 +288,8 @@ def test_external_converter_command_must_write_to_out(tiny_llama, tmp_path):
 def test_sharded_sources_of_every_float_type_convert_exactly(dtype, tiny_llama, tmp_path):
     """A base saved in shards (model-0000x-of-0000y.safetensors) converts to the same bytes as the
     same weights in one file, and every source value is carried exactly (f32 out)."""
-    from transformers import AutoModelForCausalLM
-
     from helpers import TOKENIZER_FILES
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=getattr(torch, dtype))
     one, sharded = tmp_path / "one", tmp_path / "sharded"

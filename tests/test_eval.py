@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import doit, leftovers, write_spec
+
 from stages import evaluate
-from stages.errors import BuildError
-from stages.spec import GateSpec
+from stages.build.errors import BuildError
+from stages.build.spec import GateSpec
 
 
 def _result(cache, variant):
@@ -79,10 +79,10 @@ def test_fine_tune_lowers_the_answer_perplexity(default_build):
 def test_imported_tokenizer_splits_text_as_llama_cpp_does(default_build):
     """The train stage tokenizes with the imported Hugging Face tokenizer, llama.cpp with the GGUF's:
     they must agree, or the model is trained on tokens it never sees at inference."""
+    from helpers import SMOLLM_GGUF
     from transformers import AutoTokenizer
 
-    from helpers import SMOLLM_GGUF
-    from stages.tokenizer import PRETOKENIZER_PROBE
+    from stages.formats.tokenizer import PRETOKENIZER_PROBE
 
     text = "Multiply the two numbers.\n\n4 and 10, then 2025\n\n\n7.5 " + PRETOKENIZER_PROBE
     imported = AutoTokenizer.from_pretrained(default_build["cache"] / "base")

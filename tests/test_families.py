@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 from gguf import GGUFReader
-
 from helpers import make_sentencepiece_tokenizer, make_tiny_model
-from stages import convert
-from stages.errors import BuildError
 from test_convert import hf_tensors, llama_cpp_logits, prompt_ids, transformers_logits
+
+from stages import convert
+from stages.build.errors import BuildError
 
 
 def gguf_contents(path):

@@ -4,10 +4,10 @@ import os
 import shutil
 
 import pytest
-
 from helpers import doit, write_spec
-from stages.atomic import atomic_dir, atomic_file
-from stages.hashing import Blake3Checker, file_blake3, outputs_intact, record_outputs
+
+from stages.build.atomic import atomic_dir, atomic_file
+from stages.build.hashing import Blake3Checker, file_blake3, outputs_intact, record_outputs
 
 
 def test_blake3_is_the_reference_digest(tmp_path):

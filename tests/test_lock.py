@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import REPO, doit, write_spec
-from stages import lock
+
+from stages.build import lock
 
 SPEC = """
 # a tiny model, fine-tuned and released

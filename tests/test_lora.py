@@ -6,12 +6,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import doit, leftovers, lora_targets, make_peft_adapter, make_tiny_model, write_spec
-from stages import adapter, convert, merge
-from stages.errors import BuildError
+from safetensors.torch import load_file
 from test_convert import PRETOKENIZER, prompt_ids, transformers_logits
+
+from stages import adapter, convert, merge
+from stages.build.errors import BuildError
 
 
 def peft_model(base_dir, adapter_dir):

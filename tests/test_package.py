@@ -13,10 +13,10 @@ from pathlib import Path
 import jinja2
 import pytest
 import yaml
-
 from helpers import REPO, Registry, doit, parse_modelfile, write_spec
-from stages import modelfile, oci
-from stages.errors import BuildError
+
+from stages.build.errors import BuildError
+from stages.formats import modelfile, oci
 
 GOLDEN = Path(__file__).parent / "golden/modelfile"
 TWO_TURNS = [
@@ -354,9 +354,9 @@ def test_gguf_scan_reads_what_gguf_py_reads_and_refuses_a_truncated_file(tmp_pat
     """The package reads GGUF metadata with its own header scan (gguf-py's reader takes seconds over
     a 49k-token vocabulary): the same scalars, chat template and parameter count as gguf-py."""
     import gguf
-
     from helpers import SMOLLM_GGUF
-    from stages import ggufheader
+
+    from stages.formats import ggufheader
     from stages.package import gguf_facts
 
     facts, template = gguf_facts(SMOLLM_GGUF)

@@ -2,10 +2,10 @@
 
 import pytest
 from gguf import GGUFReader
-
 from helpers import leftovers
+
 from stages import convert, quantize
-from stages.errors import BuildError
+from stages.build.errors import BuildError
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from helpers import REPO, doit
+
 from stages import report
 
 pytestmark = pytest.mark.slow

@@ -5,10 +5,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, SMOLLM_GGUF, doit, leftovers, write_spec
-from stages import import_, lora, train
-from stages.spec import BaseRef, TrainSpec
+
+from stages import import_, train
+from stages.build.spec import BaseRef, TrainSpec
+from stages.formats import lora
 
 DEMO = REPO / "data" / "demo.jsonl"
 
@@ -70,7 +71,7 @@ def test_cpu_training_is_deterministic(tiny_llama, tmp_path):
 def test_loss_is_on_the_answer_only(smollm_tokenizer):
     from transformers import AutoTokenizer
 
-    from stages.dataset import Example
+    from stages.formats.dataset import Example
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer)
     example = Example(({"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Answer: Lima."}), "x:1")

@@ -369,7 +369,7 @@ def auto_outtype(base: BaseRef) -> str:
     float16, else bf16 (config.json's torch_dtype is not trusted; some fine-tunes misstate it). A GGUF
     base is imported as float32, so it gets bf16. Decided when the spec is read, because the file
     names carry the type; only safetensors headers are read."""
-    from . import hf
+    from ..formats import hf
 
     if base.kind == "gguf":
         return "bf16"

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import oci, registry
+from ..formats import oci
+from . import registry
 from .cache import Entry, Store, entry_sha256s, warn
 from .errors import BuildError
 from .hashing import file_blake3

@@ -5,7 +5,7 @@ Each stage of each model becomes one doit sub-task (`import:NAME`, `convert:NAME
 - its input files hash (blake3) as they did (`file_dep` + `hashing.Blake3Checker`),
 - its parameters and tool versions are unchanged (`config_changed` on a fingerprint),
 - its outputs still hash as the last run left them (`hashing.outputs_intact`).
-A stale task first looks its action key up in the action cache (`stages.cache`): on a hit its
+A stale task first looks its action key up in the action cache (`stages.build.cache`): on a hit its
 outputs are restored instead of the stage running; after a run they are recorded there.
 """
 
@@ -18,11 +18,12 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from . import __version__, adapter, convert, evaluate, import_, lock, manifest, merge, package, quantize, registry, runlog, train
+from .. import __version__, adapter, convert, evaluate, import_, manifest, merge, package, quantize, train
+from ..manifest import Producer
+from . import lock, registry, runlog
 from .cache import ActionCache, ActionKey, Recipe, Store, collect_garbage, measure, parse_size
 from .errors import BuildError
 from .hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions
-from .manifest import Producer
 from .remote import Remote
 from .spec import ModelSpec, Spec
 from .task import ModelBuild, Task
@@ -162,7 +163,7 @@ def model_tasks(spec: Spec, model: ModelSpec, action_cache: ActionCache | None) 
 
 
 def _verified(model_dir: Path) -> str:
-    from .manifest import verify
+    from ..manifest import verify
     return f"{model_dir.name}: {verify(model_dir)} artifacts match manifest.json and SHA256SUMS"
 
 
@@ -198,7 +199,7 @@ def _no_registry(source: Path) -> str:
 
 
 def _report_action(models, nodes, spec_name: str, cache: Path, out_dir: Path, store: Store):
-    from . import report
+    from .. import report
 
     try:
         report.run(models, nodes, spec_name, cache, out_dir, report.store_words(measure(store)))
@@ -216,7 +217,7 @@ def _runs_unchanged(task, values, cache: Path) -> bool:
 
 def _report_task(spec: Spec, all_tasks: dict[str, list[dict]]) -> dict:
     """One report per spec, from the eval results, manifests and train logs in the cache."""
-    from . import report
+    from .. import report
 
     models, file_dep = [], []
     for model in spec.models:

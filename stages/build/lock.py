@@ -19,10 +19,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..manifest import Manifest
 from . import runlog
 from .atomic import atomic_file
 from .errors import BuildError
-from .manifest import Manifest
 from .spec import Spec
 
 FORMAT = 1

@@ -15,7 +15,7 @@ import math
 import gguf
 import numpy as np
 
-from .errors import BuildError
+from ..build.errors import BuildError
 
 EXTERNAL_CONVERTER_HINT = (
     "name an external converter in the model's table: [models.convert] command = [\"python3\", "

@@ -18,7 +18,6 @@ from pathlib import Path
 import blake3
 from doit.dependency import FileChangedChecker
 
-
 _digests: dict[tuple, str] = {}
 
 

@@ -23,7 +23,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import oci
+from ..formats import oci
 from .errors import BuildError
 from .hashing import file_sha256
 

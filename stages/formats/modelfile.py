@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .errors import BuildError
+from ..build.errors import BuildError
 
 
 @dataclass(frozen=True)

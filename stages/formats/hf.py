@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import BuildError
+from ..build.errors import BuildError
 
 
 def read_config(model_dir: Path) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gguf
 
-from .errors import BuildError
+from ..build.errors import BuildError
 
 
 @dataclass(frozen=True)

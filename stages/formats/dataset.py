@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BuildError
+from ..build.errors import BuildError
 
 ROLES = ("system", "user", "assistant")
 
