@@ -40,7 +40,7 @@ import blake3
 from pydantic import BaseModel, ValidationError
 
 from .atomic import atomic_dir, atomic_file, link_or_copy
-from .hashing import canonical_json, file_blake3, file_sha256, stat_key, tree_files
+from .hashing import canonical_json, file_blake3, file_sha256, remember, stat_key, tree_files
 from .runlog import platform_facts
 
 if TYPE_CHECKING:
@@ -196,7 +196,8 @@ class Store:
         return entry
 
     def restore(self, entry: Entry, written: tuple[Path, ...], cache_dir: Path) -> None:
-        """Put the entry's files in place, each folder and file renamed in whole, as the stage would."""
+        """Put the entry's files in place, each folder and file renamed in whole, as the stage would;
+        their digests are known (the blobs were verified), so later tasks do not hash them again."""
         for target in written:
             rel = target.relative_to(cache_dir).as_posix()
             inside = {path: f for path, f in entry.files.items() if path.startswith(rel + "/")}
@@ -208,6 +209,8 @@ class Store:
             elif rel in entry.files:
                 with atomic_file(target) as tmp:
                     link_or_copy(self.blob(entry.files[rel].blake3), tmp)
+        for path, stored in entry.files.items():
+            remember(cache_dir / path, stored.blake3, stored.sha256)
         os.utime(self.entry_path(entry.key))  # used now: the last to go in `cache-gc`
 
     def entries(self) -> list[tuple[float, Entry]]:

@@ -54,10 +54,13 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _sha256s[key]
 
 
-def remember(path: str | os.PathLike, blake3_hex: str, sha256_hex: str) -> None:
-    """Digests of a file computed while it was written, so it is not read back to hash it."""
+def remember(path: str | os.PathLike, blake3_hex: str, sha256_hex: str | None = None) -> None:
+    """Digests of a file known without reading it (computed while it was written, or restored from
+    a verified blob), so it is not read back to hash it."""
     key = _memo_key(path)
-    _digests[key], _sha256s[key] = blake3_hex, sha256_hex
+    _digests[key] = blake3_hex
+    if sha256_hex:
+        _sha256s[key] = sha256_hex
 
 
 class HashingWriter:
