@@ -49,6 +49,41 @@ def write_spec(folder: Path, text: str) -> Path:
     return path
 
 
+FINETUNE_SPEC = """
+# a tiny model, fine-tuned and released
+[[models]]
+name = "m"
+base = "tiny"
+quantize = ["Q8_0"]
+
+[models.train]
+dataset = "data.jsonl"
+validation = 0.25
+max_steps = 2
+batch_size = 4
+
+[models.train.lora]
+r = 8
+"""
+FINETUNE_DATA = "".join(json.dumps({"instruction": f"Say {i}.", "output": f"Answer: {i}."}) + "\n" for i in range(8))
+
+
+def finetune_workspace(folder: Path, tiny_model: Path, spec: str = FINETUNE_SPEC) -> Path:
+    """A spec folder with a tiny model as `tiny` and eight training examples: the smallest build
+    that runs every route (train, adapter, merge, convert, quantize, eval, package)."""
+    shutil.copytree(tiny_model, folder / "tiny")
+    (folder / "data.jsonl").write_text(FINETUNE_DATA)
+    return write_spec(folder, spec)
+
+
+def fresh_clone(source: Path, target: Path, spec_text: str | None = None) -> Path:
+    """What a fresh checkout on another machine holds: the spec, its inputs and the lock, no cache."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("cache"))
+    if spec_text is not None:
+        (target / "models.toml").write_text(spec_text)
+    return target / "models.toml"
+
+
 def save_smollm_tokenizer(folder: Path) -> None:
     """The real SmolLM2 tokenizer, read from the embedded GGUF (no weights loaded)."""
     from transformers import AutoTokenizer

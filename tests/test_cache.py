@@ -3,7 +3,6 @@ docker-registry on 127.0.0.1), restored instead of rebuilt, verified before use.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,33 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, Registry, doit, write_spec
+from helpers import FINETUNE_SPEC, REPO, Registry, doit, finetune_workspace, fresh_clone
 
 from stages.build import cache
 
-SPEC = """
-[[models]]
-name = "m"
-base = "tiny"
-quantize = ["Q8_0"]
-
-[models.train]
-dataset = "data.jsonl"
-validation = 0.25
-max_steps = 2
-batch_size = 4
-
-[models.train.lora]
-r = 8
-"""
-DATA = "".join(json.dumps({"instruction": f"Say {i}.", "output": f"Answer: {i}."}) + "\n" for i in range(8))
 ACTIONS = ("train:m", "adapter:m", "merge:m", "convert:m-merged", "quantize:m-merged-Q8_0")
-
-
-def workspace(folder: Path, tiny_llama: Path, spec: str = SPEC) -> Path:
-    shutil.copytree(tiny_llama, folder / "tiny")
-    (folder / "data.jsonl").write_text(DATA)
-    return write_spec(folder, spec)
 
 
 def records(spec: Path) -> dict[str, dict]:
@@ -108,12 +85,12 @@ def test_a_bad_size_is_a_clear_error():
 def switched(tmp_path_factory, tiny_llama):
     """r = 8, then r = 16, then r = 8 again, in one workspace with its local store."""
     folder = tmp_path_factory.mktemp("switch")
-    spec = workspace(folder, tiny_llama)
+    spec = finetune_workspace(folder, tiny_llama)
     first = doit(spec, "lock")
     first_sums = sums(spec)
-    spec.write_text(SPEC.replace("r = 8", "r = 16"))
+    spec.write_text(FINETUNE_SPEC.replace("r = 8", "r = 16"))
     second = doit(spec)
-    spec.write_text(SPEC)
+    spec.write_text(FINETUNE_SPEC)
     third = doit(spec)
     return {"spec": spec, "first": first, "second": second, "third": third, "first_sums": first_sums,
             "third_restored": restored(spec, third.output), "third_records": records(spec)}
@@ -150,14 +127,14 @@ def test_the_report_says_what_was_restored_and_how_large_the_store_is(switched):
 def test_a_damaged_store_entry_is_discarded_and_the_task_built(switched):
     spec = switched["spec"]
     store = cache.Store(spec.parent / "cache/.store")
-    spec.write_text(SPEC.replace("r = 8", "r = 16"))
+    spec.write_text(FINETUNE_SPEC.replace("r = 8", "r = 16"))
     doit(spec)  # the r = 8 adapter's blob is now in the store alone, no output links it
     key = switched["third_records"]["train:m"]["action_key"]
     entry = store.lookup(key)
     weights = store.blob(entry.files["m/adapter/adapter_model.safetensors"].blake3)
     assert weights.stat().st_nlink == 1
     flip_last_byte(weights)
-    spec.write_text(SPEC)
+    spec.write_text(FINETUNE_SPEC)
     result = doit(spec)
     assert "cache entry train:m" in result.output and "damaged" in result.output
     assert "train:m" not in restored(spec, result.output), "built, not restored"
@@ -167,7 +144,7 @@ def test_a_damaged_store_entry_is_discarded_and_the_task_built(switched):
 
 
 def test_cache_off_builds_and_records_nothing(switched, tmp_path):
-    spec = workspace(tmp_path, Path(switched["spec"].parent / "tiny"))
+    spec = finetune_workspace(tmp_path, Path(switched["spec"].parent / "tiny"))
     result = doit(spec, "cache=off")
     assert set(ACTIONS) <= set(result.ran) and not (tmp_path / "cache/.store").exists()
     assert sums(spec) == switched["first_sums"]
@@ -190,16 +167,8 @@ def test_cache_gc_keeps_the_current_build_and_drops_the_rest(switched):
 
 # ---- the remote: a real registry ----
 
-def remote_spec(host: str, push: bool = True, spec: str = SPEC) -> str:
+def remote_spec(host: str, push: bool = True, spec: str = FINETUNE_SPEC) -> str:
     return spec + f'\n[cache]\nremote = "{host}/modelmake-cache"\npush = {"true" if push else "false"}\n'
-
-
-def clone(source: Path, target: Path, spec_text: str | None = None) -> Path:
-    """A second machine: the spec and its inputs, no cache, no store."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("cache"))
-    if spec_text is not None:
-        (target / "models.toml").write_text(spec_text)
-    return target / "models.toml"
 
 
 @pytest.fixture(scope="module")
@@ -207,14 +176,14 @@ def pushed(tmp_path_factory, tiny_llama):
     """A tiny fine-tuned model built once with push = true to its own registry."""
     folder = tmp_path_factory.mktemp("pushed")
     with Registry(tmp_path_factory.mktemp("cache-registry")) as running:
-        spec = workspace(folder, tiny_llama, remote_spec(running.host))
+        spec = finetune_workspace(folder, tiny_llama, remote_spec(running.host))
         result = doit(spec)
         yield {"folder": folder, "spec": spec, "registry": running, "output": result.output, "sums": sums(spec)}
 
 
 def test_a_second_machine_restores_everything_from_the_registry(pushed, tmp_path):
     assert pushed["output"].count("pushed ") >= len(ACTIONS)
-    spec = clone(pushed["folder"], tmp_path / "second")
+    spec = fresh_clone(pushed["folder"], tmp_path / "second")
     result = doit(spec)
     assert set(ACTIONS) | {"convert:m", "package:m-Q8_0", "manifest:m"} <= restored(spec, result.output)
     assert f"restored from registry {pushed['registry'].host}/modelmake-cache" in result.output
@@ -230,7 +199,7 @@ def test_a_tampered_remote_blob_is_refused_and_the_task_built(pushed, tmp_path):
     original = blob.read_bytes()
     try:
         flip_last_byte(blob)
-        spec = clone(pushed["folder"], tmp_path / "tampered")
+        spec = fresh_clone(pushed["folder"], tmp_path / "tampered")
         result = doit(spec)
     finally:
         blob.write_bytes(original)
@@ -247,7 +216,7 @@ def test_a_registry_that_is_down_costs_one_warning(pushed, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{s.getsockname()[1]}"
-    spec = clone(pushed["folder"], tmp_path / "down", remote_spec(closed))
+    spec = fresh_clone(pushed["folder"], tmp_path / "down", remote_spec(closed))
     result = doit(spec)
     warnings = [line for line in result.output.splitlines() if "warning:" in line]
     assert len(warnings) == 1 and "cache remote" in warnings[0] and "cannot reach" in warnings[0], warnings
@@ -256,7 +225,7 @@ def test_a_registry_that_is_down_costs_one_warning(pushed, tmp_path):
 
 def test_a_wrong_password_costs_one_warning(tmp_path, tiny_llama):
     with Registry(tmp_path / "auth-registry", users={"ci": "right"}) as running:
-        spec = workspace(tmp_path / "w", tiny_llama, remote_spec(running.host))
+        spec = finetune_workspace(tmp_path / "w", tiny_llama, remote_spec(running.host))
         env = os.environ | {"MODELMAKE_REGISTRY_USER": "ci", "MODELMAKE_REGISTRY_PASSWORD": "wrong"}
         result = doit(spec, env=env)
         warnings = [line for line in result.output.splitlines() if "warning:" in line]
@@ -265,7 +234,7 @@ def test_a_wrong_password_costs_one_warning(tmp_path, tiny_llama):
         right = env | {"MODELMAKE_REGISTRY_PASSWORD": "right"}
         pushed = doit(spec, "cache-push", env=right)
         assert "cache entries pushed to" in pushed.output and "warning" not in pushed.output
-        second = clone(tmp_path / "w", tmp_path / "w2")
+        second = fresh_clone(tmp_path / "w", tmp_path / "w2")
         assert "train:m" in restored(second, doit(second, env=right).output)
 
 
@@ -290,7 +259,7 @@ def _doit_command(spec: Path, *args: str) -> list[str]:
 
 
 def test_kill_9_during_a_restore_leaves_no_half_entry(pushed, tmp_path):
-    spec = clone(pushed["folder"], tmp_path / "killed")
+    spec = fresh_clone(pushed["folder"], tmp_path / "killed")
     store = spec.parent / "cache/.store"
     killed = _kill_when(_doit_command(spec), "tmp/pull-*/oci/blobs/sha256/*", store)
     assert killed, "the build finished before a pull was under way"
@@ -302,14 +271,14 @@ def test_kill_9_during_a_restore_leaves_no_half_entry(pushed, tmp_path):
 
 def test_kill_9_during_a_cache_push_leaves_no_half_entry(pushed, tmp_path):
     with Registry(tmp_path / "fresh-registry") as fresh:
-        spec = clone(pushed["folder"], tmp_path / "pusher", remote_spec(fresh.host, push=False))
+        spec = fresh_clone(pushed["folder"], tmp_path / "pusher", remote_spec(fresh.host, push=False))
         doit(spec)
         store = spec.parent / "cache/.store"
         killed = _kill_when(_doit_command(spec, "cache-push"), "tmp/push-*/oci/index.json", store)
         assert killed, "the push finished before it could be interrupted"
         store_is_whole(store)
         assert "cache entries pushed" in doit(spec, "cache-push").output
-        second = clone(spec.parent, tmp_path / "after-push")
+        second = fresh_clone(spec.parent, tmp_path / "after-push")
         result = doit(second)
         assert set(ACTIONS) <= restored(second, result.output)
         assert sums(second) == pushed["sums"]
@@ -323,7 +292,7 @@ def test_kill_9_during_a_cache_push_leaves_no_half_entry(pushed, tmp_path):
     ('[cache]\nremote = "Registry.example.com/c"\n', "cache.remote: String should match pattern"),
 ])
 def test_bad_cache_tables_are_clear_errors(tmp_path, tiny_llama, table, expected):
-    spec = workspace(tmp_path, tiny_llama, '[[models]]\nname = "m"\nbase = "tiny"\n' + table)
+    spec = finetune_workspace(tmp_path, tiny_llama, '[[models]]\nname = "m"\nbase = "tiny"\n' + table)
     result = doit(spec, check=False)
     assert result.returncode != 0 and expected in result.output and "Traceback" not in result.output
 
@@ -332,10 +301,10 @@ def test_checkouts_on_one_machine_share_a_store(tmp_path, tiny_llama):
     """[cache] store names one folder for several checkouts; [cache] dir names the output folder."""
     text = ('[[models]]\nname = "m"\nbase = "tiny"\nquantize = ["Q8_0"]\n\n[cache]\ndir = "out"\n'
             f'store = "{tmp_path / "shared-store"}"\n')
-    first = workspace(tmp_path / "one", tiny_llama, text)
+    first = finetune_workspace(tmp_path / "one", tiny_llama, text)
     doit(first)
     assert (tmp_path / "one/out/m/SHA256SUMS").is_file() and store_is_whole(tmp_path / "shared-store") > 0
-    second = workspace(tmp_path / "two", tiny_llama, text)
+    second = finetune_workspace(tmp_path / "two", tiny_llama, text)
     result = doit(second)
     assert "quantize:m-Q8_0" in result.ran and "restored from the local store" in result.output
     assert {"convert:m", "quantize:m-Q8_0", "package:m-Q8_0"} <= {

@@ -4,49 +4,18 @@ rebuilds the same bytes, and when it does not, names the first task upstream tha
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, doit, write_spec
+from helpers import FINETUNE_SPEC, REPO, doit, finetune_workspace, fresh_clone
 
 from stages.build import lock
-
-SPEC = """
-# a tiny model, fine-tuned and released
-[[models]]
-name = "m"
-base = "tiny"
-quantize = ["Q8_0"]
-
-[models.train]
-dataset = "data.jsonl"
-validation = 0.25
-max_steps = 2
-batch_size = 4
-
-[models.train.lora]
-r = 8
-"""
-DATA = "".join(json.dumps({"instruction": f"Say {i}.", "output": f"Answer: {i}."}) + "\n" for i in range(8))
-
-
-def workspace(folder: Path, tiny_llama: Path, spec: str = SPEC) -> Path:
-    shutil.copytree(tiny_llama, folder / "tiny")
-    (folder / "data.jsonl").write_text(DATA)
-    return write_spec(folder, spec)
-
-
-def clone(source: Path, target: Path) -> Path:
-    """What a fresh checkout holds: the spec, its inputs and the lock, no cache."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("cache"))
-    return target / "models.toml"
 
 
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory, tiny_llama):
     folder = tmp_path_factory.mktemp("locked")
-    spec = workspace(folder, tiny_llama)
+    spec = finetune_workspace(folder, tiny_llama)
     first = doit(spec, "lock")
     return {"folder": folder, "spec": spec, "lock": folder / "models.lock", "output": first.output,
             "text": (folder / "models.lock").read_text()}
@@ -75,7 +44,7 @@ def test_lock_records_every_artifact_task_with_its_facts_and_no_host_paths(locke
 
 
 def test_a_clean_clone_passes_check(locked, tmp_path):
-    spec = clone(locked["folder"], tmp_path / "clone")
+    spec = fresh_clone(locked["folder"], tmp_path / "clone")
     result = doit(spec, "check")
     assert "train:m" in result.ran, "the clone had no cache: it built"
     assert "reproduced byte for byte" in result.output and "models.lock" in result.output
@@ -96,8 +65,8 @@ def test_lock_twice_is_byte_identical_and_spec_comments_and_order_do_not_matter(
 
 
 def test_a_changed_parameter_names_train_as_the_first_difference(locked, tmp_path):
-    spec = clone(locked["folder"], tmp_path / "clone")
-    spec.write_text(SPEC.replace("r = 8", "r = 16"))
+    spec = fresh_clone(locked["folder"], tmp_path / "clone")
+    spec.write_text(FINETUNE_SPEC.replace("r = 8", "r = 16"))
     result = doit(spec, "check", check=False)
     assert result.returncode != 0
     paragraphs = [p for p in result.output.split("\n\n") if "First difference upstream" in p]
@@ -112,7 +81,7 @@ def test_a_changed_parameter_names_train_as_the_first_difference(locked, tmp_pat
 
 
 def test_a_different_tool_version_names_the_tool_and_both_versions(locked, tmp_path):
-    spec = clone(locked["folder"], tmp_path / "clone")
+    spec = fresh_clone(locked["folder"], tmp_path / "clone")
     data = json.loads((spec.parent / "models.lock").read_text())
     quantize = data["models"]["m"]["tasks"]["quantize:m-merged-Q8_0"]
     real = quantize["versions"]["llama-cpp-python"]
@@ -121,7 +90,7 @@ def test_a_different_tool_version_names_the_tool_and_both_versions(locked, tmp_p
     (spec.parent / "models.lock").write_text(json.dumps(data, indent=2))
     result = doit(spec, "check", check=False)
     assert result.returncode != 0
-    assert (f"m/gguf/m-merged.Q8_0.gguf (from quantize:m-merged-Q8_0) has sha256" in result.output
+    assert ("m/gguf/m-merged.Q8_0.gguf (from quantize:m-merged-Q8_0) has sha256" in result.output
             and f"First difference upstream: quantize:m-merged-Q8_0: llama-cpp-python version 0.0.1 → {real}"
             in result.output)
 
@@ -129,7 +98,7 @@ def test_a_different_tool_version_names_the_tool_and_both_versions(locked, tmp_p
 def test_nondeterministic_bytes_are_named_with_both_digests(locked, tmp_path):
     """A package built with another SOURCE_DATE_EPOCH while the lock records the same inputs: the bytes
     differ though nothing recorded does."""
-    spec = clone(locked["folder"], tmp_path / "clone")
+    spec = fresh_clone(locked["folder"], tmp_path / "clone")
     doit(spec, "lock", env=os.environ | {"SOURCE_DATE_EPOCH": "86400"})
     data = json.loads((spec.parent / "models.lock").read_text())
     for name, task in data["models"]["m"]["tasks"].items():
@@ -148,7 +117,7 @@ def test_nondeterministic_bytes_are_named_with_both_digests(locked, tmp_path):
 
 
 def test_training_on_another_platform_is_not_compared_and_says_so(locked, tmp_path):
-    spec = clone(locked["folder"], tmp_path / "clone")
+    spec = fresh_clone(locked["folder"], tmp_path / "clone")
     data = json.loads((spec.parent / "models.lock").read_text())
     train = data["models"]["m"]["tasks"]["train:m"]
     train["platform"] |= {"device": "cuda", "dtype": "bfloat16"}
@@ -169,7 +138,7 @@ def test_training_on_another_platform_is_not_compared_and_says_so(locked, tmp_pa
     (None, "does not exist: run `doit lock`"),
 ])
 def test_bad_locks_are_clear_errors(locked, tmp_path, mangle, expected):
-    spec = clone(locked["folder"], tmp_path / "clone")
+    spec = fresh_clone(locked["folder"], tmp_path / "clone")
     if mangle:
         (spec.parent / "models.lock").write_text(mangle(locked["text"]))
     else:
