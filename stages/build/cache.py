@@ -40,7 +40,7 @@ import blake3
 from pydantic import BaseModel, ValidationError
 
 from .atomic import atomic_dir, atomic_file, link_or_copy
-from .hashing import canonical_json, file_blake3, file_sha256, remember, stat_key, tree_files
+from .hashing import canonical_json, expand_files, file_blake3, file_sha256, remember, stat_key
 from .runlog import platform_facts
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class Recipe:
         return action_key(self.task, inputs, self.params, self.versions, platform_facts(), outputs)
 
     def files(self) -> list[Path]:
-        return [f for p in self.written for f in (tree_files(p) if p.is_dir() else [p])]
+        return expand_files(list(self.written))
 
 
 class ActionKey:
