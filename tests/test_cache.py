@@ -81,6 +81,23 @@ def test_a_bad_size_is_a_clear_error():
 
 # ---- the local store ----
 
+def test_a_blob_found_good_again_is_trusted_by_its_new_stat(tmp_path):
+    """A blob replaced by equal bytes (another record linked a new inode) is hashed once, then trusted."""
+    (tmp_path / "cache/m").mkdir(parents=True)
+    output = tmp_path / "cache/m/out.bin"
+    output.write_bytes(b"weights" * 1000)
+    store = cache.Store(tmp_path / "store")
+    entry = store.record("k" * 64, "convert:m", tmp_path / "cache", [output], {})
+    blob = store.blob(entry.files["m/out.bin"].blake3)
+    copy = tmp_path / "copy"
+    copy.write_bytes(blob.read_bytes())
+    os.replace(copy, blob)
+    assert store.intact(store.lookup(entry.key)) is None
+    assert store.lookup(entry.key).files["m/out.bin"].seen == cache.stat_key(blob.stat())
+    flip_last_byte(blob)
+    assert "no longer hash" in store.intact(store.lookup(entry.key)) and not blob.exists()
+
+
 @pytest.fixture(scope="module")
 def switched(tmp_path_factory, tiny_llama):
     """r = 8, then r = 16, then r = 8 again, in one workspace with its local store."""

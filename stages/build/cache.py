@@ -151,7 +151,9 @@ class Store:
 
     def intact(self, entry: Entry) -> str | None:
         """None if every blob still holds its bytes, else what is wrong (and the damaged blob is removed,
-        so the next record puts good bytes in its place)."""
+        so the next record puts good bytes in its place). A blob hashed again and found good has its
+        new stat written into the entry, so the next restore trusts it without reading it."""
+        seen = {}
         for path, stored in sorted(entry.files.items()):
             blob = self.blob(stored.blake3)
             try:
@@ -163,6 +165,9 @@ class Store:
             if st.st_size != stored.size or file_blake3(blob) != stored.blake3:
                 blob.unlink(missing_ok=True)
                 return f"{path}: its blob's bytes no longer hash to {stored.blake3[:16]}…"
+            seen[path] = stored.model_copy(update={"seen": stat_key(st)})
+        if seen:
+            self.write_entry(entry.model_copy(update={"files": entry.files | seen}))
         return None
 
     def place(self, source: Path, digest: str) -> list[int]:
@@ -204,8 +209,9 @@ class Store:
             if inside:
                 with atomic_dir(target) as tmp:
                     for path, stored in inside.items():
-                        (tmp / path[len(rel) + 1:]).parent.mkdir(parents=True, exist_ok=True)
-                        link_or_copy(self.blob(stored.blake3), tmp / path[len(rel) + 1:])
+                        placed = tmp / path[len(rel) + 1:]
+                        placed.parent.mkdir(parents=True, exist_ok=True)
+                        link_or_copy(self.blob(stored.blake3), placed)
             elif rel in entry.files:
                 with atomic_file(target) as tmp:
                     link_or_copy(self.blob(entry.files[rel].blake3), tmp)
@@ -312,8 +318,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, and another user's
+        pass
     return True
 
 
