@@ -1,5 +1,6 @@
 """modelmake: `doit` builds every model of models.toml; `doit spec=PATH` builds another spec;
-`doit cache=off` runs every stale task instead of restoring it from the action cache.
+`doit cache=off` runs every stale task instead of restoring it from the action cache; `doit wait=no`
+fails at once, instead of waiting, when another build is using the same cache.
 
 The graph lives in stages.build.graph; this file only loads the spec and hands its tasks to doit,
 one `task_<stage>` per stage, in the order of the lifecycle.
@@ -9,7 +10,7 @@ import sys
 
 from doit import get_var
 
-from stages.build import graph
+from stages.build import buildlock, graph
 from stages.build.errors import BuildError
 from stages.build.hashing import Blake3Checker
 from stages.build.spec import load_spec
@@ -18,6 +19,9 @@ try:
     SPEC = load_spec(get_var("spec", "models.toml"))
     if get_var("cache", "on") not in ("on", "off"):
         raise BuildError(f"cache={get_var('cache')}: say cache=off to build without the action cache (default on)")
+    if get_var("wait", "yes") not in ("yes", "no"):
+        raise BuildError(f"wait={get_var('wait')}: say wait=no to fail when another build holds the cache "
+                         "(default yes: wait for it)")
     TASKS = graph.tasks(SPEC, use_cache=get_var("cache", "on") == "on")
 except BuildError as err:
     sys.exit(f"modelmake: {err}")
@@ -27,6 +31,7 @@ DOIT_CONFIG = {
     "dep_file": str(SPEC.cache / ".doit.db"),
     "backend": "sqlite3",
     "check_file_uptodate": Blake3Checker,
+    "reporter": buildlock.reporter(SPEC.cache, wait=get_var("wait", "yes") == "yes"),  # one build per cache
     "verbosity": 2,
     "subtasks": True,  # `doit list` shows convert:NAME, quantize:NAME-Q4_K_M, …
     "sort": "definition",

@@ -37,8 +37,9 @@ def make_workspace(folder, tiny_llama):
 
 
 def artifact_states(cache):
-    """(inode, mtime_ns) of every file in the cache except doit's own state."""
-    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.rglob("*") if p.is_file() and ".doit" not in p.name}
+    """(inode, mtime_ns) of every file in the cache except doit's own state and the build lock."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.rglob("*")
+            if p.is_file() and ".doit" not in p.name and p.name != ".build.lock"}
 
 
 @pytest.fixture(scope="module")
