@@ -379,7 +379,7 @@ def build_blocks(nodes: list[Node], records: dict[str, dict], images: dict[str, 
         state = states.get(node.task, "up to date")
         rows.append([f"`{node.task}`", f"restored from {record['restored']}" if state == "restored" else state,
                      f"{record.get('built_wall_s', record['wall_s']):,.1f} s" if record else "—",
-                     f"{record['peak_rss_mb']:,.0f} MB" if record and state != "restored" else "—",
+                     *_memory_cells(record if state != "restored" else None),
                      record["finished"].replace("T", " ").replace("+00:00", " UTC") if record else "never"])
     peak_of = {r.get("peak_of") for r in records.values()}
     restored = sum(1 for state in states.values() if state == "restored")
@@ -388,12 +388,25 @@ def build_blocks(nodes: list[Node], records: dict[str, dict], images: dict[str, 
                  f"{len(states) - restored} of {len(nodes)} tasks ran in it, {restored} were restored from the action "
                  f"cache, the others were up to date. Wall time and peak memory are each task's last run (for a "
                  f"restored task, the run that built it)" + ("" if peak_of <= {"task"} else
-                                                             " (peak memory: of the whole doit process)") + f". {store}"),
-            Table(["task", "last build", "wall time", "peak memory", "last rebuilt"], rows),
+                                                             " (peak memory: of the whole doit process)") + ". "
+                 "Memory is the peak of what the process allocated while the task ran (anonymous memory: what "
+                 "decides whether a build fits the machine); mapped file pages (model files read through mmap, "
+                 "which the kernel drops under pressure) are counted apart, as is their peak sum with it "
+                 f"(resident). {store}"),
+            Table(["task", "last build", "wall time", "memory", "mapped file pages", "resident", "last rebuilt"], rows),
             Heading(3, "Task graph"),
             Text("Generated from the doit graph (an arrow: reads the output of, or waits for). "
                  "Green: ran in the last build; blue: restored from the action cache; grey: up to date."),
             Mermaid(mermaid(nodes, states), "graph.png")]
+
+
+def _memory_cells(record: dict | None) -> list[str]:
+    """Anonymous peak, mapped-file peak, resident peak; a record from before both were kept has only the last."""
+    if not record:
+        return ["—", "—", "—"]
+    return [f"{record['peak_anon_mb']:,.0f} MB" if "peak_anon_mb" in record else "—",
+            f"{record['peak_file_mb']:,.0f} MB" if "peak_file_mb" in record else "—",
+            f"{record['peak_rss_mb']:,.0f} MB"]
 
 
 def store_words(size) -> str:

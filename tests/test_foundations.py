@@ -1,4 +1,5 @@
-"""The pieces every stage leans on: the blake3 checker, atomic writes, and hub import."""
+"""The pieces every stage leans on: the blake3 checker, digests taken once, atomic writes, the
+run records' memory figures, and hub import."""
 
 import os
 import shutil
@@ -7,7 +8,7 @@ import pytest
 from helpers import doit, write_spec
 
 from stages.build.atomic import atomic_dir, atomic_file
-from stages.build.hashing import Blake3Checker, file_blake3, outputs_intact, record_outputs
+from stages.build.hashing import Blake3Checker, HashingWriter, file_blake3, file_digests, outputs_intact, record_outputs
 
 
 def test_blake3_is_the_reference_digest(tmp_path):
@@ -16,6 +17,76 @@ def test_blake3_is_the_reference_digest(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(os.urandom(3_000_000))
     assert file_blake3(path) == blake3.blake3(path.read_bytes()).hexdigest()
+
+
+def test_one_pass_gives_both_reference_digests(tmp_path):
+    import hashlib
+
+    import blake3
+
+    path = tmp_path / "f"
+    data = os.urandom(40_000_000)  # over two 16 MiB chunks, and not a whole number of them
+    path.write_bytes(data)
+    assert file_digests(path) == (blake3.blake3(data).hexdigest(), hashlib.sha256(data).hexdigest())
+    with open(tmp_path / "g", "wb") as f:
+        writer = HashingWriter(f)
+        for start in range(0, len(data), 5_000_000):
+            writer.write(data[start:start + 5_000_000])
+    assert (writer.blake3.hexdigest(), writer.sha256.hexdigest()) == file_digests(path)
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_an_output_is_read_once_in_a_build(tmp_path):
+    """A stage's outputs are hashed when the task records them; the manifest (size, blake3 and
+    sha256 of every artifact) and the package's OCI digests then reuse those digests."""
+    from stages import manifest
+
+    folder = tmp_path / "m"
+    (folder / "gguf").mkdir(parents=True)
+    artifact = folder / "gguf" / "m.F16.gguf"
+    artifact.write_bytes(os.urandom(64 << 20))
+    before = _bytes_read()
+    record_outputs([str(artifact)])
+    assert _bytes_read() - before >= 64 << 20
+    before = _bytes_read()
+    (listed,) = manifest.collect(folder, [manifest.Producer(task="convert:m", outputs=["gguf/m.F16.gguf"], inputs={},
+                                                            params={}, versions={})])
+    assert _bytes_read() - before < 1 << 20, "the manifest read the artifact again"
+    assert (listed.blake3, listed.sha256) == file_digests(artifact)
+
+
+def test_run_records_tell_allocated_memory_from_mapped_file_pages(tmp_path):
+    """A task that maps a big file (convert, quantize and eval read models through mmap) must not be
+    reported as using that much memory; one that allocates it must."""
+    import json
+    import mmap
+    import time
+
+    import numpy as np
+
+    from stages.build import runlog
+
+    big = tmp_path / "weights.bin"
+    big.write_bytes(os.urandom(256 << 20))
+    with runlog.measured(tmp_path, "convert:mapped"), open(big, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        assert np.frombuffer(mapped, dtype=np.uint8)[::4096].sum() >= 0  # touch every page
+        time.sleep(0.1)  # the peaks are sampled every 20 ms
+        del mapped
+    with runlog.measured(tmp_path, "convert:allocated"):
+        held = np.ones(256 << 20, dtype=np.uint8)
+        assert held.sum() == 256 << 20
+        time.sleep(0.1)
+        del held
+    mapped_run, allocated_run = (json.loads(runlog.record_path(tmp_path, t).read_text())
+                                 for t in ("convert:mapped", "convert:allocated"))
+    assert mapped_run["peak_file_mb"] >= 250 and mapped_run["peak_rss_mb"] >= 250
+    assert mapped_run["peak_anon_mb"] < allocated_run["peak_anon_mb"] - 200
+    assert allocated_run["peak_anon_mb"] >= 256 and allocated_run["peak_file_mb"] < mapped_run["peak_file_mb"] - 200
 
 
 def test_checker_trusts_stat_then_content(tmp_path):

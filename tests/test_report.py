@@ -65,7 +65,11 @@ def test_report_tables_hold_the_measured_numbers(built, default_build):
     q4_gguf = next(line.split()[0] for line in sums.splitlines() if line.endswith("gguf/smollm2-demo-merged.Q4_K_M.gguf"))
     assert f"| `gguf/smollm2-demo-merged.Q4_K_M.gguf` | 105.5 MB | `{q4_gguf}` |" in text
     train_row = next(line for line in text.splitlines() if line.startswith("| `train:smollm2-demo` |"))
-    assert re.match(r"\| `train:smollm2-demo` \| (ran|up to date) \| [\d.,]+ s \| [\d,]+ MB \| 20\d\d-", train_row)
+    memory = re.match(r"\| `train:smollm2-demo` \| (ran|up to date) \| [\d.,]+ s \| ([\d,]+) MB \| ([\d,]+) MB \| "
+                      r"([\d,]+) MB \| 20\d\d-", train_row)
+    assert memory, train_row
+    allocated, mapped, resident = (int(memory.group(i).replace(",", "")) for i in (2, 3, 4))
+    assert 0 < allocated <= resident and 0 < mapped <= resident, "memory and mapped file pages are parts of resident"
 
 
 def test_loss_curve_is_a_real_png(built):

@@ -56,11 +56,12 @@ def run_stage(func, kwargs: dict, outputs: list[Path], cache: Path, task: str, r
                 run["platform"] |= func(**kwargs) or {}  # a stage may report more of what shaped its bytes
             if key:
                 run["action_key"] = key
+            recorded = record_outputs([str(f) for f in expand_files(outputs)])  # hashing is part of the task's cost
         if key and not restored:
             action_cache.record(recipe, key, run)
     except BuildError as err:
         return TaskFailed(str(err))
-    return {"outputs": record_outputs([str(f) for f in expand_files(outputs)])}
+    return {"outputs": recorded}
 
 
 def remove(paths: list[Path]) -> None:

@@ -10,8 +10,10 @@ one of its outputs no longer hashes to what the last run recorded (`outputs_inta
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -54,6 +56,31 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _sha256s[key]
 
 
+def file_digests(path: str | os.PathLike) -> tuple[str, str]:
+    """(blake3, sha256) of an output in one read, remembered like `file_blake3`: the manifest, the
+    package and the OCI layout all need both, and reading a 14 GB GGUF twice costs seconds each time.
+    sha256 runs in a second thread on each chunk while blake3 hashes it, so the pass costs the slower
+    of the two, not their sum."""
+    key = _memo_key(path)
+    if key not in _digests or key not in _sha256s:
+        b3, sha = blake3.blake3(max_threads=blake3.blake3.AUTO), hashlib.sha256()
+        buffers, pending = (bytearray(16 << 20), bytearray(16 << 20)), None
+        with ThreadPoolExecutor(1) as sha_thread, open(path, "rb", buffering=0) as f:
+            for turn in itertools.count():
+                buffer = buffers[turn % 2]  # the other one may still be in sha256's hands
+                if not (count := f.readinto(buffer)):
+                    break
+                chunk = memoryview(buffer)[:count]
+                if pending:
+                    pending.result()
+                pending = sha_thread.submit(sha.update, chunk)
+                b3.update(chunk)
+            if pending:
+                pending.result()
+        _digests[key], _sha256s[key] = b3.hexdigest(), sha.hexdigest()
+    return _digests[key], _sha256s[key]
+
+
 def remember(path: str | os.PathLike, blake3_hex: str, sha256_hex: str | None = None) -> None:
     """Digests of a file known without reading it (computed while it was written, or restored from
     a verified blob), so it is not read back to hash it."""
@@ -64,15 +91,20 @@ def remember(path: str | os.PathLike, blake3_hex: str, sha256_hex: str | None = 
 
 
 class HashingWriter:
-    """A write-only file wrapper that hashes (blake3 and sha256) what passes through it."""
+    """A write-only file wrapper that hashes (blake3 and sha256) what passes through it. sha256 runs
+    in a second thread while the chunk is hashed by blake3 and written (both release the GIL), so a
+    multi-GB tar costs about its write, not write + two hashes."""
 
     def __init__(self, file):
-        self.file, self.blake3, self.sha256 = file, blake3.blake3(), hashlib.sha256()
+        self.file, self.blake3, self.sha256 = file, blake3.blake3(max_threads=blake3.blake3.AUTO), hashlib.sha256()
+        self._sha_thread = ThreadPoolExecutor(1)
 
     def write(self, data) -> int:
+        pending = self._sha_thread.submit(self.sha256.update, data)
         self.blake3.update(data)
-        self.sha256.update(data)
-        return self.file.write(data)
+        written = self.file.write(data)
+        pending.result()  # the caller may reuse `data`'s buffer once this returns
+        return written
 
     def tell(self) -> int:
         return self.file.tell()
@@ -125,8 +157,9 @@ def fingerprint(params: dict, versions: dict) -> str:
 
 
 def record_outputs(paths: list[str]) -> dict[str, list]:
-    """What `outputs_intact` compares against on the next run."""
-    return {p: [*stat_key(os.stat(p)), file_blake3(p)] for p in paths}
+    """What `outputs_intact` compares against on the next run. Both digests are taken, while the
+    file is fresh in the page cache: the manifest and the package need its sha256 too."""
+    return {p: [*stat_key(os.stat(p)), file_digests(p)[0]] for p in paths}
 
 
 def outputs_intact(task, values) -> bool:
@@ -165,5 +198,5 @@ INDEX = "files.b3"
 def write_index(folder: Path) -> None:
     """`files.b3`: the blake3 of every file in a folder, in b3sum's format. Later stages depend on
     this one file, so a folder counts as changed exactly when one of its files does."""
-    lines = [f"{file_blake3(p)}  {p.relative_to(folder).as_posix()}\n" for p in tree_files(folder) if p.name != INDEX]
+    lines = [f"{file_digests(p)[0]}  {p.relative_to(folder).as_posix()}\n" for p in tree_files(folder) if p.name != INDEX]
     (folder / INDEX).write_text("".join(lines), encoding="utf-8")

@@ -3,6 +3,12 @@
 One small JSON per task under cache/.runs/, written when the task succeeds; the report reads
 them. Every record names the build (the doit process) it came from, so the report can tell the
 tasks that ran in the last build from those that were up to date.
+
+Memory is recorded twice, because the resident size alone misleads: a stage that memory-maps a
+7B model's shards (convert, quantize, eval) shows their pages as resident, though the kernel can
+drop them at any time and no other process is short of memory for them. `peak_anon_mb` is the
+memory the task itself allocated (heap, tensors, buffers), the figure that decides whether a build
+fits a machine; `peak_file_mb` the file pages it had mapped; `peak_rss_mb` their peak sum (VmHWM).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import platform
 import re
 import resource
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +51,55 @@ def _peak_mb() -> float:
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
+def _resident_kb() -> tuple[int, int] | None:
+    """(anonymous, file-backed) resident kB of this process, or None where /proc does not tell."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return (int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)),
+                int(re.search(r"RssFile:\s+(\d+) kB", status).group(1)))
+    except (OSError, AttributeError):
+        return None
+
+
+class ResidentPeaks:
+    """Peak anonymous and file-backed resident memory while a task runs. Linux keeps a peak only of
+    their sum (VmHWM), so both are sampled, every 20 ms from a thread: a peak shorter than that can
+    be missed, which the sum's exact peak bounds."""
+
+    INTERVAL_S = 0.02
+
+    def __init__(self):
+        self.anon_kb = self.file_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+
+    def _sample(self) -> bool:
+        resident = _resident_kb()
+        if resident:
+            self.anon_kb, self.file_kb = max(self.anon_kb, resident[0]), max(self.file_kb, resident[1])
+        return resident is not None
+
+    def _sample_until_stopped(self) -> None:
+        while self._sample() and not self._stop.wait(self.INTERVAL_S):
+            pass
+
+    def __enter__(self) -> ResidentPeaks:
+        if self._sample():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._sample()
+
+    def record(self) -> dict[str, float]:
+        if not self.anon_kb:
+            return {}
+        return {"peak_anon_mb": round(self.anon_kb / 1024, 1), "peak_file_mb": round(self.file_kb / 1024, 1)}
+
+
 def platform_facts() -> dict[str, str]:
     """Where a task runs, as far as it can change bytes everywhere: the OS and the CPU architecture."""
     return {"os": platform.system(), "arch": platform.machine()}
@@ -57,10 +113,11 @@ def measured(cache: Path, task: str):
     per_task = _reset_peak()
     started = time.perf_counter()
     run = {"platform": platform_facts()}
-    yield run
+    with ResidentPeaks() as peaks:
+        yield run
     run |= {"task": task, "build": BUILD, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - started, 3), "peak_rss_mb": round(_peak_mb(), 1),
-            "peak_of": "task" if per_task else "process"}
+            "peak_of": "task" if per_task else "process", **peaks.record()}
     path = record_path(cache, task)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
