@@ -16,6 +16,7 @@ the manifest leaves them out, as it leaves out the train log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -151,30 +152,54 @@ def gate_failures(result: dict, gate: GateSpec) -> list[str]:
 
 # ---- llama.cpp ----
 
+@contextlib.contextmanager
 def _llama(subject: Subject, context: int, threads: int, logits_all: bool):
+    """The subject loaded in llama.cpp, freed on leaving: a 7B model must not stay in memory
+    until the garbage collector finds it, while the next task loads another."""
     import llama_cpp
 
     from .quantize import captured_llama_log
 
     with captured_llama_log() as log:
         try:
-            return llama_cpp.Llama(
-                model_path=str(subject.model), lora_path=str(subject.lora) if subject.lora else None,
-                n_ctx=context, n_batch=context, n_ubatch=context, n_threads=threads, n_threads_batch=threads,
-                logits_all=logits_all, verbose=False)
+            llm = llama_cpp.Llama(
+                model_path=str(subject.model), n_ctx=context, n_batch=context, n_ubatch=context, n_threads=threads,
+                n_threads_batch=threads, logits_all=logits_all, verbose=False)
+            if subject.lora:
+                _apply_lora(llm, subject.lora)
         except (ValueError, RuntimeError) as err:
             tail = "".join(log[-3:]).strip().replace("\n", " | ")
             raise BuildError(f"llama.cpp cannot load {' + '.join(map(str, subject.files()))} ({err}): {tail}; "
                              "rebuild it with `doit`") from None
+    with contextlib.closing(llm):
+        yield llm
+
+
+def _apply_lora(llm, lora: Path) -> None:
+    """Apply a GGUF LoRA at run time, as `Llama(lora_path=…)` does, but with the base still
+    memory-mapped: llama-cpp-python turns mmap off whenever it is given a LoRA (a rule from when
+    llama.cpp patched the weights in place), which copies a 7B base into 14 GB of process memory.
+    llama.cpp itself applies the adapter beside the mapped weights."""
+    import ctypes
+
+    import llama_cpp
+
+    adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(lora).encode("utf-8"))
+    if not adapter:
+        raise RuntimeError(f"llama.cpp cannot load the LoRA {lora}")
+    llm._stack.callback(llama_cpp.llama_adapter_lora_free, adapter)
+    adapters, scales = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter), (ctypes.c_float * 1)(1.0)
+    if llama_cpp.llama_set_adapters_lora(llm.ctx, adapters, 1, scales):
+        raise RuntimeError(f"llama.cpp cannot apply the LoRA {lora} to {llm.model_path}")
 
 
 def read_documents(path: Path) -> list[list[tuple[str, bool]]]:
     """Documents of (text, is it an answer) pieces: a .jsonl of {"prompt", "answer"} records (what
     the train split is written as) is a document per record; any other file is one plain text."""
     if path.suffix != ".jsonl":
-        return [[(path.read_text(encoding="utf-8"), False)]]
+        return [[(path.read_text(encoding="utf-8-sig"), False)]]
     documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         try:
             record = json.loads(line)
             documents.append([(record["prompt"], False), (record["answer"], True)])
@@ -194,6 +219,11 @@ def tokenize(subject: Subject, documents: list[list[tuple[str, bool]]], max_toke
 
     with captured_llama_log():
         llm = llama_cpp.Llama(model_path=str(subject.model), vocab_only=True, verbose=False)
+    with contextlib.closing(llm):
+        return _tokenized(llm, documents, max_tokens)
+
+
+def _tokenized(llm, documents: list[list[tuple[str, bool]]], max_tokens: int) -> list[Window]:
     tokenized, total = [], 0
     for pieces in documents:
         tokens, is_answer = [], []
@@ -218,12 +248,14 @@ def window_logits(llm, tokens: list[int]) -> np.ndarray:
 def quality(job: Job, documents: list[Window], context: int, threads: int) -> dict:
     # Both models stay loaded (llama.cpp maps the files) so each window's distributions are
     # compared as they come, never stored: a stored reference is tokens × vocabulary floats.
-    model = _llama(job.subject, context, threads, logits_all=True)
-    reference = _llama(job.reference, context, threads, logits_all=True) if job.reference else None
     mine = Tally()
-    for window in windows(documents, context):
-        ref_logits = window_logits(reference, window.tokens) if reference else None
-        mine.add(window_logits(model, window.tokens), window, ref_logits)
+    with contextlib.ExitStack() as loaded:
+        model = loaded.enter_context(_llama(job.subject, context, threads, logits_all=True))
+        reference = loaded.enter_context(_llama(job.reference, context, threads, logits_all=True)) \
+            if job.reference else None
+        for window in windows(documents, context):
+            ref_logits = window_logits(reference, window.tokens) if reference else None
+            mine.add(window_logits(model, window.tokens), window, ref_logits)
     result = {"documents": len(documents), "tokens": sum(len(d.tokens) for d in documents), "context": context,
               "scored": mine.scored, "perplexity": mine.perplexity}
     if mine.answers:
@@ -234,25 +266,37 @@ def quality(job: Job, documents: list[Window], context: int, threads: int) -> di
     return result
 
 
+LARGE_GGUF = 1 << 30  # bytes; above this a generated token costs about a second on a laptop's CPU
+
+
+def speed_settings(spec: EvalSpec, size_bytes: int) -> tuple[int, int, int]:
+    """(prompt tokens, generated tokens, timed runs): the spec's, or by the variant's size, so that
+    measuring the speed of a 7B model does not take longer than building it. Pure."""
+    large = size_bytes > LARGE_GGUF
+    return (spec.speed_prompt or (32 if large else 128), spec.speed_tokens or (8 if large else 32),
+            spec.speed_runs or (1 if large else 3))
+
+
 def speed(subject: Subject, spec: EvalSpec, threads: int) -> dict:
     """llama-bench's pp/tg idea: time a prompt of `speed_prompt` tokens, then `speed_tokens` tokens
     one at a time after it. Token ids are drawn at random (seed 0); speed does not depend on them."""
-    llm = _llama(subject, spec.speed_prompt + spec.speed_tokens, threads, logits_all=False)
-    rng = random.Random(0)
-    ids = [rng.randrange(llm.n_vocab()) for _ in range(spec.speed_prompt + spec.speed_tokens)]
-    prompt, generated = ids[:spec.speed_prompt], ids[spec.speed_prompt:]
+    n_prompt, n_gen, runs = speed_settings(spec, sum(os.path.getsize(f) for f in subject.files()))
     prompt_speeds, gen_speeds = [], []
-    for run in range(spec.speed_runs + 1):  # run 0 warms caches and is not counted
-        llm.reset()
-        started = time.perf_counter()
-        llm.eval(prompt)
-        prompted = time.perf_counter()
-        for token in generated:
-            llm.eval([token])
-        if run:
-            prompt_speeds.append(len(prompt) / (prompted - started))
-            gen_speeds.append(len(generated) / (time.perf_counter() - prompted))
-    return {"threads": threads, "prompt_tokens": len(prompt), "gen_tokens": len(generated), "runs": spec.speed_runs,
+    with _llama(subject, n_prompt + n_gen, threads, logits_all=False) as llm:
+        rng = random.Random(0)
+        ids = [rng.randrange(llm.n_vocab()) for _ in range(n_prompt + n_gen)]
+        prompt, generated = ids[:n_prompt], ids[n_prompt:]
+        for run in range(runs + 1):  # run 0 warms caches and is not counted
+            llm.reset()
+            started = time.perf_counter()
+            llm.eval(prompt)
+            prompted = time.perf_counter()
+            for token in generated:
+                llm.eval([token])
+            if run:
+                prompt_speeds.append(len(prompt) / (prompted - started))
+                gen_speeds.append(len(generated) / (time.perf_counter() - prompted))
+    return {"threads": threads, "prompt_tokens": len(prompt), "gen_tokens": len(generated), "runs": runs,
             "prompt_tokens_per_s": statistics.median(prompt_speeds), "gen_tokens_per_s": statistics.median(gen_speeds)}
 
 

@@ -309,6 +309,24 @@ def _read_json(path: Path):
         raise BuildError(f"{path} is missing: run `doit` to build and measure, then `doit report`") from None
 
 
+def speed_words(results: list[dict]) -> str:
+    """What the speed columns measured; variants over 1 GiB get shorter runs unless the spec sets them."""
+    groups: dict[tuple, list[str]] = {}
+    for r in results:
+        s = r["speed"]
+        groups.setdefault((s["prompt_tokens"], s["gen_tokens"], s["runs"]), []).append(r["variant"])
+
+    def words(prompt: int, gen: int, runs: int) -> str:
+        return (f"prompt processing of {prompt} tokens and generation of {gen} tokens, "
+                + (f"median of {runs} runs" if runs > 1 else "one timed run") + " after an untimed one")
+
+    if len(groups) == 1:
+        return words(*next(iter(groups)))
+    return "; ".join(f"{', '.join(variants)}: {words(*settings)}" for settings, variants in groups.items()) + \
+        " (a GGUF over 1 GiB gets shorter speed runs; `[models.eval] speed_prompt`, `speed_tokens` and " \
+        "`speed_runs` set them for every variant)"
+
+
 def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
     results = [_read_json(model.root / "eval" / f"{v}.json") for v in model.variants]
     by_variant = {r["variant"]: r for r in results}
@@ -326,8 +344,7 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
         blocks.append(Text("No held-out text (set `[models.eval] text`): size and speed only."))
     blocks.append(Text(
         f"Speed: llama.cpp through llama-cpp-python {results[0]['versions'].get('llama-cpp-python', '?')}, "
-        f"{speed['threads']} threads, prompt processing of {speed['prompt_tokens']} tokens and generation of "
-        f"{speed['gen_tokens']} tokens, median of {speed['runs']} runs."))
+        f"{speed['threads']} threads, {speed_words(results)}."))
     blocks.append(Table(["variant", "GGUF", "size", "bits/weight", "perplexity", "answer ppl", "Δ ppl",
                          "KL", "top-1", "prompt t/s", "gen t/s", "gate"], variant_rows(results, model.gates)))
 

@@ -107,6 +107,29 @@ def test_tally_and_windows_by_hand():
     assert tally.top1 == 1
 
 
+def test_speed_runs_shrink_with_the_model_unless_the_spec_sets_them():
+    """A 7B F16 generates about a token a second on a laptop CPU: three runs of 32 tokens per
+    variant would cost minutes of every build. Above 1 GiB the default runs are shorter."""
+    from stages import report
+    from stages.build.spec import EvalSpec
+
+    assert evaluate.speed_settings(EvalSpec(), 270_000_000) == (128, 32, 3)
+    assert evaluate.speed_settings(EvalSpec(), 6_200_000_000) == (32, 8, 1)
+    assert evaluate.speed_settings(EvalSpec(speed_runs=5, speed_tokens=16), 6_200_000_000) == (32, 16, 5)
+
+    def result(variant, prompt, gen, runs):
+        return {"variant": variant, "speed": {"prompt_tokens": prompt, "gen_tokens": gen, "runs": runs}}
+
+    same = [result("F16", 128, 32, 3), result("Q8_0", 128, 32, 3)]
+    assert report.speed_words(same) == ("prompt processing of 128 tokens and generation of 32 tokens, "
+                                        "median of 3 runs after an untimed one")
+    mixed = [result("BF16", 32, 8, 1), result("Q4_K_M", 128, 32, 3), result("lora", 32, 8, 1)]
+    assert report.speed_words(mixed).startswith(
+        "BF16, lora: prompt processing of 32 tokens and generation of 8 tokens, one timed run after an untimed one; "
+        "Q4_K_M: prompt processing of 128 tokens and generation of 32 tokens, median of 3 runs")
+    assert "a GGUF over 1 GiB gets shorter speed runs" in report.speed_words(mixed)
+
+
 def test_gate_failures_name_the_measure_and_the_limit():
     result = {"quality": {"perplexity": 11.0, "reference_perplexity": 10.0, "kl_divergence": 0.2,
                           "top1_agreement": 0.8}}

@@ -241,9 +241,11 @@ class EvalSpec(Strict):
     text: Path | None = None  # held-out text; default: the train stage's validation split, as trained on
     context: int = Field(default=512, ge=16)  # tokens per perplexity window
     max_tokens: int = Field(default=8192, ge=32)  # of the held-out text, at most
-    speed_prompt: int = Field(default=128, ge=1)  # prompt tokens per prompt-processing run
-    speed_tokens: int = Field(default=32, ge=1)  # tokens per generation run
-    speed_runs: int = Field(default=3, ge=1)  # timed runs; the median is reported
+    # Speed runs; unset, each follows the variant's size (stages.evaluate.speed_settings): 128 prompt
+    # tokens, 32 generated, median of 3 runs, or 32, 8 and 1 above 1 GiB, where one token costs seconds.
+    speed_prompt: int | None = Field(default=None, ge=1)  # prompt tokens per prompt-processing run
+    speed_tokens: int | None = Field(default=None, ge=1)  # tokens per generation run
+    speed_runs: int | None = Field(default=None, ge=1)  # timed runs; the median is reported
     gate: dict[str, GateSpec] = Field(default_factory=dict)  # by variant: a quant type, or "lora"
 
     @field_validator("text", mode="before")
