@@ -1,8 +1,11 @@
 """convert: a Hugging Face safetensors model → one GGUF file, as llama.cpp's converter writes it.
 
 Tensors stream one at a time from the safetensors shards (memory-mapped) into the GGUF,
-so peak memory is about one tensor, never the model twice. For an architecture modelmake
-does not convert, `run_external` runs the converter the spec names instead.
+so peak memory is about one tensor, never the model twice. Given an adapter (`[models.merge]
+keep_hf = false`), each adapted weight is merged as it streams past, exactly as the merge stage
+computes it, so the merged GGUF has the same bytes without the merged safetensors ever being
+written. For an architecture modelmake does not convert, `run_external` runs the converter the
+spec names instead.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from .build.errors import BuildError
 from .build.hashing import INDEX
 from .build.task import ModelBuild, Task
 from .formats import arch as arches
-from .formats import ggufheader, hf, tokenizer
+from .formats import ggufheader, hf, lora, tokenizer
+from .merge import merged_weight
 
 REVISION = 1
 TOOLS = ("gguf", "safetensors", "torch", "transformers", "tokenizers", "numpy")
@@ -118,29 +122,42 @@ def _open_shards(model_dir: Path, stack) -> dict[str, object]:
     return handles
 
 
-def _tensor_bytes(plan: TensorPlan, handle) -> np.ndarray:
+def _tensor_bytes(plan: TensorPlan, handle, adapter: lora.Adapter | None) -> np.ndarray:
     import torch
 
     data = handle.get_tensor(plan.hf_name)
+    if adapter and plan.hf_name in adapter.pairs:
+        if not data.is_floating_point():
+            raise BuildError(f"{plan.hf_name} is {data.dtype}; LoRA merges into float weights only")
+        data = merged_weight(data, *adapter.pairs[plan.hf_name], adapter.scale)
     if plan.offset:  # in float32: a bf16 1 + w would round w away
         data = data.to(torch.float32) + plan.offset
     if plan.permute_heads:
         data = arches.permute_rotary(data, plan.permute_heads)
-    # torch casts to f16/f32 several times faster than numpy; the block formats are gguf-py's.
+    # torch casts to f16/f32/bf16 several times faster than numpy; the block formats are gguf-py's.
     if plan.qtype == gguf.GGMLQuantizationType.F16:
         return data.to(torch.float16).numpy()
+    if plan.qtype == gguf.GGMLQuantizationType.BF16 and not torch.isnan(data).any():
+        # torch rounds to nearest even as ggml (and gguf-py) do; they differ only on NaN payloads,
+        # which take gguf-py's way below. A bf16 checkpoint's bytes pass through unchanged.
+        return data.to(torch.bfloat16).view(torch.int16).numpy()
     data = data.to(torch.float32).numpy()
     return data if plan.qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(data, plan.qtype)
 
 
-def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: str | None = None) -> None:
-    """Write `out_path` (GGUF at `outtype`) from the Hugging Face model in `model_dir`."""
+def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: str | None = None,
+        adapter_dir: Path | None = None, allow_pickle: bool = False) -> None:
+    """Write `out_path` (GGUF at `outtype`) from the Hugging Face model in `model_dir`, with the
+    PEFT adapter in `adapter_dir` merged in if one is given."""
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = hf.read_config(model_dir)
     architecture = arches.from_hf_config(config, str(model_dir / "config.json"))
+    adapter = lora.load(Path(adapter_dir), allow_pickle) if adapter_dir else None
     with contextlib.ExitStack() as stack:
         handles = _open_shards(model_dir, stack)
         shapes = {k: tuple(handles[k].get_slice(k).get_shape()) for k in sorted(handles)}
+        if adapter:
+            lora.check_fits(adapter, shapes, model_dir)
         plans = plan_tensors(shapes, config, architecture, outtype, str(model_dir))
         with atomic_file(out_path) as tmp:
             writer = gguf.GGUFWriter(tmp, architecture.gguf_name)
@@ -158,7 +175,7 @@ def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: 
             for values in extra.values():
                 writer.write_tensor_data(values)
             for plan in tqdm(plans, desc=f"convert {name}", unit="tensor", leave=False):
-                writer.write_tensor_data(_tensor_bytes(plan, handles[plan.hf_name]))
+                writer.write_tensor_data(_tensor_bytes(plan, handles[plan.hf_name], adapter))
             writer.close()
 
 
@@ -184,13 +201,16 @@ def run_external(command: list[str], model_dir: Path, out_path: Path, outtype: s
 
 
 def tasks(build: ModelBuild) -> list[Task]:
-    """The base's GGUF, and with an adapter the merged model's: the release route starts from it."""
+    """The base's GGUF, and with an adapter the merged model's: the release route starts from it,
+    converted from the merge stage's folder, or with the LoRA folded in here when none is kept."""
     model, paths = build.model, build.paths
-    sources = [(model.name, paths.base, paths.base_files())]
-    if paths.adapter:
-        sources.append((build.release, paths.merged, [paths.merged / INDEX]))
+    sources = [(model.name, paths.base, paths.base_files(), None)]
+    if paths.adapter and model.keep_merged_hf:
+        sources.append((build.release, paths.merged, [paths.merged / INDEX], None))
+    elif paths.adapter:
+        sources.append((build.release, paths.base, paths.adapter_files() + paths.base_files(), paths.adapter))
     found = []
-    for stem, folder, folder_files in sources:
+    for stem, folder, folder_files, adapter_dir in sources:
         out = paths.gguf(stem, model.outtype.upper())
         if model.convert:  # the spec's own converter; its script is an input like the weights
             spec_dir = build.spec.source.parent if build.spec.source else Path.cwd()
@@ -202,7 +222,9 @@ def tasks(build: ModelBuild) -> list[Task]:
                 inputs=folder_files + model.convert.input_files(spec_dir), outputs=[out]))
             continue
         params = {"outtype": model.outtype, "pretokenizer": model.pretokenizer}
-        found.append(Task(stem, f"Hugging Face → GGUF {model.outtype}", run,
-                          {"model_dir": folder, "out_path": out, "name": stem, **params},
-                          params | {"name": stem}, inputs=folder_files, outputs=[out]))
+        merging = {"adapter_dir": adapter_dir, "allow_pickle": build.adapter_options.allow_pickle} if adapter_dir else {}
+        found.append(Task(stem, f"Hugging Face → GGUF {model.outtype}" + (", LoRA merged on the way" if adapter_dir else ""),
+                          run, {"model_dir": folder, "out_path": out, "name": stem, **params, **merging},
+                          params | {"name": stem} | ({"lora_merged": True} if adapter_dir else {}),
+                          inputs=folder_files, outputs=[out]))
     return found

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from helpers import SMOLLM_GGUF, doit, leftovers, write_spec
+from helpers import SMOLLM_GGUF, doit, leftovers, make_peft_adapter, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -253,6 +253,25 @@ def test_parallel_build_clean_and_forget(tmp_path, tiny_llama):
 
     doit(spec, "quantize:tiny-Q8_0", command="forget")
     assert doit(spec).ran == ["quantize:tiny-Q8_0", "report"]
+
+
+def test_keep_hf_false_folds_the_lora_in_while_converting(tmp_path, tiny_llama):
+    """No merged safetensors are written, and the release is the same bytes as merge + convert's."""
+    shutil.copytree(tiny_llama, tmp_path / "tiny")
+    make_peft_adapter(tmp_path / "adapter", tmp_path / "tiny")
+    model = '[[models]]\nname = "m"\nbase = "tiny"\nquantize = ["Q8_0"]\n[models.adapter]\npath = "adapter"\n'
+    (tmp_path / "keep.toml").write_text('cache = "keep"\n' + model)
+    (tmp_path / "fused.toml").write_text('cache = "fused"\n' + model + "[models.merge]\nkeep_hf = false\n")
+    listed = [line.split()[0] for line in doit(tmp_path / "fused.toml", command="list").output.splitlines()]
+    assert "merge" not in listed and "merge:m" not in listed and "convert:m-merged" in listed
+    assert "merge:m" in doit(tmp_path / "keep.toml").ran
+    assert "convert:m-merged" in doit(tmp_path / "fused.toml").ran
+    sums = {name: dict(line.split("  ")[::-1] for line in (tmp_path / name / "m/SHA256SUMS").read_text().splitlines())
+            for name in ("keep", "fused")}
+    for artifact in ("gguf/m-merged.F16.gguf", "gguf/m-merged.Q8_0.gguf", "package/Q8_0/m-Q8_0.oci.tar"):
+        assert sums["fused"][artifact] == sums["keep"][artifact], artifact
+    assert not (tmp_path / "fused/m/merged").exists() and not any(p.startswith("merged/") for p in sums["fused"])
+    assert any(p.startswith("merged/") for p in sums["keep"])
 
 
 def test_default_spec_fine_tunes_and_every_route_carries_it(default_build):

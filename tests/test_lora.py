@@ -86,6 +86,50 @@ def test_llama_cpp_base_plus_gguf_lora_equals_merged_gguf_and_peft(adapted):
     assert np.abs(plain - expected).max() > 50 * tolerance * scale, "the adapter must matter for this test to mean anything"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_blocked_merge_is_the_one_expression_bit_for_bit(dtype):
+    """merge works a block of rows at a time for speed; every value must be what
+    (W + s·(B·A)) in float32, rounded to W's dtype, gives (the merged bytes built before blocking)."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, cols, rank in [(3072, 3072, 16), (1000, 700, 8), (49152 // 8, 576, 4), (5, 3, 2)]:
+        weight = (torch.randn(rows, cols, generator=generator) * 0.02).to(dtype)
+        a, b = torch.randn(rank, cols, generator=generator) * 0.01, torch.randn(rows, rank, generator=generator) * 0.01
+        expected = (weight.float() + 1.7 * (b.float() @ a.float())).to(dtype)
+        got = merge.merged_weight(weight, a, b, 1.7)
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (rows, cols)
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_convert_folding_the_lora_in_writes_the_merged_gguf_byte_for_byte(adapted, outtype, tmp_path):
+    """[models.merge] keep_hf = false: convert merges each adapted weight as it streams past, and the
+    GGUF must be the one merge + convert write (same name, same bytes)."""
+    options = PRETOKENIZER[adapted["arch"]]
+    convert.run(adapted["merged"], tmp_path / "two-steps.gguf", outtype, "tiny-merged", **options)
+    convert.run(adapted["base"], tmp_path / "fused.gguf", outtype, "tiny-merged", **options,
+                adapter_dir=adapted["adapter"])
+    convert.run(adapted["base"], tmp_path / "base.gguf", outtype, "tiny-merged", **options)
+    fused = (tmp_path / "fused.gguf").read_bytes()
+    assert fused == (tmp_path / "two-steps.gguf").read_bytes()
+    assert fused != (tmp_path / "base.gguf").read_bytes(), "the adapter must change the weights"
+
+
+def test_fused_merge_of_a_bf16_base_matches_merge_then_convert(tiny_llama, tmp_path):
+    """bf16 is what hub checkpoints ship: the merge rounds W + BA back to bf16 before convert casts it,
+    and the fused path must round at the same place."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "bf16-base"
+    shutil.copytree(tiny_llama, base)
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(base / "model.safetensors").items()}
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    lora_dir = make_peft_adapter(tmp_path / "adapter", base)
+    merge.run(lora_dir, base, tmp_path / "merged")
+    for outtype in ("bf16", "f16"):
+        convert.run(tmp_path / "merged", tmp_path / f"two-steps.{outtype}.gguf", outtype, "m")
+        convert.run(base, tmp_path / f"fused.{outtype}.gguf", outtype, "m", adapter_dir=lora_dir)
+        assert (tmp_path / f"fused.{outtype}.gguf").read_bytes() == (tmp_path / f"two-steps.{outtype}.gguf").read_bytes()
+
+
 def test_gguf_lora_metadata(adapted, tmp_path):
     from gguf import GGUFReader
 
@@ -123,7 +167,8 @@ def test_adapter_for_another_base_is_refused_before_writing(tiny_llama, smollm_t
     model.save_pretrained(other)
     lora_dir = make_peft_adapter(tmp_path / "adapter", tiny_llama)
     for run in (lambda: adapter.run(lora_dir, other, tmp_path / "out/lora.gguf", "f16", "x"),
-                lambda: merge.run(lora_dir, other, tmp_path / "out/merged")):
+                lambda: merge.run(lora_dir, other, tmp_path / "out/merged"),
+                lambda: convert.run(other, tmp_path / "out/merged.gguf", "f16", "x", adapter_dir=lora_dir)):
         with pytest.raises(BuildError) as err:
             run()
         assert f"{lora_dir} does not fit the base {other}" in str(err.value)

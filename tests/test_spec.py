@@ -60,6 +60,15 @@ def test_quant_names_are_normalised_and_paths_resolved_from_the_spec_folder(tmp_
      "[models.adapter] needs a path to a PEFT adapter folder, or a [models.train] table"),
     ('[[models]]\nname = "m"\nbase = "x.gguf"\nouttype = "q8_0"\nquantize = ["Q4_K_M", "Q8_0"]\n',
      "quantize lists Q8_0, which is the outtype: convert already writes it; drop it from quantize"),
+    # a model may not share a folder modelmake keeps in the cache, whatever the case (macOS folds it)
+    ('[[models]]\nname = "report"\nbase = "x.gguf"\n',
+     "models[0].name: 'report' is the name of a folder modelmake keeps in the cache (cache/report: the build "
+     "report); give the model another name, e.g. 'report-model'"),
+    ('[[models]]\nname = "Pulled"\nbase = "x.gguf"\n', "(cache/pulled: what `doit pull` fetched)"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.merge]\nkeep_hf = false\n',
+     "[models.merge] is for a model with an adapter ([models.train] or adapter.path); this one has none"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.merge]\nkeep = false\n',
+     "unknown key 'models[0].merge.keep': did you mean 'keep_hf'?"),
 ])
 def test_bad_spec_is_one_clear_sentence(tmp_path, text, expected):
     (tmp_path / "x.gguf").write_bytes(b"")
@@ -118,3 +127,31 @@ def test_auto_outtype_for_gguf_and_uncached_hub_bases(tmp_path):
                                        'outtype = "auto"\n'))
     assert "outtype" in str(err.value) and "has no safetensors weights here yet" in str(err.value)
     assert 'set outtype = "f16" or "bf16"' in str(err.value)
+
+
+@pytest.mark.parametrize("text, key", [('cache = "."\n', "cache"), ('cache = ".."\n', "cache"),
+                                       ('[cache]\ndir = "."\n', "cache.dir")])
+def test_cache_may_not_be_the_spec_folder_or_above_it(tmp_path, text, key):
+    """`doit clean` removes cache/<model>: with the cache in the spec's folder that could be a user's folder."""
+    (tmp_path / "x.gguf").write_bytes(b"")
+    path = write_spec(tmp_path, text + '[[models]]\nname = "m"\nbase = "x.gguf"\n')
+    with pytest.raises(BuildError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path}: {key} = ")
+    assert "`doit clean` removes them" in str(err.value) and 'e.g. cache = "cache"' in str(err.value)
+    result = doit(path, command="list", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.output
+
+
+def test_a_spec_and_a_dataset_that_start_with_a_byte_order_mark_are_read(tmp_path):
+    """Windows editors write a UTF-8 BOM; it is not part of the first key or record."""
+    from stages.formats.dataset import read_jsonl
+
+    records = '{"instruction": "Say 1.", "output": "Answer: 1."}\n{"instruction": "Say 2.", "output": "Answer: 2."}\n'
+    (tmp_path / "plain.jsonl").write_text(records, encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + records, encoding="utf-8")
+    plain, bom = read_jsonl(tmp_path / "plain.jsonl"), read_jsonl(tmp_path / "bom.jsonl")
+    assert [e.messages for e in bom] == [e.messages for e in plain] and len(bom) == 2
+    (tmp_path / "x.gguf").write_bytes(b"")
+    spec = write_spec(tmp_path, '\ufeffcache = "out"\n[[models]]\nname = "m"\nbase = "x.gguf"\n')
+    assert load_spec(spec).cache == tmp_path / "out"

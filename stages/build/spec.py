@@ -32,6 +32,10 @@ OutType = Literal["f32", "f16", "bf16", "q8_0", "auto"]  # "auto" is resolved to
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
+# Folders modelmake keeps in the cache beside each model's own (cache/<model>): a model may not share
+# one. Compared without case, because macOS and Windows file systems do not tell `Report` from `report`.
+CACHE_FOLDERS = {"report": "the build report", "pulled": "what `doit pull` fetched"}
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -254,6 +258,14 @@ class EvalSpec(Strict):
         return None if value is None else _resolve_file(value, info, "eval text")
 
 
+class MergeSpec(Strict):
+    """[models.merge]: whether the merged model is kept as a Hugging Face folder."""
+
+    # false: no merged safetensors are written; convert folds the LoRA in as it writes the merged
+    # GGUF (the same bytes, one pass over the weights less). true keeps cache/<model>/merged, for a hub upload.
+    keep_hf: bool = True
+
+
 class ModelSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     base: BaseRef
@@ -266,6 +278,16 @@ class ModelSpec(Strict):
     package: PackageSpec = Field(default_factory=PackageSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     convert: ConvertSpec | None = None
+    merge: MergeSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_cache_folder(cls, name: str) -> str:
+        if name.lower() in CACHE_FOLDERS:
+            raise ValueError(f"{name!r} is the name of a folder modelmake keeps in the cache "
+                             f"(cache/{name.lower()}: {CACHE_FOLDERS[name.lower()]}); give the model another name, "
+                             f"e.g. {name + '-model'!r}")
+        return name
 
     @property
     def variants(self) -> list[str]:
@@ -303,6 +325,21 @@ class ModelSpec(Strict):
         if self.adapter and not self.adapter.path and not self.train:
             raise ValueError("[models.adapter] needs a path to a PEFT adapter folder, or a [models.train] table")
         return self
+
+    @model_validator(mode="after")
+    def _merge_needs_adapter(self):
+        if self.merge and not self.has_adapter:
+            raise ValueError("[models.merge] is for a model with an adapter ([models.train] or adapter.path); "
+                             "this one has none to merge: remove the table")
+        if self.merge and not self.merge.keep_hf and self.convert:
+            raise ValueError("merge.keep_hf = false folds the LoRA in inside modelmake's own converter, and "
+                             "[models.convert] names an external one, which needs the merged folder: "
+                             "set keep_hf = true or remove [models.convert]")
+        return self
+
+    @property
+    def keep_merged_hf(self) -> bool:
+        return self.merge.keep_hf if self.merge else True
 
     @property
     def has_adapter(self) -> bool:
@@ -437,7 +474,7 @@ def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file; every failure is a BuildError naming file and field."""
     path = Path(path).resolve()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: some editors start with a BOM
     except FileNotFoundError:
         raise BuildError(f"spec file {path} not found: create it or pass another with `doit spec=PATH`") from None
     except tomllib.TOMLDecodeError as err:
@@ -451,6 +488,12 @@ def load_spec(path: str | Path) -> Spec:
         problems = "; ".join(_describe(e) for e in err.errors())
         raise BuildError(f"{path}: {problems}") from None
     cache = (spec.cache if spec.cache.is_absolute() else path.parent / spec.cache).resolve()
+    if path.parent.is_relative_to(cache):
+        key = "cache.dir" if isinstance(data.get("cache"), dict) else "cache"
+        raise BuildError(f"{path}: {key} = {str(spec.cache)!r} is the spec's own folder{'' if cache == path.parent else ' or above it'}: "
+                         "modelmake writes a folder per model there and `doit clean` removes them, which could "
+                         "delete your own folders of the same name; give the cache a folder of its own, "
+                         "e.g. cache = \"cache\"")
     return spec.model_copy(update={"source": path, "cache": cache})
 
 

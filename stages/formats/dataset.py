@@ -42,7 +42,7 @@ def to_messages(record: object, where: str) -> tuple[dict, ...]:
 
 def read_jsonl(path: Path) -> list[Example]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark some editors write
     except FileNotFoundError:
         raise BuildError(f"dataset {path} not found") from None
     except UnicodeDecodeError as err:
