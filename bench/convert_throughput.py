@@ -37,40 +37,48 @@ def timed(fns, repeat):
     return [statistics.median(t) for t in times]
 
 
-def write_synthetic(folder: Path, tokenizer_dir: Path, layers: int = 8) -> Path:
-    """Random bf16 weights under llama names: convert's per-byte cost without a slow model init."""
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
-    hidden, ffn, heads, kv_heads, vocab = 2048, 5632, 16, 4, 49152
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
-
-    tensors = {"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
-               "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+def llama_shapes(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int) -> dict[str, tuple]:
+    """Every tensor of an untied Llama under its Hugging Face name, in the order weights are drawn."""
     kv = hidden // heads * kv_heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        tensors |= {p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(kv, hidden),
-                    p + "self_attn.v_proj.weight": rand(kv, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
-                    p + "mlp.gate_proj.weight": rand(ffn, hidden), p + "mlp.up_proj.weight": rand(ffn, hidden),
-                    p + "mlp.down_proj.weight": rand(hidden, ffn),
-                    p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-                    p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+        shapes |= {p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                   p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                   p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
+                   p + "mlp.down_proj.weight": (hidden, ffn),
+                   p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)}
+    return shapes
+
+
+def write_llama_folder(folder: Path, tokenizer_dir: Path, hidden: int, ffn: int, layers: int, heads: int,
+                       kv_heads: int, vocab: int, rope_theta: float) -> None:
+    """config.json of that Llama, and the tokenizer files beside it (the weights are the caller's)."""
+    import json
+
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
               "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 4096,
-              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+              "rms_norm_eps": 1e-5, "rope_theta": rope_theta, "tie_word_embeddings": False,
               "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
     (folder / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tokenizer_dir / name, folder / name)
+
+
+def write_synthetic(folder: Path, tokenizer_dir: Path, layers: int = 8) -> Path:
+    """Random bf16 weights under llama names: convert's per-byte cost without a slow model init."""
+    import torch
+    from safetensors.torch import save_file
+
+    shape = {"hidden": 2048, "ffn": 5632, "layers": layers, "heads": 16, "kv_heads": 4, "vocab": 49152}
+    gen = torch.Generator().manual_seed(0)
+    tensors = {name: (torch.randn(*dims, generator=gen) * 0.02).to(torch.bfloat16) if len(dims) == 2
+               else torch.ones(dims, dtype=torch.bfloat16) for name, dims in llama_shapes(**shape).items()}
+    write_llama_folder(folder, tokenizer_dir, **shape, rope_theta=10000.0)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
 

@@ -33,6 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from convert_throughput import llama_shapes, write_llama_folder  # noqa: E402
 
 SHAPES = {  # hidden, FFN, layers, heads, KV heads
     "3b": (3072, 8192, 28, 24, 8),
@@ -60,17 +63,7 @@ keep_hf = {keep_hf}
 
 def tensor_shapes(size: str) -> dict[str, tuple[int, ...]]:
     hidden, ffn, layers, heads, kv_heads = SHAPES[size]
-    kv = hidden // heads * kv_heads
-    shapes = {"model.embed_tokens.weight": (VOCAB, hidden), "lm_head.weight": (VOCAB, hidden),
-              "model.norm.weight": (hidden,)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
-                   p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                   p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
-                   p + "mlp.down_proj.weight": (hidden, ffn),
-                   p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)}
-    return shapes
+    return llama_shapes(hidden, ffn, layers, heads, kv_heads, VOCAB)
 
 
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str, make) -> None:
@@ -119,14 +112,7 @@ def write_model(folder: Path, size: str) -> None:
         write_safetensors(folder / shard_name, shard, "BF16", make)
         weight_map |= dict.fromkeys(shard, shard_name)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": kv_heads, "vocab_size": VOCAB, "max_position_embeddings": 4096,
-              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-              "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
-    (folder / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(TOKENIZER / name, folder / name)
+    write_llama_folder(folder, TOKENIZER, hidden, ffn, layers, heads, kv_heads, VOCAB, rope_theta=500000.0)
 
 
 def write_adapter(folder: Path, size: str, rank: int = 16) -> None:
