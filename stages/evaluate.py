@@ -161,6 +161,7 @@ def _llama(subject: Subject, context: int, threads: int, logits_all: bool):
     from .quantize import captured_llama_log
 
     with captured_llama_log() as log:
+        llm = None
         try:
             llm = llama_cpp.Llama(
                 model_path=str(subject.model), n_ctx=context, n_batch=context, n_ubatch=context, n_threads=threads,
@@ -168,6 +169,8 @@ def _llama(subject: Subject, context: int, threads: int, logits_all: bool):
             if subject.lora:
                 _apply_lora(llm, subject.lora)
         except (ValueError, RuntimeError) as err:
+            if llm:  # the base loaded but its LoRA did not
+                llm.close()
             tail = "".join(log[-3:]).strip().replace("\n", " | ")
             raise BuildError(f"llama.cpp cannot load {' + '.join(map(str, subject.files()))} ({err}): {tail}; "
                              "rebuild it with `doit`") from None
