@@ -1,61 +1,263 @@
 """import: bring a base model into the cache as a Hugging Face directory.
 
-A GGUF base (the embedded SmolLM2, or any GGUF path) is dequantized by transformers'
-GGUF loader into float32 safetensors plus config, tokenizer and chat template, so the
-PyTorch stages can use it. A hub base is fetched at its pinned revision. Either way the
-folder ends with `files.b3`, the blake3 of every file in it (b3sum's format), which is
-what later stages depend on.
+A GGUF base (the embedded SmolLM2, or a GGUF of any family convert writes) becomes the Hugging
+Face model it stands for, the inverse of convert:
+- config.json from its hyperparameters (the family's `hf_config`), checked by converting it back:
+  every `<arch>.` key must come out as the file has it, so nothing is dropped or guessed;
+- float32 safetensors, dequantized by gguf-py a few rows at a time, with convert's transforms
+  undone (llama's rotary row order, Gemma's 1 + w norms), written as they are made, so memory
+  holds a tensor, never the model;
+- the tokenizer, rebuilt by transformers from the GGUF's vocabulary (with its chat template only
+  if the file has one).
+A hub base is fetched at its pinned revision. Either way the folder ends with `files.b3`, the
+blake3 of every file in it (b3sum's format), which is what later stages depend on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import shutil
+import struct
 from pathlib import Path
 
+import numpy as np
+
+from . import convert
 from .build.atomic import atomic_dir
 from .build.errors import BuildError
-from .build.hashing import INDEX, tree_files, write_index
+from .build.hashing import INDEX, HashingWriter, remember, tree_files, write_index
 from .build.spec import BaseRef
 from .build.task import ModelBuild, Task
-from .formats import arch, ggufheader
-from .formats.tokenizer import restore_pretokenizer
+from .formats import arch, ggufheader, hf, tokenizer
 
-REVISION = 2  # bump when this code changes the bytes it writes
-TOOLS = ("transformers", "gguf", "safetensors", "torch", "huggingface-hub")  # their versions shape the bytes
+REVISION = 3  # bump when this code changes the bytes it writes
+TOOLS = ("transformers", "gguf", "safetensors", "torch", "huggingface-hub", "tokenizers", "numpy")
 HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
              "chat_template.json", "tokenizer.model", "LICENSE*"]
+CHUNK_BYTES = 64 << 20  # float32 output per dequantization step
+COMPUTED = {arch.ROPE_FREQS, *arch.ROPE_FACTORS.values()}  # read into the config, not the weights
+TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "padding_token_id",
+             "unk_token_id": "unknown_token_id"}
 
 
-def check_gguf(path: Path) -> None:
-    """Open a GGUF and fail clearly if it is corrupt, truncated or of an unsupported architecture."""
-    from gguf import GGUFReader
-
+def open_gguf(path: Path) -> tuple[ggufheader.Mapped, arch.Architecture]:
+    """A GGUF base, mapped, after failing clearly on a corrupt or truncated file, an adapter, a
+    vocabulary-only file, or an architecture modelmake does not import."""
     try:
-        reader = GGUFReader(path)
-    except Exception as err:  # gguf-py raises ValueError, struct.error, IndexError … for bad files
+        gguf_file = ggufheader.Mapped(path)
+    except (ValueError, struct.error, UnicodeDecodeError, OSError) as err:
         raise BuildError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err}); "
                          "it may be truncated or corrupt — download or rebuild it") from None
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    size = path.stat().st_size
+    header, size = gguf_file.header, path.stat().st_size
+    end = max((header.data_offset + t.offset + t.nbytes for t in header.tensors), default=0)
+    problem = None
     if end > size:
-        raise BuildError(f"{path}: truncated GGUF ({size} bytes, its tensors need {end}); download or rebuild it")
-    field = reader.get_field("general.architecture")
-    arch.check_gguf_arch(field.contents() if field else "(none)", str(path))
+        problem = f"{path}: truncated GGUF ({size} bytes, its tensors need {end}); download or rebuild it"
+    elif gguf_file.value("general.type") == "adapter":
+        problem = (f"{path} is a LoRA adapter (general.type = adapter), not a base model; name the base "
+                   "model's GGUF as `base` (the adapter is what modelmake builds for it)")
+    try:
+        if problem:
+            raise BuildError(problem)
+        architecture = arch.from_gguf_arch(gguf_file.value("general.architecture", "(none)"), str(path))
+        if not header.tensors:
+            raise BuildError(f"{path} holds no tensors (a vocabulary-only GGUF?); name the model's full GGUF as `base`")
+    except BuildError:
+        gguf_file.close()
+        raise
+    return gguf_file, architecture
+
+
+def dequantized(gguf_file: ggufheader.Mapped, tensor: ggufheader.TensorPlace, rows: slice = slice(None)) -> np.ndarray:
+    """Rows of a GGUF tensor as float32 (rows × row length)."""
+    from gguf import dequantize
+
+    try:
+        values = dequantize(gguf_file.rows(tensor)[rows], tensor.qtype)
+    except NotImplementedError:
+        raise BuildError(f"{gguf_file.path}: tensor {tensor.name} is {tensor.qtype.name}, which gguf-py cannot "
+                         "dequantize; requantize the GGUF to a common type (llama-quantize … Q8_0) or import the "
+                         "original") from None
+    return values.astype(np.float32, copy=False)
+
+
+def hf_shape(tensor: ggufheader.TensorPlace) -> tuple[int, ...]:
+    return tuple(reversed(tensor.dims))  # GGUF lists dimensions innermost first
+
+
+def hf_config(gguf_file: ggufheader.Mapped, architecture: arch.Architecture, where: str):
+    """The transformers config a GGUF stands for."""
+    from transformers import AutoConfig
+
+    prefix = architecture.gguf_name + "."
+    meta = {key[len(prefix):]: gguf_file.value(key) for key in gguf_file.keys() if key.startswith(prefix)}
+    tensors = {t.name: t for t in gguf_file.header.tensors}
+    computed = {name: dequantized(gguf_file, tensors[name]).reshape(-1) for name in COMPUTED & tensors.keys()}
+    try:
+        fields = architecture.hf_config(meta, {name: hf_shape(t) for name, t in tensors.items()}, computed)
+    except KeyError as err:
+        raise BuildError(f"{where}: the GGUF has no {prefix}{err.args[0]}, which a {architecture.gguf_name} needs; "
+                         "rebuild it with llama.cpp's converter") from None
+    # the ids the vocabulary gives, else none: a class default (Phi-3's pad 32000) may not exist here
+    fields |= {name: gguf_file.value(f"tokenizer.ggml.{key}") for name, key in TOKEN_IDS.items()}
+    if gguf_file.value("general.name"):  # where transformers' own GGUF loader keeps it
+        fields["_model_name_or_path"] = gguf_file.value("general.name")
+    config = AutoConfig.for_model(**fields, dtype="float32")
+    architecture.check(config.to_dict(), where)
+    _check_converts_back(gguf_file, config.to_dict(), architecture, computed, where)
+    return config
+
+
+def _same(ours, theirs) -> bool:
+    if isinstance(theirs, float) or isinstance(ours, float):
+        return np.float32(ours) == np.float32(theirs)  # GGUF keeps float32
+    return ours == theirs
+
+
+def _check_converts_back(gguf_file: ggufheader.Mapped, config: dict, architecture: arch.Architecture, computed: dict,
+                         where: str) -> None:
+    """Every `<arch>.` key and computed tensor of the GGUF, as convert writes them from `config`:
+    a key left over or a value that differs is a hyperparameter this import would lose."""
+    import gguf
+
+    writer = gguf.GGUFWriter(None, architecture.gguf_name)
+    with contextlib.redirect_stdout(io.StringIO()):  # convert's notes are for converting
+        convert.add_model_metadata(writer, config, architecture, "import", "f32")
+    ours = {key: value.value for key, value in writer.kv_data[0].items()}
+    prefix = architecture.gguf_name + "."
+    for key in gguf_file.keys():
+        if not key.startswith(prefix):
+            continue
+        theirs = gguf_file.value(key)
+        if key not in ours:
+            raise BuildError(f"{where}: {key} = {theirs!r} is a hyperparameter modelmake does not read back for "
+                             f"{architecture.gguf_name}, so the imported model would differ; import the model's "
+                             "Hugging Face folder instead")
+        if not _same(ours[key], theirs):
+            raise BuildError(f"{where}: {key} = {theirs!r} is not what a Hugging Face {architecture.hf_classes[0]} "
+                             f"gives ({ours[key]!r}): transformers would run this file differently from llama.cpp; "
+                             "import the model's Hugging Face folder instead")
+    for name, values in architecture.computed_tensors(config).items():
+        if name in computed and not np.allclose(values, computed[name], rtol=1e-6, atol=0):
+            raise BuildError(f"{where}: tensor {name} is not what the config read from it gives back")
+
+
+def weight_plans(config, architecture: arch.Architecture, tensors: dict, where: str) -> list[convert.TensorPlan]:
+    """convert's plan for the model `config` describes (its names from an empty model, on the meta
+    device), checked against the GGUF's tensors both ways."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    plans = convert.plan_tensors(shapes, config.to_dict(), architecture, "f32", where)
+    for plan in plans:
+        if plan.gguf_name not in tensors:
+            raise BuildError(f"{where}: the GGUF has no tensor {plan.gguf_name}, which a {architecture.hf_classes[0]} "
+                             f"of this configuration has ({plan.hf_name}); the file is incomplete or not a "
+                             f"{architecture.gguf_name} llama.cpp's converter wrote")
+        if hf_shape(tensors[plan.gguf_name]) != plan.shape:
+            raise BuildError(f"{where}: tensor {plan.gguf_name} is {hf_shape(tensors[plan.gguf_name])}, but the "
+                             f"hyperparameters make {plan.hf_name} {plan.shape}")
+    unread = sorted(tensors.keys() - {plan.gguf_name for plan in plans} - COMPUTED)
+    if unread:
+        raise BuildError(f"{where}: the GGUF holds tensors a {architecture.hf_classes[0]} has no place for "
+                         f"({', '.join(unread[:5])}{' …' if len(unread) > 5 else ''}); importing would drop them")
+    return plans
+
+
+def _write_tensor(out: HashingWriter, plan: convert.TensorPlan, gguf_file: ggufheader.Mapped,
+                  tensor: ggufheader.TensorPlace) -> None:
+    if plan.permute_heads:  # whole: its rows move between heads (q and k are small)
+        values = dequantized(gguf_file, tensor).reshape(plan.shape)
+        out.write(np.ascontiguousarray(arch.unpermute_rotary(values, plan.permute_heads)).view(np.uint8))
+        return
+    rows = gguf_file.rows(tensor).shape[0]
+    step = max(1, CHUNK_BYTES // (4 * tensor.dims[0]))
+    for start in range(0, rows, step):
+        values = dequantized(gguf_file, tensor, slice(start, start + step))
+        if plan.offset:  # Gemma's stored 1 + w; exact in float32 for the values norms take
+            values = np.subtract(values, np.float32(plan.offset), dtype=np.float32)
+        out.write(np.ascontiguousarray(values).view(np.uint8))
+
+
+def write_weights(plans: list[convert.TensorPlan], gguf_file: ggufheader.Mapped, out_dir: Path) -> None:
+    from tqdm import tqdm
+
+    tensors = {t.name: t for t in gguf_file.header.tensors}
+    by_name = {plan.hf_name: plan for plan in plans}
+    shapes = {name: plan.shape for name, plan in by_name.items()}
+    shards = hf.plan_float32_shards(shapes)
+    progress = tqdm(total=len(plans), desc="import", unit="tensor", leave=False)
+    for shard, names in shards.items():
+        with open(out_dir / shard, "wb") as f:
+            out = HashingWriter(f)
+            out.write(hf.float32_header({name: shapes[name] for name in names}))
+            for name in names:
+                _write_tensor(out, by_name[name], gguf_file, tensors[by_name[name].gguf_name])
+                progress.update()
+        remember(out_dir / shard, out.blake3.hexdigest(), out.sha256.hexdigest())
+    progress.close()
+    if len(shards) > 1:
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(hf.shard_index(shards, shapes), indent=2))
+
+
+def _sentencepiece_model(gguf_file: ggufheader.Mapped) -> bytes:
+    """The GGUF's SentencePiece vocabulary as tokenizer.model: the pieces' scores, which llama.cpp
+    merges by, are not in the tokenizer.json transformers builds, and convert needs them."""
+    special = {name: gguf_file.value(f"tokenizer.ggml.{key}") for name, key in
+               (("unk", "unknown_token_id"), ("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"))}
+    return tokenizer.sentencepiece_model(
+        gguf_file.value("tokenizer.ggml.tokens"), gguf_file.value("tokenizer.ggml.scores"),
+        gguf_file.value("tokenizer.ggml.token_type"), special, gguf_file.value("tokenizer.ggml.add_space_prefix", True))
+
+
+def _add_special_tokens(hf_tokenizer, gguf_file: ggufheader.Mapped) -> None:
+    """The special tokens transformers' GGUF tokenizer leaves out (it reads bos, eos, unk and pad),
+    where the id names a control token (not a row of padding)."""
+    import gguf
+
+    for name in ("sep", "cls", "mask"):
+        token_id = gguf_file.value(f"tokenizer.ggml.{name}_token_id")
+        if token_id is not None and gguf_file.value("tokenizer.ggml.token_type")[token_id] == gguf.TokenType.CONTROL:
+            setattr(hf_tokenizer, f"{name}_token", gguf_file.value("tokenizer.ggml.tokens")[token_id])
+
+
+def _keep_saved_pretokenizer(tokenizer_config: Path) -> None:
+    """A BPE vocabulary is split by the pre-tokenizer the GGUF names, saved in tokenizer.json. Named
+    as a model's own class (transformers names Qwen2Tokenizer for a qwen3 file), it would be loaded
+    with that model's split in its place, and training would see other tokens than llama.cpp; the
+    generic class runs tokenizer.json as it is. (A qwen2 folder gets Qwen's split whatever it names:
+    transformers ties it to the model type.)"""
+    settings = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    if settings.get("tokenizer_class") != "TokenizersBackend":
+        settings["tokenizer_class"] = "TokenizersBackend"
+        tokenizer_config.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                    encoding="utf-8")
 
 
 def _from_gguf(path: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
-    check_gguf(path)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    restore_pretokenizer(tokenizer, ggufheader.read(path).scalars.get("tokenizer.ggml.pre"))
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
-    # The weights are already dequantized; without these the model refuses to be saved.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    gguf_file, architecture = open_gguf(path)
+    with gguf_file:
+        config = hf_config(gguf_file, architecture, str(path))
+        plans = weight_plans(config, architecture, {t.name: t for t in gguf_file.header.tensors}, str(path))
+        hf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer.restore_pretokenizer(hf_tokenizer, gguf_file.value("tokenizer.ggml.pre"))
+        _add_special_tokens(hf_tokenizer, gguf_file)
+        hf_tokenizer.save_pretrained(out)
+        if gguf_file.value("tokenizer.ggml.model") == "llama":
+            (out / "tokenizer.model").write_bytes(_sentencepiece_model(gguf_file))
+        else:
+            _keep_saved_pretokenizer(out / "tokenizer_config.json")
+        config.save_pretrained(out)
+        GenerationConfig.from_model_config(config).save_pretrained(out)
+        write_weights(plans, gguf_file, out)
 
 
 def _from_hub(repo_id: str, revision: str, out: Path) -> None:

@@ -233,7 +233,8 @@ def test_unsupported_gguf_architecture_is_refused_before_import(tmp_path):
     spec = write_spec(tmp_path, '[[models]]\nname = "other"\nbase = "other.gguf"\n')
     result = doit(spec, check=False)
     assert result.returncode != 0
-    assert "GGUF architecture 'falcon' is not supported yet; modelmake imports llama, qwen2" in result.output
+    assert "GGUF architecture 'falcon' is not supported yet; modelmake imports gemma2, gemma3, llama, phi3, qwen2, " \
+        "qwen3" in result.output
     assert "Traceback" not in result.output
 
 

@@ -5,7 +5,8 @@ The convert stage does everything the families share (tensor names from gguf-py,
 hyperparameters, the tokenizer, writing); a family says only what it does differently, as
 llama.cpp's own converter does: rotary row order, norm offsets, extra keys, computed tensors,
 and which configurations llama.cpp would run differently from transformers (refused, never
-guessed).
+guessed). `hf_config` goes the other way, for the import stage: the config.json a GGUF's
+hyperparameters stand for.
 """
 
 from __future__ import annotations
@@ -46,10 +47,17 @@ def permute_rotary(rows, n_heads: int):
     return rows.reshape(n_heads, 2, count // n_heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+def unpermute_rotary(rows, n_heads: int):
+    """The inverse of `permute_rotary`: llama.cpp's interleaved pairs back to rotary halves."""
+    count = rows.shape[0]
+    return rows.reshape(n_heads, count // n_heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
 class Architecture:
     """A family with llama's defaults: what Qwen2/Qwen3 and the others change is overridden below."""
 
     hf_classes: tuple[str, ...] = ()
+    hf_model_type: str  # transformers' name for the config class the import stage writes
     gguf_arch: gguf.MODEL_ARCH
     rope_scalings: tuple[str, ...] = ("default", "linear")
     # llama.cpp's llama graph expects q/k rows in its own rotary layout, so its converter permutes
@@ -97,12 +105,46 @@ class Architecture:
         """Tensors llama.cpp's converter computes rather than reads; it writes them first."""
         return {}
 
+    def hf_config(self, meta: dict, shapes: dict[str, tuple[int, ...]], computed: dict[str, np.ndarray]) -> dict:
+        """The config.json a GGUF's hyperparameters stand for: the inverse of what convert writes.
+
+        `meta` holds the GGUF's `<arch>.` keys without that prefix, `shapes` every tensor's shape in
+        Hugging Face's order, `computed` the values of the tensors `computed_tensors` writes. A key
+        this does not read is caught afterwards: the import stage converts the config back and
+        compares it with the GGUF, key by key."""
+        n_head = meta["attention.head_count"]
+        config = {
+            "architectures": [self.hf_classes[0]], "model_type": self.hf_model_type,
+            "hidden_size": meta["embedding_length"], "num_hidden_layers": meta["block_count"],
+            "intermediate_size": meta["feed_forward_length"], "num_attention_heads": n_head,
+            "num_key_value_heads": meta.get("attention.head_count_kv", n_head),
+            "max_position_embeddings": meta["context_length"],
+            "rms_norm_eps": meta["attention.layer_norm_rms_epsilon"],
+            "vocab_size": meta.get("vocab_size") or shapes["token_embd.weight"][0],
+            "tie_word_embeddings": "output.weight" not in shapes,
+            "rope_parameters": self.rope_from_gguf(meta),
+        }
+        if "attention.key_length" in meta:  # else transformers derives hidden_size / heads, as llama.cpp does
+            config["head_dim"] = meta["attention.key_length"]
+        return config
+
+    def rope_from_gguf(self, meta: dict) -> dict:
+        rope = {"rope_type": "default", "rope_theta": meta.get("rope.freq_base", 10000.0)}
+        if meta.get("rope.scaling.type") == "linear":
+            rope |= {"rope_type": "linear", "factor": meta["rope.scaling.factor"]}
+        return rope
+
+
+def has_bias(shapes: dict, gguf_tensor: str) -> bool:
+    return f"blk.0.{gguf_tensor}.bias" in shapes
+
 
 class Llama(Architecture):
     """Llama 1-3, Mistral, DeepSeek-Coder, SmolLM. Mistral's sliding window is not written: llama.cpp's
     llama graph has none, and its converter leaves it out too."""
 
     hf_classes = ("LlamaForCausalLM", "MistralForCausalLM")
+    hf_model_type = "llama"  # a Mistral GGUF is llama.cpp's llama, and imports as one: the same model
     gguf_arch = gguf.MODEL_ARCH.LLAMA
     rope_scalings = ("default", "linear", "llama3")
     permute_qk = True
@@ -110,7 +152,17 @@ class Llama(Architecture):
     def computed_tensors(self, config: dict) -> dict[str, np.ndarray]:
         if rope_of(config)[0] != "llama3":
             return {}
-        return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(config)}
+        return {ROPE_FREQS: llama3_rope_factors(config)}
+
+    def hf_config(self, meta: dict, shapes: dict, computed: dict) -> dict:
+        config = super().hf_config(meta, shapes, computed)
+        config |= {"attention_bias": has_bias(shapes, "attn_q"), "mlp_bias": has_bias(shapes, "ffn_up")}
+        if ROPE_FREQS in computed:
+            config["rope_parameters"] = llama3_rope_parameters(computed[ROPE_FREQS], config)
+        return config
+
+
+ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 
 
 def llama3_rope_factors(config: dict) -> np.ndarray:
@@ -129,8 +181,36 @@ def llama3_rope_factors(config: dict) -> np.ndarray:
     return factors.astype(np.float32)
 
 
+def llama3_rope_parameters(factors: np.ndarray, config: dict) -> dict:
+    """Llama 3.1's rope parameters from the factors a GGUF stores. The factors fix `factor` (the
+    largest) and the two wavelength bounds, context / high and context / low, but not the context
+    itself: any multiple of all three gives the same factors, so Llama 3's own low_freq_factor = 1
+    is taken. The wavelengths between the bounds solve for the rest; at least two must fall there,
+    and the result must give the stored factors back, else the file is refused rather than guessed."""
+    dim, base = head_dim(config), float(config["rope_parameters"]["rope_theta"])
+    wavelengths = 2 * np.pi * base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factors = np.asarray(factors, dtype=np.float64)
+    factor = float(factors.max())
+    between = (factors > 1) & (factors < factor)
+    problem = None
+    if factor <= 1 or between.sum() < 2:
+        problem = f"{between.sum()} of its {len(factors)} factors lie between 1 and the largest, {factor}"
+    else:  # blend = (context/λ - low) / (high - low), a line in 1/λ
+        blend = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelengths[between], blend, 1)
+        high = 1 - 1 / intercept
+        rope = {"rope_type": "llama3", "rope_theta": base, "factor": factor, "low_freq_factor": 1.0,
+                "high_freq_factor": round(float(high), 4), "original_max_position_embeddings": round(-slope / intercept)}
+        if np.allclose(llama3_rope_factors(config | {"rope_parameters": rope}), factors, rtol=1e-5):
+            return rope
+        problem = "no Llama 3 rope (low_freq_factor 1) gives them"
+    raise BuildError(f"{ROPE_FREQS}: these rope factors are not Llama 3's scaling ({problem}); "
+                     "import the model from its Hugging Face folder instead")
+
+
 class Qwen2(Architecture):
     hf_classes = ("Qwen2ForCausalLM",)
+    hf_model_type = "qwen2"
     gguf_arch = gguf.MODEL_ARCH.QWEN2
 
 
@@ -138,7 +218,11 @@ class Qwen3(Architecture):
     """Qwen2's layout without QKV biases, with RMS norms on q and k per head, and a head_dim of its own."""
 
     hf_classes = ("Qwen3ForCausalLM",)
+    hf_model_type = "qwen3"
     gguf_arch = gguf.MODEL_ARCH.QWEN3
+
+    def hf_config(self, meta: dict, shapes: dict, computed: dict) -> dict:
+        return super().hf_config(meta, shapes, computed) | {"attention_bias": has_bias(shapes, "attn_q")}
 
 
 def periodic_layer_types(layers: int, period: int) -> list[str]:
@@ -160,6 +244,7 @@ class Gemma2(Architecture):
     sliding window on every other layer. The output is always tied to the embeddings."""
 
     hf_classes = ("Gemma2ForCausalLM",)
+    hf_model_type = "gemma2"
     gguf_arch = gguf.MODEL_ARCH.GEMMA2
     rope_scalings = ("default",)
     add_space_prefix = False
@@ -194,12 +279,29 @@ class Gemma2(Architecture):
         writer.add_final_logit_softcapping(config["final_logit_softcapping"])
         writer.add_sliding_window(config["sliding_window"])
 
+    def hf_config(self, meta: dict, shapes: dict, computed: dict) -> dict:
+        """What llama.cpp assumes of the family and `check` holds a config to: the layer pattern,
+        the query scale of its size, and a tied output."""
+        config = super().hf_config(meta, shapes, computed)
+        layers, dim = config["num_hidden_layers"], config.get("head_dim") or head_dim(config)
+        return config | {
+            "tie_word_embeddings": True, "sliding_window": meta["attention.sliding_window"],
+            "layer_types": periodic_layer_types(layers, self.swa_period),
+            "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"]
+            if layers == self.big_layer_count else dim,
+        } | self.soft_caps(meta)
+
+    def soft_caps(self, meta: dict) -> dict:
+        return {"attn_logit_softcapping": meta["attn_logit_softcapping"],
+                "final_logit_softcapping": meta["final_logit_softcapping"]}
+
 
 class Gemma3(Gemma2):
     """Gemma 3 text models: Gemma 2 with q/k norms, a global layer every sixth, local layers on
     rope base 10000 unscaled, and no attention soft-capping."""
 
     hf_classes = ("Gemma3ForCausalLM",)
+    hf_model_type = "gemma3_text"
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
     rope_scalings = ("default", "linear")
     swa_period = 6
@@ -221,6 +323,14 @@ class Gemma3(Gemma2):
             writer.add_final_logit_softcapping(config["final_logit_softcapping"])
         writer.add_sliding_window(config["sliding_window"])
 
+    def soft_caps(self, meta: dict) -> dict:
+        return {"attn_logit_softcapping": None, "final_logit_softcapping": meta.get("final_logit_softcapping")}
+
+    def rope_from_gguf(self, meta: dict) -> dict:
+        """The keys are the global layers'; the local ones run on llama.cpp's fixed base 10000."""
+        return {"full_attention": super().rope_from_gguf(meta),
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+
 
 class Phi3(Architecture):
     """Phi-3 / Phi-3.5 / Phi-4-mini: fused qkv and gate_up projections, partial rotary dimensions,
@@ -228,6 +338,7 @@ class Phi3(Architecture):
     factors for 128k models."""
 
     hf_classes = ("Phi3ForCausalLM",)
+    hf_model_type = "phi3"
     gguf_arch = gguf.MODEL_ARCH.PHI3
     rope_scalings = ("default", "longrope", "su")
 
@@ -263,16 +374,30 @@ class Phi3(Architecture):
         if any(len(values) != half for values in factors.values()):
             raise BuildError(f"rope_scaling long_factor and short_factor must each hold {half} values "
                              f"(half the rotary dimensions), not {len(factors['long'])} and {len(factors['short'])}")
-        return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight": factors["long"],
-                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight": factors["short"]}
+        return {ROPE_FACTORS["long"]: factors["long"], ROPE_FACTORS["short"]: factors["short"]}
+
+    def hf_config(self, meta: dict, shapes: dict, computed: dict) -> dict:
+        config = super().hf_config(meta, shapes, computed)
+        rope = config["rope_parameters"]
+        rope["partial_rotary_factor"] = meta["rope.dimension_count"] * config["num_attention_heads"] / config["hidden_size"]
+        if ROPE_FACTORS["long"] in computed:  # LongRoPE (128k models); the attention factor follows from the contexts
+            rope |= {"rope_type": "longrope", "long_factor": computed[ROPE_FACTORS["long"]].tolist(),
+                     "short_factor": computed[ROPE_FACTORS["short"]].tolist()}
+        original = meta.get("rope.scaling.original_context_length", config["max_position_embeddings"])
+        return config | {"original_max_position_embeddings": original,
+                         "sliding_window": meta.get("attention.sliding_window") or None}
+
+
+ROPE_FACTORS = {kind: gguf.TENSOR_NAMES[tensor] + ".weight" for kind, tensor in
+                (("long", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG), ("short", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT))}
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     name: family() for family in (Llama, Qwen2, Qwen3, Gemma2, Gemma3, Phi3) for name in family.hf_classes
 }
 
-# What the import stage reads back from a GGUF base (transformers' GGUF loader), as tested.
-GGUF_ARCH_NAMES = ["llama", "qwen2"]
+# What the import stage reads back: every family convert writes (Mistral's is llama).
+FROM_GGUF: dict[str, Architecture] = {family.gguf_name: family for family in ARCHITECTURES.values()}
 
 
 def from_hf_config(config: dict, where: str) -> Architecture:
@@ -288,9 +413,11 @@ def from_hf_config(config: dict, where: str) -> Architecture:
     )
 
 
-def check_gguf_arch(name: str, where: str) -> None:
-    if name not in GGUF_ARCH_NAMES:
+def from_gguf_arch(name: str, where: str) -> Architecture:
+    if name not in FROM_GGUF:
         raise BuildError(
-            f"{where}: GGUF architecture {name!r} is not supported yet; "
-            f"modelmake imports {', '.join(GGUF_ARCH_NAMES)}."
+            f"{where}: GGUF architecture {name!r} is not supported yet; modelmake imports "
+            f"{', '.join(sorted(FROM_GGUF))}. For another, use the model's Hugging Face folder or hub name as "
+            f"the base (base = \"hf:org/name@revision\") with an external converter: {EXTERNAL_CONVERTER_HINT}"
         )
+    return FROM_GGUF[name]

@@ -1,8 +1,10 @@
-"""The Hugging Face model folder: config.json and safetensors shards, read without loading weights."""
+"""The Hugging Face model folder: config.json and safetensors shards, read without loading weights,
+and written a tensor at a time."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..build.errors import BuildError
@@ -58,3 +60,47 @@ def read_header(path: Path) -> dict:
 def tensor_shapes(shard_headers: dict[Path, dict]) -> dict[str, tuple[int, ...]]:
     """Every tensor's name and shape, from the shard headers alone."""
     return {name: tuple(info["shape"]) for header in shard_headers.values() for name, info in header.items()}
+
+
+SHARD_BYTES = 5 * 10**9  # the hub's usual shard size
+
+
+def plan_float32_shards(shapes: dict[str, tuple[int, ...]], limit: int | None = None) -> dict[str, list[str]]:
+    """Shard file name → its tensors, in name order, each shard under `limit` bytes (SHARD_BYTES;
+    one tensor may exceed it alone), named as transformers names them."""
+    limit = limit or SHARD_BYTES
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(shapes):
+        nbytes = 4 * math.prod(shapes[name])
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    return {f"model-{i:05d}-of-{len(groups):05d}.safetensors": group for i, group in enumerate(groups, 1)}
+
+
+def float32_header(shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """The first bytes of a safetensors file of these float32 tensors, byte for byte what
+    safetensors' own writer puts there: the header length, then compact JSON with `__metadata__`
+    first and tensors by name, padded with spaces to 8 bytes. The data follows in the same order;
+    writing it a tensor at a time keeps a shard out of memory, which `save_file` needs whole."""
+    entries: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in sorted(shapes):
+        end = offset + 4 * math.prod(shapes[name])
+        entries[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def shard_index(shards: dict[str, list[str]], shapes: dict[str, tuple[int, ...]]) -> dict:
+    """model.safetensors.index.json for a sharded folder."""
+    total = sum(4 * math.prod(shape) for shape in shapes.values())
+    return {"metadata": {"total_size": total},
+            "weight_map": {name: shard for shard, names in shards.items() for name in sorted(names)}}

@@ -183,3 +183,32 @@ def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, preto
         ids = tokenizer.encode("a")
         special.add_special_token["bos"] = bool(ids) and ids[0] == tokenizer.bos_token_id
     special.add_to_gguf(writer, quiet=True)
+
+
+def sentencepiece_model(tokens: list[str], scores: list[float], types: list[int], special_ids: dict[str, int | None],
+                        add_space_prefix: bool) -> bytes:
+    """tokenizer.model for a GGUF's SentencePiece vocabulary (the import stage's inverse of
+    `sentencepiece_vocab`): its pieces, scores and types as the GGUF holds them, a BPE model as
+    Llama 2's and Gemma's are, with no normalization beyond whitespace escaping (llama.cpp applies
+    none). convert, and llama.cpp's own converter, read the vocabulary back from it."""
+    from sentencepiece import sentencepiece_model_pb2 as proto
+
+    model = proto.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types, strict=True):
+        model.pieces.add(piece=piece, score=score, type=int(kind))  # GGUF's token types are SentencePiece's
+    trainer = model.trainer_spec
+    trainer.model_type = proto.TrainerSpec.BPE
+    trainer.vocab_size = len(tokens)
+    trainer.byte_fallback = gguf.TokenType.BYTE in types
+    trainer.allow_whitespace_only_pieces = True
+    for name in ("unk", "bos", "eos", "pad"):
+        token_id = special_ids.get(name)
+        setattr(trainer, f"{name}_id", -1 if token_id is None else token_id)
+        if token_id is not None:
+            setattr(trainer, f"{name}_piece", tokens[token_id])
+    normalizer = model.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = add_space_prefix
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    return model.SerializeToString()
