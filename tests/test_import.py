@@ -264,6 +264,33 @@ def test_llama3_rope_factors_come_back_as_its_parameters(smollm_tokenizer, tmp_p
         arches.llama3_rope_parameters(factors ** 0.5, config | {"rope_parameters": {"rope_theta": 500000.0}})
 
 
+def test_phi3_longrope_factors_come_back_into_the_config(smollm_tokenizer, monkeypatch, tmp_path):
+    """Phi-3 128k's LongRoPE factors are tensors in the GGUF; import puts them back in rope_parameters,
+    and a file whose factors the config would not give back is refused (with the map released)."""
+    rng = np.random.default_rng(0)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "original_max_position_embeddings": 256, "long_factor": rng.uniform(1, 8, 6).tolist(),
+            "short_factor": rng.uniform(1, 3, 6).tolist()}
+    model = make_tiny_model(tmp_path / "model", "phi3", smollm_tokenizer, sliding_window=None,
+                            max_position_embeddings=1024, original_max_position_embeddings=256, rope_parameters=rope)
+    source = tmp_path / "m.gguf"
+    convert.run(model, source, "f32", "tiny")
+    imported = json.loads((import_gguf(source, tmp_path / "imported") / "config.json").read_text())["rope_parameters"]
+    assert imported["rope_type"] == "longrope" and imported["partial_rotary_factor"] == 0.75
+    for kind in ("long_factor", "short_factor"):
+        assert np.array_equal(np.float32(imported[kind]), np.float32(rope[kind])), kind
+    again = tmp_path / "again.gguf"
+    convert.run(tmp_path / "imported", again, "f32", "tiny")
+    assert gguf_tensor_bytes(again) == gguf_tensor_bytes(source) and gguf_fields(again) | {"general.name": ""} == \
+        gguf_fields(source) | {"general.name": ""}
+    original = arches.Phi3.computed_tensors
+    monkeypatch.setattr(arches.Phi3, "computed_tensors", lambda self, config: {
+        name: values * 2 for name, values in original(self, config).items()})
+    with pytest.raises(BuildError, match="tensor rope_factors_long.weight is not what the config read from it gives back"):
+        import_gguf(source, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("family", ["gemma3", "qwen3"])
 def test_b1_a_lora_trained_on_an_imported_gguf_runs_on_that_very_file(family, smollm_tokenizer, tmp_path):
     """Route B1 on the user's own GGUF: train on its import, then llama.cpp runs the user's file with

@@ -155,7 +155,10 @@ class Mapped:
 
     def close(self) -> None:
         if getattr(self, "_map", None) is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:  # arrays still view it (an error's traceback holds them): it closes with them
+                pass
         self._file.close()
 
     def keys(self) -> list[str]:
