@@ -356,6 +356,22 @@ def test_bad_gguf_bases_are_refused_naming_the_problem(tiny_llama, monkeypatch, 
     assert [p for p in tmp_path.rglob("*") if ".tmp-" in p.name] == []
 
 
+def test_a_tensor_type_gguf_py_cannot_dequantize_is_named(tmp_path):
+    import gguf
+
+    path, qtype = tmp_path / "q8k.gguf", gguf.GGMLQuantizationType.Q8_K  # llama.cpp's internal dot-product type
+    writer = GGUFWriter(path, "llama")
+    writer.add_tensor("token_embd.weight", np.zeros(gguf.quants.quant_shape_to_byte_shape((2, 256), qtype), np.uint8),
+                      raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with ggufheader.Mapped(path) as gguf_file, pytest.raises(BuildError) as err:
+        import_.dequantized(gguf_file, gguf_file.header.tensors[0])
+    assert f"{path}: tensor token_embd.weight is Q8_K, which gguf-py cannot dequantize" in str(err.value)
+
+
 def test_a_bad_gguf_base_fails_the_build_with_exit_status_and_no_traceback(tmp_path):
     _vocabulary_only(tmp_path / "vocab.gguf")
     spec = write_spec(tmp_path, '[[models]]\nname = "v"\nbase = "vocab.gguf"\nquantize = ["Q8_0"]\n')
