@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -37,12 +36,13 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from convert_throughput import llama_shapes, write_llama_folder  # noqa: E402
 
+from stages.formats import hf  # noqa: E402
+
 SHAPES = {  # hidden, FFN, layers, heads, KV heads
     "3b": (3072, 8192, 28, 24, 8),
     "7b": (4096, 11008, 32, 32, 32),
 }
 VOCAB = 49152
-SHARD_BYTES = 5 * 10**9
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENIZER = REPO / "cache" / "smollm2-demo" / "base"
 
@@ -67,21 +67,11 @@ def tensor_shapes(size: str) -> dict[str, tuple[int, ...]]:
 
 
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str, make) -> None:
-    """A safetensors file written tensor by tensor: `make(name, shape)` gives each one's bytes."""
-    width = {"BF16": 2, "F32": 4}[dtype]
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes.items():
-        size = width
-        for dim in shape:
-            size *= dim
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
+    """A safetensors file written tensor by tensor, in name order: `make(name, shape)` gives each one's bytes."""
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name, shape in shapes.items():
-            f.write(make(name, shape))
+        f.write(hf.safetensors_header(shapes, dtype))
+        for name in sorted(shapes):
+            f.write(make(name, shapes[name]))
 
 
 def write_model(folder: Path, size: str) -> None:
@@ -96,22 +86,11 @@ def write_model(folder: Path, size: str) -> None:
         return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
 
     shapes = tensor_shapes(size)
-    shards, current, filled = [], {}, 0
-    for name in sorted(shapes):  # as transformers fills shards: in name order, up to the shard size
-        nbytes = 2 * int(torch.tensor(shapes[name]).prod())
-        if current and filled + nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, filled = {}, 0
-        current[name] = shapes[name]
-        filled += nbytes
-    shards.append(current)
+    shards = hf.plan_shards(shapes, "BF16")  # as transformers fills them: in name order, up to 5 GB
     folder.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        shard_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(folder / shard_name, shard, "BF16", make)
-        weight_map |= dict.fromkeys(shard, shard_name)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for shard_name, names in shards.items():
+        write_safetensors(folder / shard_name, {name: shapes[name] for name in names}, "BF16", make)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(hf.shard_index(shards, shapes, "BF16")))
     write_llama_folder(folder, TOKENIZER, hidden, ffn, layers, heads, kv_heads, VOCAB, rope_theta=500000.0)
 
 
@@ -127,8 +106,8 @@ def write_adapter(folder: Path, size: str, rank: int = 16) -> None:
             shapes[f"{stem}.lora_A.weight"] = (rank, shape[1])
             shapes[f"{stem}.lora_B.weight"] = (shape[0], rank)
     folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors(folder / "adapter_model.safetensors", shapes, "F32",
-                      lambda name, shape: (torch.randn(shape, generator=gen) * 0.01).numpy().tobytes())
+    drawn = {name: (torch.randn(shape, generator=gen) * 0.01).numpy().tobytes() for name, shape in shapes.items()}
+    write_safetensors(folder / "adapter_model.safetensors", shapes, "F32", lambda name, shape: drawn[name])
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
         "target_modules": list(PROJECTIONS), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,

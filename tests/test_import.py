@@ -296,8 +296,6 @@ def test_b1_a_lora_trained_on_an_imported_gguf_runs_on_that_very_file(family, sm
     """Route B1 on the user's own GGUF: train on its import, then llama.cpp runs the user's file with
     the GGUF LoRA, and gets the merged model's logits (1e-3 of the largest; 2e-3 for the six-layer
     Gemma 3, as in test_lora), where the adapter moves them by far more."""
-    from llama_cpp import Llama
-
     model = make_tiny_model(tmp_path / "model", family, smollm_tokenizer)
     theirs = tmp_path / "theirs.gguf"
     convert.run(model, theirs, "f32", "theirs", **PRETOKENIZER[family])
@@ -309,14 +307,8 @@ def test_b1_a_lora_trained_on_an_imported_gguf_runs_on_that_very_file(family, sm
     doit(spec)
     gguf_dir = tmp_path / "cache/m/gguf"
     ids = prompt_ids(model)
-
-    def logits(path, **kwargs):
-        llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, **kwargs)
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)])
-
-    with_lora = logits(theirs, lora_path=str(gguf_dir / "m.lora.F16.gguf"))
-    merged, plain = logits(gguf_dir / "m-merged.F32.gguf"), logits(theirs)
+    with_lora = llama_cpp_logits(theirs, ids, lora_path=str(gguf_dir / "m.lora.F16.gguf"))
+    merged, plain = llama_cpp_logits(gguf_dir / "m-merged.F32.gguf", ids), llama_cpp_logits(theirs, ids)
     scale = np.abs(merged).max()
     tolerance = 2e-3 if family == "gemma3" else 1e-3
     print(f"{family}: |lora - merged| / scale {np.abs(with_lora - merged).max() / scale:.1e}, "
@@ -390,11 +382,11 @@ def test_float32_safetensors_header_is_safetensors_own(tmp_path):
     tensors = {"b.weight": np.ones((3, 5), np.float32), "a.bias": np.arange(7, dtype=np.float32),
                "model.layers.10.x": np.zeros((2, 2, 2), np.float32)}
     save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
-    header = hf.float32_header({name: value.shape for name, value in tensors.items()})
+    header = hf.safetensors_header({name: value.shape for name, value in tensors.items()}, "F32")
     reference = (tmp_path / "ref.safetensors").read_bytes()
     assert reference[:len(header)] == header
     assert reference[len(header):] == b"".join(tensors[name].tobytes() for name in sorted(tensors))
-    shards = hf.plan_float32_shards({"a": (10,), "b": (10,), "c": (30,)}, limit=100)
+    shards = hf.plan_shards({"a": (10,), "b": (10,), "c": (30,)}, "F32", limit=100)
     assert shards == {"model-00001-of-00002.safetensors": ["a", "b"], "model-00002-of-00002.safetensors": ["c"]}
 
 

@@ -63,16 +63,21 @@ def tensor_shapes(shard_headers: dict[Path, dict]) -> dict[str, tuple[int, ...]]
 
 
 SHARD_BYTES = 5 * 10**9  # the hub's usual shard size
+ELEMENT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
 
-def plan_float32_shards(shapes: dict[str, tuple[int, ...]], limit: int | None = None) -> dict[str, list[str]]:
-    """Shard file name → its tensors, in name order, each shard under `limit` bytes (SHARD_BYTES;
-    one tensor may exceed it alone), named as transformers names them."""
+def tensor_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    return ELEMENT_BYTES[dtype] * math.prod(shape)
+
+
+def plan_shards(shapes: dict[str, tuple[int, ...]], dtype: str, limit: int | None = None) -> dict[str, list[str]]:
+    """Shard file name → its tensors (all of `dtype`), in name order, each shard under `limit` bytes
+    (SHARD_BYTES; one tensor may exceed it alone), named as transformers names them."""
     limit = limit or SHARD_BYTES
     groups: list[list[str]] = [[]]
     size = 0
     for name in sorted(shapes):
-        nbytes = 4 * math.prod(shapes[name])
+        nbytes = tensor_bytes(shapes[name], dtype)
         if groups[-1] and size + nbytes > limit:
             groups.append([])
             size = 0
@@ -83,24 +88,23 @@ def plan_float32_shards(shapes: dict[str, tuple[int, ...]], limit: int | None = 
     return {f"model-{i:05d}-of-{len(groups):05d}.safetensors": group for i, group in enumerate(groups, 1)}
 
 
-def float32_header(shapes: dict[str, tuple[int, ...]]) -> bytes:
-    """The first bytes of a safetensors file of these float32 tensors, byte for byte what
+def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: str) -> bytes:
+    """The first bytes of a safetensors file of these tensors, all of `dtype`, byte for byte what
     safetensors' own writer puts there: the header length, then compact JSON with `__metadata__`
     first and tensors by name, padded with spaces to 8 bytes. The data follows in the same order;
     writing it a tensor at a time keeps a shard out of memory, which `save_file` needs whole."""
     entries: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in sorted(shapes):
-        end = offset + 4 * math.prod(shapes[name])
-        entries[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, end]}
+        end = offset + tensor_bytes(shapes[name], dtype)
+        entries[name] = {"dtype": dtype, "shape": list(shapes[name]), "data_offsets": [offset, end]}
         offset = end
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text
 
 
-def shard_index(shards: dict[str, list[str]], shapes: dict[str, tuple[int, ...]]) -> dict:
+def shard_index(shards: dict[str, list[str]], shapes: dict[str, tuple[int, ...]], dtype: str) -> dict:
     """model.safetensors.index.json for a sharded folder."""
-    total = sum(4 * math.prod(shape) for shape in shapes.values())
-    return {"metadata": {"total_size": total},
+    return {"metadata": {"total_size": sum(tensor_bytes(shape, dtype) for shape in shapes.values())},
             "weight_map": {name: shard for shard, names in shards.items() for name in sorted(names)}}
