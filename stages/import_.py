@@ -53,15 +53,12 @@ def open_gguf(path: Path) -> tuple[ggufheader.Mapped, arch.Architecture]:
                          "it may be truncated or corrupt — download or rebuild it") from None
     header, size = gguf_file.header, path.stat().st_size
     end = max((header.data_offset + t.offset + t.nbytes for t in header.tensors), default=0)
-    problem = None
-    if end > size:
-        problem = f"{path}: truncated GGUF ({size} bytes, its tensors need {end}); download or rebuild it"
-    elif gguf_file.value("general.type") == "adapter":
-        problem = (f"{path} is a LoRA adapter (general.type = adapter), not a base model; name the base "
-                   "model's GGUF as `base` (the adapter is what modelmake builds for it)")
     try:
-        if problem:
-            raise BuildError(problem)
+        if end > size:
+            raise BuildError(f"{path}: truncated GGUF ({size} bytes, its tensors need {end}); download or rebuild it")
+        if gguf_file.value("general.type") == "adapter":
+            raise BuildError(f"{path} is a LoRA adapter (general.type = adapter), not a base model; name the base "
+                             "model's GGUF as `base` (the adapter is what modelmake builds for it)")
         architecture = arch.from_gguf_arch(gguf_file.value("general.architecture", "(none)"), str(path))
         if not header.tensors:
             raise BuildError(f"{path} holds no tensors (a vocabulary-only GGUF?); name the model's full GGUF as `base`")
@@ -106,8 +103,9 @@ def hf_config(gguf_file: ggufheader.Mapped, architecture: arch.Architecture, whe
     if gguf_file.value("general.name"):  # where transformers' own GGUF loader keeps it
         fields["_model_name_or_path"] = gguf_file.value("general.name")
     config = AutoConfig.for_model(**fields, dtype="float32")
-    architecture.check(config.to_dict(), where)
-    _check_converts_back(gguf_file, config.to_dict(), architecture, computed, where)
+    as_dict = config.to_dict()  # what convert reads, as it would read config.json
+    architecture.check(as_dict, where)
+    _check_converts_back(gguf_file, as_dict, architecture, computed, where)
     return config
 
 
@@ -191,19 +189,19 @@ def write_weights(plans: list[convert.TensorPlan], gguf_file: ggufheader.Mapped,
     tensors = {t.name: t for t in gguf_file.header.tensors}
     by_name = {plan.hf_name: plan for plan in plans}
     shapes = {name: plan.shape for name, plan in by_name.items()}
-    shards = hf.plan_float32_shards(shapes)
+    shards = hf.plan_shards(shapes, "F32")
     progress = tqdm(total=len(plans), desc="import", unit="tensor", leave=False)
     for shard, names in shards.items():
         with open(out_dir / shard, "wb") as f:
             out = HashingWriter(f)
-            out.write(hf.float32_header({name: shapes[name] for name in names}))
+            out.write(hf.safetensors_header({name: shapes[name] for name in names}, "F32"))
             for name in names:
                 _write_tensor(out, by_name[name], gguf_file, tensors[by_name[name].gguf_name])
                 progress.update()
         remember(out_dir / shard, out.blake3.hexdigest(), out.sha256.hexdigest())
     progress.close()
     if len(shards) > 1:
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(hf.shard_index(shards, shapes), indent=2))
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(hf.shard_index(shards, shapes, "F32"), indent=2))
 
 
 def _sentencepiece_model(gguf_file: ggufheader.Mapped) -> bytes:
