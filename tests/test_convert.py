@@ -25,10 +25,11 @@ def hf_tensors(model_dir):
     return {k: v.float().numpy() for k, v in load_file(model_dir / "model.safetensors").items()}
 
 
-def llama_cpp_logits(gguf_path, token_ids, n_ctx=64):
+def llama_cpp_logits(gguf_path, token_ids, n_ctx=64, **options):
+    """llama.cpp's logits for every position; `options` go to Llama (lora_path=…)."""
     from llama_cpp import Llama
 
-    llm = Llama(str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
+    llm = Llama(str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, **options)
     llm.eval(token_ids)
     return np.array(llm.scores[: len(token_ids)])
 

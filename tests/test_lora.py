@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import doit, leftovers, lora_targets, make_peft_adapter, make_tiny_model, write_spec
 from safetensors.torch import load_file
-from test_convert import PRETOKENIZER, prompt_ids, transformers_logits
+from test_convert import PRETOKENIZER, llama_cpp_logits, prompt_ids, transformers_logits
 
 from stages import adapter, convert, merge
 from stages.build.errors import BuildError
@@ -62,21 +62,14 @@ def test_llama_cpp_base_plus_gguf_lora_equals_merged_gguf_and_peft(adapted):
     """llama.cpp, F32 GGUFs: base + LoRA against merged, and both against PEFT in PyTorch.
     Tolerance: max |Δlogit| within 1e-3 of the largest logit (llama.cpp's f32 path measured ~3e-4),
     2e-3 for the six-layer Gemma 3 (as in test_convert)."""
-    from llama_cpp import Llama
-
     folder, options = adapted["folder"], PRETOKENIZER[adapted["arch"]]
     base_gguf, merged_gguf, lora_gguf = folder / "base.gguf", folder / "merged.gguf", folder / "lora.gguf"
     convert.run(adapted["base"], base_gguf, "f32", "tiny", **options)
     convert.run(adapted["merged"], merged_gguf, "f32", "tiny", **options)
     adapter.run(adapted["adapter"], adapted["base"], lora_gguf, "f32", "tiny")
     ids = prompt_ids(adapted["base"])
-
-    def logits(path, **kwargs):
-        llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, **kwargs)
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)])
-
-    with_lora, merged, plain = logits(base_gguf, lora_path=str(lora_gguf)), logits(merged_gguf), logits(base_gguf)
+    with_lora = llama_cpp_logits(base_gguf, ids, lora_path=str(lora_gguf))
+    merged, plain = llama_cpp_logits(merged_gguf, ids), llama_cpp_logits(base_gguf, ids)
     with torch.no_grad():
         expected = peft_model(adapted["base"], adapted["adapter"])(torch.tensor([ids])).logits[0].numpy()
     scale = np.abs(expected).max()
