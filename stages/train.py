@@ -9,9 +9,13 @@ adapter_config.json) and train_log.jsonl, whose timings make it a report, not an
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import random
 import resource
+import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,15 +25,20 @@ from tqdm import tqdm
 
 from .build.atomic import atomic_dir
 from .build.errors import BuildError
+from .build.hashing import canonical_json, file_blake3, tool_versions
 from .build.spec import TrainSpec
 from .build.task import ModelBuild, Task
 from .formats import dataset as datasets
 from .formats import lora
+from .training import checkpoint, distributed, memory
+from .training.distributed import Ranks
 
 REVISION = 1
-TOOLS = ("torch", "transformers", "peft", "safetensors", "tokenizers")
+TOOLS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "bitsandbytes")
 
 LOG = "train_log.jsonl"
+# bitsandbytes (which PEFT and transformers import) announces optional CPU kernels a LoRA run never uses.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 IGNORE = -100  # label of tokens that carry no loss
 
 
@@ -111,11 +120,32 @@ def collate(rows: list[Encoded], pad_id: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(rows: list[Encoded], size: int, rng: random.Random | None) -> list[list[Encoded]]:
-    order = list(range(len(rows)))
+def batch_order(count: int, size: int, rng: random.Random | None) -> list[list[int]]:
+    """One pass over `count` rows: the row numbers of each batch, shuffled by rng."""
+    order = list(range(count))
     if rng is not None:
         rng.shuffle(order)
-    return [[rows[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
+    return [order[k:k + size] for k in range(0, count, size)]
+
+
+def batches(rows: list[Encoded], size: int, rng: random.Random | None) -> list[list[Encoded]]:
+    return [[rows[i] for i in batch] for batch in batch_order(len(rows), size, rng)]
+
+
+def split_batch(batch: list[int], ranks: Ranks) -> tuple[list[int], float]:
+    """This process's rows of a batch, and the weight of its loss. DDP averages the processes'
+    gradients; a process left without rows (a last batch smaller than the process count) runs
+    a row weighted 0, and the others count for it, so the step is the mean over the rows' processes."""
+    mine = batch[ranks.rank::ranks.world]
+    active = min(ranks.world, len(batch))
+    return (mine, ranks.world / active) if mine else (batch[:1], 0.0)
+
+
+def share(items: list, ranks: Ranks) -> list[tuple[object, float]]:
+    """This process's part of items, weighted 1; a process whose part is short gets the first item
+    weighted 0, so every process runs the same number of steps (their collectives must pair up)."""
+    mine = items[ranks.rank::ranks.world]
+    return [(item, 1.0) for item in mine] + [(items[0], 0.0)] * (math.ceil(len(items) / ranks.world) - len(mine))
 
 
 def linear_module_names(model) -> list[str]:
@@ -146,18 +176,19 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _validation_loss(model, rows: list[Encoded], spec: TrainSpec, pad_id: int, device: str) -> float:
+def _validation_loss(model, rows: list[Encoded], spec: TrainSpec, pad_id: int, device, ranks: Ranks) -> float:
     import torch
 
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in batches(rows, spec.batch_size, None):
+        for batch, weight in share(batches(rows, spec.batch_size, None), ranks):
             tensors = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-            tokens = int((tensors["labels"][:, 1:] != IGNORE).sum())
+            tokens = int((tensors["labels"][:, 1:] != IGNORE).sum()) * weight
             total += float(model(**tensors).loss) * tokens  # the model averages over its label tokens
             count += tokens
     model.train()
+    total, count = ranks.total(total, count)
     return total / count
 
 
@@ -190,14 +221,72 @@ def _rows(spec: TrainSpec, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
     return train_rows, val_rows
 
 
-def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device: str, dtype):
+def check_memory(base_dir: Path, spec: TrainSpec, device: str, dtype, seq_len: int) -> tuple[bool, memory.Estimate]:
+    """Whether to checkpoint gradients, and the estimate for batches of rows `seq_len` tokens long;
+    refuses a run that would not fit before any weight is loaded."""
+    from transformers import AutoConfig
+
+    from .build.cache import parse_size
+
+    shape = memory.shape_of(AutoConfig.from_pretrained(base_dir), list(spec.lora.target_modules), spec.lora.r)
+    cpu = device == "cpu"
+
+    def need(**change) -> memory.Estimate:
+        options = {"batch": spec.batch_size, "checkpointing": bool(spec.gradient_checkpointing), "qlora": spec.qlora,
+                   "optimizer": spec.optimizer} | change
+        return memory.estimate(shape, weight_bytes=dtype.itemsize, seq_len=seq_len,
+                               processes=spec.processes, sharded=spec.fsdp, cpu=cpu, **options)
+
+    if spec.max_memory:
+        limit, where = parse_size(spec.max_memory), "that max_memory allows"
+    else:
+        limit, where = memory.available(device)
+    checkpointing = spec.gradient_checkpointing
+    if checkpointing is None:  # on only where the run would not fit without it
+        checkpointing = need().total > limit and need(checkpointing=True).total <= limit
+    needed = need(checkpointing=checkpointing)
+    if needed.total > limit:
+        options = {} if checkpointing else {"gradient_checkpointing = true": need(checkpointing=True)}
+        if device == "cuda" and not spec.qlora:
+            options["qlora = true"] = need(checkpointing=checkpointing, qlora=True)
+        if spec.optimizer == "adamw":
+            options['optimizer = "adamw_8bit"'] = need(checkpointing=checkpointing, optimizer="adamw_8bit")
+        smaller = spec.batch_size // 2
+        while smaller > 1 and need(checkpointing=checkpointing, batch=smaller).total > limit:
+            smaller //= 2
+        if smaller >= 1:  # the largest batch that fits, with grad_accum keeping the step's batch
+            accum = spec.grad_accum * math.ceil(spec.batch_size / smaller)
+            options[f"batch_size = {smaller} with grad_accum = {accum}"] = need(checkpointing=checkpointing, batch=smaller)
+        raise BuildError(memory.too_big(needed, limit, where, options))
+    return checkpointing, needed
+
+
+def longest(*row_lists: list[Encoded]) -> int:
+    """The longest row: batches are padded to theirs, so no batch is wider."""
+    return max(len(r.ids) for rows in row_lists for r in rows)
+
+
+def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device, dtype, checkpointing: bool):
     """The base with LoRA layers: fresh, or the previous build's adapter when resuming."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     # PEFT calls a transformers API that transformers 5 has deprecated; not the user's concern.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
+    if spec.qlora:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, quantization_config=quantized,
+                                                     device_map={"": device})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
+        if checkpointing:  # recompute each layer in backward instead of keeping its activations
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     available = linear_module_names(model)
     unknown = [m for m in spec.lora.target_modules if m not in available]
     if unknown:
@@ -211,88 +300,253 @@ def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device: str, dty
     return get_peft_model(model, config), False
 
 
-def _fit(model, train_rows, val_rows, spec: TrainSpec, steps: int, pad_id: int, device: str, name: str) -> list[dict]:
-    """The training loop; returns the log, one row per step plus the validation losses."""
+def _optimizer(model, spec: TrainSpec):
     import torch
-    from transformers import get_scheduler
 
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer == "adamw_8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(trained, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     optimizer_cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[spec.optimizer]
-    optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate,
-                              weight_decay=spec.weight_decay)
-    scheduler = get_scheduler(spec.schedule, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=steps)
+    return optimizer_cls(trained, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+
+@dataclass
+class Progress:
+    """Where the run is: what a checkpoint saves and a resumed run starts from."""
+
+    step: int
+    data_order: random.Random
+    pending: list[list[int]]  # the batches left of the current pass, as row numbers
+    log: list[dict]
+
+
+def _snapshot(model, optimizer, scheduler, progress: Progress, ranks: Ranks) -> dict | None:
+    """The checkpoint's content, on the main process (None elsewhere); every process's RNG is in it."""
+    import torch
+
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    every_rng = ranks.gather(rng)
+    trained, optimized = ranks.trained_state(model), ranks.optimizer_state(model, optimizer)
+    if not ranks.main:
+        return None
+    return {"step": progress.step, "lora": trained, "optimizer": optimized,
+            "scheduler": scheduler.state_dict(), "data_order": progress.data_order.getstate(),
+            "pending": progress.pending, "log": progress.log, "rng": every_rng}
+
+
+def _restore_weights(state: dict, model) -> None:
+    """The checkpoint's LoRA weights, into the model before it is wrapped or sharded."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(state["lora"][name])
+
+
+def _restore(state: dict, model, optimizer, scheduler, ranks: Ranks) -> Progress:
+    import torch
+
+    ranks.load_optimizer_state(model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][ranks.rank]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    data_order = random.Random()
+    data_order.setstate(state["data_order"])
+    return Progress(state["step"], data_order, state["pending"], state["log"])
+
+
+def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, spec: TrainSpec, steps: int,
+         pad_id: int, device, name: str, ranks: Ranks, checkpoints: Path | None) -> list[dict]:
+    """The training loop from `progress` on; returns the log, one row per step plus the validation losses."""
     batches_per_epoch = math.ceil(len(train_rows) / spec.batch_size)
-    log: list[dict] = []
-    if val_rows:
-        log.append({"step": 0, "val_loss": round(_validation_loss(model, val_rows, spec, pad_id, device), 6)})
-    rng = random.Random(spec.seed)
-    pending: list[list[Encoded]] = []
+    cadence = checkpoint.Cadence(spec.checkpoint_every if checkpoints else 0)
+    log = progress.log
     model.train()
-    progress = tqdm(range(1, steps + 1), desc=f"train {name}", unit="step")
-    for step in progress:
+    progress_bar = tqdm(range(progress.step + 1, steps + 1), desc=f"train {name}", unit="step",
+                        initial=progress.step, total=steps, disable=not ranks.main,
+                        file=sys.stdout if ranks.distributed else None)  # the launcher passes on the main rank's stdout
+    for step in progress_bar:
         started, tokens, loss_sum = time.perf_counter(), 0, 0.0
         for _ in range(spec.grad_accum):
-            if not pending:
-                pending = batches(train_rows, spec.batch_size, rng)
-            tensors = {k: v.to(device) for k, v in collate(pending.pop(0), pad_id).items()}
-            loss = model(**tensors).loss / spec.grad_accum
-            loss.backward()
+            if not progress.pending:
+                progress.pending = batch_order(len(train_rows), spec.batch_size, progress.data_order)
+            batch, weight = split_batch(progress.pending.pop(0), ranks)
+            tensors = {k: v.to(device) for k, v in collate([train_rows[i] for i in batch], pad_id).items()}
+            loss = model(**tensors).loss * (weight / spec.grad_accum)
+            loss.backward()  # DDP and FSDP exchange the gradients inside backward
             loss_sum += loss.item()
-            tokens += int(tensors["attention_mask"].sum())
+            tokens += int(tensors["attention_mask"].sum()) * weight
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
+        if ranks.distributed:
+            loss_sum, tokens = ranks.total(loss_sum / ranks.world, tokens)
         row = {"step": step, "epoch": round(step * spec.grad_accum / batches_per_epoch, 3),
                "train_loss": round(loss_sum, 6), "learning_rate": scheduler.get_last_lr()[0],
+               "step_s": round(time.perf_counter() - started, 4),
                "tokens_per_s": round(tokens / (time.perf_counter() - started), 1),
-               "peak_memory_mb": round(_peak_memory_mb(device), 1)}
+               "peak_memory_mb": round(_peak_memory_mb(str(device)), 1)}
         if val_rows and (step % spec.eval_every == 0 or step == steps):
-            row["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device), 6)
+            row["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device, ranks), 6)
         log.append(row)
-        progress.set_postfix(loss=f"{loss_sum:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
-    progress.close()
+        progress_bar.set_postfix(loss=f"{loss_sum:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+        progress.step = step
+        if step < steps and ranks.any(cadence.due(step)):
+            started = time.perf_counter()
+            state = _snapshot(model, optimizer, scheduler, progress, ranks)
+            if ranks.main:
+                checkpoint.save(checkpoints, step, state)
+            ranks.barrier()
+            row["checkpoint_s"] = round(time.perf_counter() - started, 4)  # after the snapshot: a report, not state
+    progress_bar.close()
     return log
 
 
-def _save(model, base_dir: Path, out_dir: Path, model_name: str, log: list[dict]) -> None:
+def _save(model, base_dir: Path, out_dir: Path, model_name: str, log: list[dict], state: dict | None = None) -> None:
     # PEFT looks at the base's config while saving: point it at the local folder (a resumed
     # adapter names the model instead, and PEFT would go looking for that on the hub).
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)  # state: the whole weights of sharded ones
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
         _normalize_config(tmp / lora.CONFIG, model_name)
         (tmp / LOG).write_text("".join(json.dumps(r) + "\n" for r in log), encoding="utf-8")
 
 
-def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int = 0) -> dict[str, str]:
-    """Train and save the adapter; returns the platform facts that shaped its bytes, for the lock."""
+def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int,
+          checkpoints: Path | None, ranks: Ranks) -> dict[str, str]:
+    """One process's part of a run (all of it when there is one): train, and save on the main process."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, get_scheduler
 
-    out_dir = Path(out_dir)
     device = pick_device(spec.device)
-    dtype = pick_dtype(spec.dtype, device)
+    dtype = torch.bfloat16 if spec.qlora else pick_dtype(spec.dtype, device)
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(spec.seed)
-    if device == "cpu":
-        torch.use_deterministic_algorithms(True)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_rows, val_rows = _rows(spec, tokenizer)
-    model, resumed = _lora_model(base_dir, out_dir, spec, device, dtype)
+    checkpointing, needed = check_memory(base_dir, spec, device, dtype, longest(train_rows, val_rows))
+    device = ranks.device if ranks.distributed else device
+    torch.manual_seed(spec.seed)
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True)
+    model, resumed = _lora_model(base_dir, out_dir, spec, device, dtype, checkpointing)
     steps = spec.max_steps or spec.epochs * math.ceil(math.ceil(len(train_rows) / spec.batch_size) / spec.grad_accum)
-    print(f"train {model_name}: device {device}, dtype {str(dtype).removeprefix('torch.')}, "
-          f"{len(train_rows)} training / {len(val_rows)} validation rows, {steps} steps"
-          f"{', resuming from the previous adapter' if resumed else ''}")
-    log = _fit(model, train_rows, val_rows, spec, steps, pad_id, device, model_name)
-    _save(model, base_dir, out_dir, model_name, log)
-    if val_rows:
-        print(f"  validation loss {log[0]['val_loss']:.4f} → {log[-1]['val_loss']:.4f}")
-    facts = {"device": device, "dtype": str(dtype).removeprefix("torch.")}
+    saved = checkpoint.latest(checkpoints) if checkpoints else None
+    state = checkpoint.load(saved) if saved else None
+    if state:
+        _restore_weights(state, model)
+    model = ranks.wrap(model)
+    optimizer = _optimizer(model, spec)
+    scheduler = get_scheduler(spec.schedule, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=steps)
+    progress = _restore(state, model, optimizer, scheduler, ranks) if state else Progress(0, random.Random(spec.seed), [], [])
+    if ranks.main:
+        print(f"train {model_name}: device {device}, dtype {str(dtype).removeprefix('torch.')}, "
+              f"{len(train_rows)} training / {len(val_rows)} validation rows, {steps} steps"
+              f"{f', {ranks.world} processes' if ranks.world > 1 else ''}"
+              f"{', gradient checkpointing' if checkpointing else ''}{', QLoRA (4-bit NF4 base)' if spec.qlora else ''}"
+              f"{', resuming from the previous adapter' if resumed else ''}"
+              f"{f', continuing from the checkpoint at step {progress.step}' if saved else ''}\n"
+              f"  memory estimate {memory.describe(needed)}")
+    if not saved:  # step 0: where the run starts, and what it was estimated to need
+        start = {"step": 0, "estimated_memory_mb": round(needed.total / 2**20, 1)}
+        if val_rows:
+            start["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device, ranks), 6)
+        progress.log.append(start)
+    log = _fit(model, optimizer, scheduler, progress, train_rows, val_rows, spec, steps, pad_id, device, model_name,
+               ranks, checkpoints)
+    facts = {"device": device.split(":")[0], "dtype": str(dtype).removeprefix("torch.")}
     if device == "cpu":  # the SIMD kernels torch picked and how many threads split the sums shape the floats
         facts |= {"cpu_kernels": torch.backends.cpu.get_cpu_capability(), "threads": str(torch.get_num_threads())}
+    if ranks.world > 1:
+        facts["processes"] = str(ranks.world)
+    if checkpointing:
+        facts["gradient_checkpointing"] = "true"
+    trained = ranks.trained_state(model) if ranks.distributed else None  # every process takes part
+    if ranks.main:
+        _save(ranks.unwrap(model), base_dir, out_dir, model_name, log, trained)
+        if val_rows:
+            print(f"  validation loss {log[0]['val_loss']:.4f} → {log[-1]['val_loss']:.4f}; "
+                  f"peak memory {max(r.get('peak_memory_mb', 0) for r in log):,.0f} MB measured, "
+                  f"{needed.total / 2**20:,.0f} MB estimated")
+    ranks.barrier()
     return facts | ({"resumed": "true"} if resumed else {})
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def run_key(spec: TrainSpec, inputs: list[Path], threads: int) -> str:
+    """What the checkpoints are valid for: every input's bytes, the parameters, the tools and the
+    thread count (which shapes CPU floats)."""
+    import blake3
+
+    described = {"inputs": sorted(file_blake3(p) for p in inputs), "params": spec.params(),
+                 "versions": tool_versions(*TOOLS) | {"stage": str(REVISION)}, "threads": threads}
+    return blake3.blake3(canonical_json(described).encode()).hexdigest()
+
+
+def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int = 0,
+        work: Path | None = None, inputs: list[Path] = ()) -> dict[str, str]:
+    """Train and save the adapter; returns the platform facts that shaped its bytes, for the lock.
+
+    With a work folder, checkpoints go under work/checkpoints (keyed by the run's inputs) and a
+    killed run continues from the last one; they are removed once the adapter is in place."""
+    out_dir = Path(out_dir)
+    if spec.processes > 1:  # the cores are shared between the processes
+        threads = max(1, (threads or memory.cpu_count()) // spec.processes)
+    key = run_key(spec, inputs, threads or memory.cpu_count())
+    checkpoints = checkpoint.folder_for(work / "checkpoints", key) if work else None
+    if spec.processes == 1:
+        facts = train(base_dir, out_dir, spec, model_name, threads, checkpoints, Ranks())
+    else:
+        if work is None:
+            raise BuildError("training with processes > 1 needs a work folder for its job")
+        gpus = _cuda_devices() if pick_device(spec.device) == "cuda" else spec.processes
+        if gpus < spec.processes:
+            raise BuildError(f"processes = {spec.processes} trains one process per GPU and this machine has {gpus}: "
+                             f"set processes = {gpus} or fewer")
+        from transformers import AutoTokenizer
+
+        device = pick_device(spec.device)
+        rows = _rows(spec, AutoTokenizer.from_pretrained(base_dir))
+        check_memory(base_dir, spec, device, pick_dtype(spec.dtype, device), longest(*rows))  # refuse before launching
+        job = {"base_dir": str(base_dir), "spec": spec.model_dump(mode="json"), "model_name": model_name,
+               "threads": threads, "checkpoints": str(checkpoints), "resume_from": str(out_dir)}
+        folder = distributed.launch(job, work, spec.processes, threads)
+        with atomic_dir(out_dir) as tmp:
+            shutil.rmtree(tmp)
+            os.replace(folder / "adapter", tmp)
+        facts = json.loads((folder / distributed.FACTS).read_text(encoding="utf-8"))
+    if work:
+        shutil.rmtree(work, ignore_errors=True)
+    return facts
+
+
+def _rank_main(job_path: str) -> None:
+    """One rank of a run with processes > 1: `python -m stages.train JOB` (started by distributed.launch)."""
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    spec = TrainSpec.model_validate(job["spec"])
+    folder = Path(job_path).parent
+    ranks = Ranks.joined(pick_device(spec.device), spec.fsdp)
+    adapter = folder / "adapter"
+    if spec.resume and Path(job["resume_from"], lora.WEIGHTS).is_file():
+        shutil.copytree(job["resume_from"], adapter, dirs_exist_ok=True)
+    facts = train(Path(job["base_dir"]), adapter, spec, job["model_name"], job["threads"],
+                  Path(job["checkpoints"]), ranks)
+    if ranks.main:
+        (folder / distributed.FACTS).write_text(json.dumps(facts), encoding="utf-8")
+    ranks.leave()
+
 
 
 def tasks(build: ModelBuild) -> list[Task]:
@@ -301,7 +555,14 @@ def tasks(build: ModelBuild) -> list[Task]:
         return []
     return [Task(model.name, "LoRA fine-tune (PyTorch + PEFT)", run,
                  {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,
-                  "threads": build.spec.threads},
+                  "threads": build.spec.threads, "work": paths.train_work,
+                  "inputs": paths.base_files() + model.train.data_files},
                  model.train.params(), inputs=paths.base_files() + model.train.data_files,
                  outputs=paths.adapter_files(), clean=[paths.adapter],
                  cacheable=not model.train.resume)]  # a resumed adapter depends on the one before it
+
+
+if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record  # the launcher reads the error it writes
+
+    record(_rank_main)(sys.argv[1])

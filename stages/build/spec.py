@@ -71,6 +71,15 @@ def _resolve_file(value, info, what: str) -> Path:
     return path
 
 
+def _auto_device() -> str:
+    """What device = "auto" picks on this machine; torch is imported only for a spec that asks."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps (no CUDA GPU)" if torch.backends.mps.is_available() else "cpu (no CUDA GPU)"
+
+
 class LoraSpec(Strict):
     r: int = Field(default=8, ge=1)
     alpha: float = Field(default=16.0, gt=0)
@@ -89,7 +98,7 @@ class TrainSpec(Strict):
     max_seq_len: int = Field(default=256, ge=8)
     packing: bool = False
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adamw_8bit", "sgd"] = "adamw"  # adamw_8bit: bitsandbytes' 8-bit state
     learning_rate: float = Field(default=2e-4, gt=0)
     schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_steps: int = Field(default=0, ge=0)
@@ -103,6 +112,14 @@ class TrainSpec(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     resume: bool = False  # continue from the adapter of the previous build instead of starting fresh
+    # Memory: None lets the estimate decide (on when the activations would not fit without it).
+    gradient_checkpointing: bool | None = None
+    qlora: bool = False  # a 4-bit NF4 base (bitsandbytes, double quantization, bf16 compute): CUDA only
+    max_memory: str | None = None  # what training may use (e.g. "20GB"); default: the device's free memory
+    # Every N steps, or every "10min" / "30s" / "1h" of training; 0 turns checkpoints off.
+    checkpoint_every: int | str = "10min"
+    processes: int = Field(default=1, ge=1)  # >1: DDP through accelerate and torch.distributed (torchrun)
+    fsdp: bool = False  # shard the model over the processes instead of copying it (FSDP, via accelerate)
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -118,6 +135,42 @@ class TrainSpec(Strict):
             return float(value)
         return _resolve_file(value, info, "validation file")
 
+    @field_validator("max_memory")
+    @classmethod
+    def _a_size(cls, value):
+        if value is not None:
+            from .cache import parse_size
+            parse_size(value)
+        return value
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _steps_or_duration(cls, value):
+        if isinstance(value, str) and not re.fullmatch(r"[0-9]+(s|min|h)", value):
+            raise ValueError(f"{value!r} is neither a step count nor a duration: write e.g. 200, \"10min\", "
+                             "\"30s\" or \"1h\"")
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a step count is at least 0 (0: no checkpoints)")
+        return value
+
+    @model_validator(mode="after")
+    def _devices_support_the_options(self):
+        if self.qlora and self.device != "cuda":
+            where = self.device if self.device != "auto" else _auto_device()
+            if where != "cuda":
+                raise ValueError(
+                    f"qlora = true needs a CUDA GPU (bitsandbytes' 4-bit kernels) and the device here is {where}; "
+                    "to save memory elsewhere use gradient_checkpointing = true, optimizer = \"adamw_8bit\" and a "
+                    "smaller batch_size with grad_accum, or train on a CUDA machine")
+        if self.processes > 1 and self.device == "mps":
+            raise ValueError("processes > 1 needs CPU cores or CUDA GPUs: Apple's MPS runs one process")
+        if self.fsdp and self.processes < 2:
+            raise ValueError("fsdp = true shards the model over several processes: set processes = 2 or more")
+        if self.fsdp and (self.qlora or self.optimizer == "adamw_8bit"):
+            raise ValueError("fsdp = true shards float weights and optimizer state: it does not combine with qlora "
+                             "or adamw_8bit here; use processes = N without fsdp (DDP) for those")
+        return self
+
     @property
     def data_files(self) -> list[Path]:
         """The JSONL files the records come from: the dataset, and a validation file if one is named."""
@@ -125,7 +178,9 @@ class TrainSpec(Strict):
 
     def params(self) -> dict:
         """What shapes the adapter besides the data files themselves (their bytes are inputs)."""
-        params = self.model_dump(mode="json", exclude={"dataset", "validation", "resume"})
+        # Checkpoints and the memory limit change when the work is saved or refused, never its result.
+        params = self.model_dump(mode="json", exclude={"dataset", "validation", "resume", "max_memory",
+                                                       "checkpoint_every"})
         return params | {"validation": self.validation if isinstance(self.validation, float) else "file"}
 
 

@@ -35,6 +35,11 @@ class ModelPaths:
         return cls(root, base, imported, adapter, trained=model.train is not None)
 
     @property
+    def train_work(self) -> Path:
+        """The train stage's checkpoints and job files while it runs; removed when it completes."""
+        return self.root / "adapter.work"
+
+    @property
     def merged(self) -> Path:
         return self.root / "merged"
 
