@@ -369,7 +369,8 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
             blocks += [Image(name, f"{model.name} training and validation loss"),
                        Text(f"{len(steps)} steps; "
                             f"median {statistics.median(r['tokens_per_s'] for r in steps):,.0f} "
-                            f"tokens/s; peak memory {max(r['peak_memory_mb'] for r in steps):,.0f} MB.")]
+                            f"tokens/s; peak memory {max(r['peak_memory_mb'] for r in steps):,.0f} MB"
+                            f"{_estimated(log)}.")]
 
     manifest = _read_json(model.root / "manifest.json")
     listed = [a for a in manifest["artifacts"] if "/oci/blobs/" not in a["path"]]
@@ -378,6 +379,12 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
                     f"blobs (each named by its sha256); `doit verify` re-hashes them all."),
                Table(["file", "size", "sha256"], [[f"`{a['path']}`", _mb(a["size"]), f"`{a['sha256']}`"] for a in listed])]
     return blocks
+
+
+def _estimated(log: list[dict]) -> str:
+    """The train stage's estimate before it loaded the model, beside the measured peak."""
+    estimate = next((r["estimated_memory_mb"] for r in log if "estimated_memory_mb" in r), None)
+    return f" (estimated before training: {estimate:,.0f} MB)" if estimate else ""
 
 
 def _train_log(path: Path | None) -> list[dict]:

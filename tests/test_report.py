@@ -70,6 +70,10 @@ def test_report_tables_hold_the_measured_numbers(built, default_build):
     assert memory, train_row
     allocated, mapped, resident = (int(memory.group(i).replace(",", "")) for i in (2, 3, 4))
     assert 0 < allocated <= resident and 0 < mapped <= resident, "memory and mapped file pages are parts of resident"
+    log = [json.loads(line) for line in (default_build["cache"] / "adapter/train_log.jsonl").read_text().splitlines()]
+    measured_peak, estimate = max(r.get("peak_memory_mb", 0) for r in log), log[0]["estimated_memory_mb"]
+    assert f"peak memory {measured_peak:,.0f} MB (estimated before training: {estimate:,.0f} MB)." in text
+    assert 0.5 < estimate / measured_peak < 2, "the estimate is of the run's size"
 
 
 def test_loss_curve_is_a_real_png(built):
