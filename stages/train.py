@@ -4,6 +4,11 @@ Loss is on the answer tokens only; the prompt is written with the base model's o
 template. On CPU the run is deterministic: the same inputs, seed and thread count give the
 same adapter bytes. The folder written holds the PEFT adapter (adapter_model.safetensors,
 adapter_config.json) and train_log.jsonl, whose timings make it a report, not an artifact.
+
+Before the model is loaded the run is checked against the device's memory (stages.training.memory).
+While it trains, checkpoints let a killed build continue exactly (stages.training.checkpoint).
+With processes > 1 this module is also each rank's program: `python -m stages.train JOB`
+(stages.training.distributed launches them).
 """
 
 from __future__ import annotations
@@ -141,7 +146,7 @@ def split_batch(batch: list[int], ranks: Ranks) -> tuple[list[int], float]:
     return (mine, ranks.world / active) if mine else (batch[:1], 0.0)
 
 
-def share(items: list, ranks: Ranks) -> list[tuple[object, float]]:
+def share(items: list, ranks: Ranks) -> list[tuple]:
     """This process's part of items, weighted 1; a process whose part is short gets the first item
     weighted 0, so every process runs the same number of steps (their collectives must pair up)."""
     mine = items[ranks.rank::ranks.world]
@@ -169,7 +174,7 @@ def _encode_all(examples, tokenizer, spec: TrainSpec, what: str, path: Path) -> 
 def _peak_memory_mb(device: str) -> float:
     import torch
 
-    if device == "cuda":
+    if device.startswith("cuda"):  # this process's GPU: "cuda" or a rank's "cuda:N"
         return torch.cuda.max_memory_allocated() / 2**20
     if device == "mps":
         return torch.mps.driver_allocated_memory() / 2**20
@@ -390,7 +395,7 @@ def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, 
                "train_loss": round(loss_sum, 6), "learning_rate": scheduler.get_last_lr()[0],
                "step_s": round(time.perf_counter() - started, 4),
                "tokens_per_s": round(tokens / (time.perf_counter() - started), 1),
-               "peak_memory_mb": round(_peak_memory_mb(str(device)), 1)}
+               "peak_memory_mb": round(_peak_memory_mb(device), 1)}
         if val_rows and (step % spec.eval_every == 0 or step == steps):
             row["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device, ranks), 6)
         log.append(row)
@@ -508,28 +513,34 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
     checkpoints = checkpoint.folder_for(work / "checkpoints", key) if work else None
     if spec.processes == 1:
         facts = train(base_dir, out_dir, spec, model_name, threads, checkpoints, Ranks())
+    elif work is None:
+        raise BuildError("training with processes > 1 needs a work folder for its job")
     else:
-        if work is None:
-            raise BuildError("training with processes > 1 needs a work folder for its job")
-        gpus = _cuda_devices() if pick_device(spec.device) == "cuda" else spec.processes
-        if gpus < spec.processes:
-            raise BuildError(f"processes = {spec.processes} trains one process per GPU and this machine has {gpus}: "
-                             f"set processes = {gpus} or fewer")
-        from transformers import AutoTokenizer
-
-        device = pick_device(spec.device)
-        rows = _rows(spec, AutoTokenizer.from_pretrained(base_dir))
-        check_memory(base_dir, spec, device, pick_dtype(spec.dtype, device), longest(*rows))  # refuse before launching
-        job = {"base_dir": str(base_dir), "spec": spec.model_dump(mode="json"), "model_name": model_name,
-               "threads": threads, "checkpoints": str(checkpoints), "resume_from": str(out_dir)}
-        folder = distributed.launch(job, work, spec.processes, threads)
-        with atomic_dir(out_dir) as tmp:
-            shutil.rmtree(tmp)
-            os.replace(folder / "adapter", tmp)
-        facts = json.loads((folder / distributed.FACTS).read_text(encoding="utf-8"))
+        facts = _run_ranks(base_dir, out_dir, spec, model_name, threads, checkpoints, work)
     if work:
         shutil.rmtree(work, ignore_errors=True)
     return facts
+
+
+def _run_ranks(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int, checkpoints: Path | None,
+               work: Path) -> dict[str, str]:
+    """processes > 1: check what can be checked here, launch the ranks, and move their adapter into place."""
+    from transformers import AutoTokenizer
+
+    device = pick_device(spec.device)
+    gpus = _cuda_devices() if device == "cuda" else spec.processes
+    if gpus < spec.processes:
+        raise BuildError(f"processes = {spec.processes} trains one process per GPU and this machine has {gpus}: "
+                         f"set processes = {gpus} or fewer")
+    rows = _rows(spec, AutoTokenizer.from_pretrained(base_dir))
+    check_memory(base_dir, spec, device, pick_dtype(spec.dtype, device), longest(*rows))  # refuse before launching
+    job = {"base_dir": str(base_dir), "spec": spec.model_dump(mode="json"), "model_name": model_name,
+           "threads": threads, "checkpoints": str(checkpoints), "resume_from": str(out_dir)}
+    folder = distributed.launch(job, work, spec.processes, threads)
+    with atomic_dir(out_dir) as tmp:  # the ranks' finished adapter takes the empty temp folder's place
+        tmp.rmdir()
+        os.replace(folder / "adapter", tmp)
+    return json.loads((folder / distributed.FACTS).read_text(encoding="utf-8"))
 
 
 def _rank_main(job_path: str) -> None:
@@ -539,8 +550,9 @@ def _rank_main(job_path: str) -> None:
     folder = Path(job_path).parent
     ranks = Ranks.joined(pick_device(spec.device), spec.fsdp)
     adapter = folder / "adapter"
-    if spec.resume and Path(job["resume_from"], lora.WEIGHTS).is_file():
-        shutil.copytree(job["resume_from"], adapter, dirs_exist_ok=True)
+    if ranks.main and spec.resume and Path(job["resume_from"], lora.WEIGHTS).is_file():
+        shutil.copytree(job["resume_from"], adapter, dirs_exist_ok=True)  # the previous adapter, to start from
+    ranks.barrier()
     facts = train(Path(job["base_dir"]), adapter, spec, job["model_name"], job["threads"],
                   Path(job["checkpoints"]), ranks)
     if ranks.main:
@@ -548,17 +560,16 @@ def _rank_main(job_path: str) -> None:
     ranks.leave()
 
 
-
 def tasks(build: ModelBuild) -> list[Task]:
     model, paths = build.model, build.paths
     if not model.train:
         return []
+    inputs = paths.base_files() + model.train.data_files
     return [Task(model.name, "LoRA fine-tune (PyTorch + PEFT)", run,
                  {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,
-                  "threads": build.spec.threads, "work": paths.train_work,
-                  "inputs": paths.base_files() + model.train.data_files},
-                 model.train.params(), inputs=paths.base_files() + model.train.data_files,
-                 outputs=paths.adapter_files(), clean=[paths.adapter],
+                  "threads": build.spec.threads, "work": paths.train_work, "inputs": inputs},
+                 model.train.params(), inputs=inputs,
+                 outputs=paths.adapter_files(), clean=[paths.adapter], scratch=[paths.train_work],
                  cacheable=not model.train.resume)]  # a resumed adapter depends on the one before it
 
 

@@ -118,8 +118,8 @@ class TrainSpec(Strict):
     max_memory: str | None = None  # what training may use (e.g. "20GB"); default: the device's free memory
     # Every N steps, or every "10min" / "30s" / "1h" of training; 0 turns checkpoints off.
     checkpoint_every: int | str = "10min"
-    processes: int = Field(default=1, ge=1)  # >1: DDP through accelerate and torch.distributed (torchrun)
-    fsdp: bool = False  # shard the model over the processes instead of copying it (FSDP, via accelerate)
+    processes: int = Field(default=1, ge=1)  # >1: DDP over that many processes (torchrun's agent, torch.distributed)
+    fsdp: bool = False  # shard the weights over the processes instead of copying them (FSDP2)
 
     @field_validator("dataset", mode="before")
     @classmethod

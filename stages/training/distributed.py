@@ -163,7 +163,6 @@ def launch(job: dict, work: Path, processes: int, threads_per_rank: int) -> Path
     shutil.rmtree(folder / "logs", ignore_errors=True)
     (folder / FACTS).unlink(missing_ok=True)
     (folder / JOB).write_text(json.dumps(job), encoding="utf-8")
-    os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)  # the ranks inherit it
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the failure is ours to tell
     # Each rank's stderr goes to its own log: a rank that fails takes the others down with it, and
     # their tracebacks would only bury the cause. stdout is ours (only the main rank prints there).
@@ -171,10 +170,17 @@ def launch(job: dict, work: Path, processes: int, threads_per_rank: int) -> Path
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=f"modelmake-{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.5,
                           start_method="spawn", logs_specs=logs)
+    threads_before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)  # the ranks inherit our environment
     try:
         elastic_launch(config, sys.executable)("-m", "stages.train", str(folder / JOB))
     except ChildFailedError as failed:
         raise BuildError(failure_text(failed.failures, processes)) from None
+    finally:
+        if threads_before is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads_before
     return folder
 
 
