@@ -254,6 +254,16 @@ def test_a_changed_learning_rate_after_a_kill_starts_fresh(tiny_llama, tmp_path)
     assert not any(p.exists() for p in old)
 
 
+@pytest.mark.slow
+def test_doit_clean_removes_a_killed_runs_checkpoints(tiny_llama, tmp_path):
+    spec = workspace(tmp_path, tiny_llama, checkpoint_every=3)
+    kill_during_training(spec, tmp_path, 0.2)
+    assert checkpoints(tmp_path)
+    subprocess.run([sys.executable, "-m", "doit", "clean", "-f", str(REPO / "dodo.py"), "train", f"spec={spec}"],
+                   check=True, capture_output=True, cwd=REPO)
+    assert not (tmp_path / "cache/m/adapter.work").exists()
+
+
 # ---- several processes ----
 
 @pytest.mark.slow

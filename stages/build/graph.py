@@ -103,7 +103,7 @@ def doit_task(stage: str, task: Task, build: ModelBuild, action_cache: ActionCac
         "file_dep": [str(p) for p in task.inputs],
         "targets": [str(p) for p in task.targets or outputs],
         "uptodate": [config_changed(fingerprint(task.params, versions(stage))), outputs_intact],
-        "clean": [(remove, [task.written])],
+        "clean": [(remove, [task.written + task.scratch])],
         "meta": {"action key": ActionKey(recipe)},
     }
     if task.after:

@@ -123,6 +123,7 @@ class Task:
     checks: list[tuple[Callable[..., object], dict]] = field(default_factory=list)  # run before the action
     clean: list[Path] | None = None  # what `doit clean` removes; default: the outputs
     cacheable: bool = True  # False where the outputs depend on more than the recorded inputs (resume)
+    scratch: list[Path] = field(default_factory=list)  # work files a killed run leaves: `doit clean` removes them too
 
     @property
     def written(self) -> list[Path]:
