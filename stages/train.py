@@ -508,9 +508,11 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
     killed run continues from the last one; they are removed once the adapter is in place."""
     out_dir = Path(out_dir)
     if spec.processes > 1:  # the cores are shared between the processes
-        threads = max(1, (threads or memory.cpu_count()) // spec.processes)
-    key = run_key(spec, inputs, threads or memory.cpu_count())
-    checkpoints = checkpoint.folder_for(work / "checkpoints", key) if work else None
+        threads = max(1, (threads or os.cpu_count() or 1) // spec.processes)
+    checkpoints = None
+    if work:
+        key = run_key(spec, inputs, threads or os.cpu_count() or 1)
+        checkpoints = checkpoint.folder_for(work / "checkpoints", key)
     if spec.processes == 1:
         facts = train(base_dir, out_dir, spec, model_name, threads, checkpoints, Ranks())
     elif work is None:

@@ -72,12 +72,11 @@ def _resolve_file(value, info, what: str) -> Path:
 
 
 def _auto_device() -> str:
-    """What device = "auto" picks on this machine; torch is imported only for a spec that asks."""
-    import torch
+    """What device = "auto" picks on this machine (torch is imported only for a spec that asks)."""
+    from ..train import pick_device
 
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps (no CUDA GPU)" if torch.backends.mps.is_available() else "cpu (no CUDA GPU)"
+    device = pick_device("auto")
+    return device if device == "cuda" else f"{device} (no CUDA GPU)"
 
 
 class LoraSpec(Strict):
@@ -146,9 +145,9 @@ class TrainSpec(Strict):
     @field_validator("checkpoint_every")
     @classmethod
     def _steps_or_duration(cls, value):
-        if isinstance(value, str) and not re.fullmatch(r"[0-9]+(s|min|h)", value):
-            raise ValueError(f"{value!r} is neither a step count nor a duration: write e.g. 200, \"10min\", "
-                             "\"30s\" or \"1h\"")
+        if isinstance(value, str):
+            from ..training.checkpoint import duration_seconds
+            duration_seconds(value)  # raises the ValueError that names what to write
         if isinstance(value, int) and value < 0:
             raise ValueError("a step count is at least 0 (0: no checkpoints)")
         return value

@@ -18,13 +18,24 @@ from ..build.atomic import atomic_dir
 
 STATE = "state.pt"
 STEP_FOLDER = re.compile(r"step-([0-9]{8})")
+DURATION = re.compile(r"([0-9]+)(s|min|h)")  # how `checkpoint_every` writes a wall time
+SECONDS = {"s": 1, "min": 60, "h": 3600}
+
+
+def duration_seconds(text: str) -> int:
+    """"30s", "10min", "1h" → seconds."""
+    match = DURATION.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is neither a step count nor a duration: write e.g. 200, \"10min\", \"30s\" or \"1h\"")
+    return int(match.group(1)) * SECONDS[match.group(2)]
 
 
 def folder_for(root: Path, key: str) -> Path:
-    """The run's checkpoint folder; other runs' folders (stale inputs) and half-written ones go."""
+    """The run's checkpoint folder; other runs' folders (stale inputs) go, and so do the half-written
+    step folders a killed run left in this one."""
     here = root / key[:16]
     if root.is_dir():
-        for other in root.iterdir():
+        for other in [*root.iterdir(), *here.glob(".step-*")]:
             if other != here:
                 shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink()
     return here
@@ -42,16 +53,13 @@ def load(checkpoint: Path) -> dict:
     return torch.load(checkpoint / STATE, weights_only=False)  # our own file, written by save() below
 
 
-def save(folder: Path, step: int, state: dict, extra: dict[str, dict] | None = None) -> Path:
-    """Write step-N atomically, then drop the older ones. `extra`: more files of the same
-    checkpoint (each process's own random state)."""
+def save(folder: Path, step: int, state: dict) -> Path:
+    """Write step-N atomically, then drop the older ones."""
     import torch
 
     target = folder / f"step-{step:08d}"
     with atomic_dir(target) as tmp:
         torch.save(state, tmp / STATE)
-        for name, value in (extra or {}).items():
-            torch.save(value, tmp / name)
     for older in folder.glob("step-*"):
         if older != target:
             shutil.rmtree(older, ignore_errors=True)
@@ -61,16 +69,9 @@ def save(folder: Path, step: int, state: dict, extra: dict[str, dict] | None = N
 class Cadence:
     """When to write the next checkpoint: every N steps, or every so much wall time."""
 
-    SECONDS = {"s": 1, "min": 60, "h": 3600}
-
     def __init__(self, every: int | str):
-        self.steps, self.seconds = (every, 0.0) if isinstance(every, int) else (0, self._seconds(every))
+        self.steps, self.seconds = (every, 0) if isinstance(every, int) else (0, duration_seconds(every))
         self.since = time.monotonic()
-
-    @classmethod
-    def _seconds(cls, text: str) -> float:
-        number, unit = re.fullmatch(r"([0-9]+)(s|min|h)", text).groups()
-        return int(number) * cls.SECONDS[unit]
 
     def due(self, step: int) -> bool:
         if self.steps:

@@ -147,21 +147,15 @@ def _whole(**options):
     return StateDictOptions(**{"full_state_dict": True, "cpu_offload": True} | options)
 
 
-def job_folder(work: Path) -> Path:
-    return work / "job"
-
-
 def launch(job: dict, work: Path, processes: int, threads_per_rank: int) -> Path:
     """Run `python -m stages.train` in `processes` ranks; returns the job folder they wrote into."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    folder = job_folder(work)
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(folder / "adapter", ignore_errors=True)  # a failed run's part
-    shutil.rmtree(folder / "logs", ignore_errors=True)
-    (folder / FACTS).unlink(missing_ok=True)
+    folder = work / "job"
+    shutil.rmtree(folder, ignore_errors=True)  # what a failed run left: its ranks' part of an adapter, their logs
+    folder.mkdir(parents=True)
     (folder / JOB).write_text(json.dumps(job), encoding="utf-8")
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the failure is ours to tell
     # Each rank's stderr goes to its own log: a rank that fails takes the others down with it, and

@@ -9,7 +9,6 @@ train log records the measured peak beside them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 GiB = 2**30
@@ -127,6 +126,3 @@ def too_big(needed: Estimate, limit: int, where: str, options: dict[str, Estimat
     return (f"training would need about {describe(needed)}, more than the {_gib(limit)} {where}. {advice} "
             "(Set max_memory in [models.train] to state what the run may use.)")
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
