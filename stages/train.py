@@ -226,12 +226,20 @@ def _rows(spec: TrainSpec, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
     return train_rows, val_rows
 
 
-def check_memory(base_dir: Path, spec: TrainSpec, device: str, dtype, seq_len: int) -> tuple[bool, memory.Estimate]:
-    """Whether to checkpoint gradients, and the estimate for batches of rows `seq_len` tokens long;
-    refuses a run that would not fit before any weight is loaded."""
-    from transformers import AutoConfig
-
+def memory_limit(spec: TrainSpec, device: str) -> tuple[int, str]:
+    """What the run may use (bytes), and what says so, for the refusal's wording."""
     from .build.cache import parse_size
+
+    if spec.max_memory:
+        return parse_size(spec.max_memory), "that max_memory allows"
+    return memory.available(device)
+
+
+def check_memory(base_dir: Path, spec: TrainSpec, device: str, dtype, seq_len: int,
+                 limit: tuple[int, str] | None = None) -> tuple[bool, memory.Estimate]:
+    """Whether to checkpoint gradients, and the estimate for batches of rows `seq_len` tokens long;
+    refuses a run that would not fit `limit` (default: memory_limit) before any weight is loaded."""
+    from transformers import AutoConfig
 
     shape = memory.shape_of(AutoConfig.from_pretrained(base_dir), list(spec.lora.target_modules), spec.lora.r)
     cpu = device == "cpu"
@@ -242,10 +250,7 @@ def check_memory(base_dir: Path, spec: TrainSpec, device: str, dtype, seq_len: i
         return memory.estimate(shape, weight_bytes=dtype.itemsize, seq_len=seq_len,
                                processes=spec.processes, sharded=spec.fsdp, cpu=cpu, **options)
 
-    if spec.max_memory:
-        limit, where = parse_size(spec.max_memory), "that max_memory allows"
-    else:
-        limit, where = memory.available(device)
+    limit, where = limit or memory_limit(spec, device)
     checkpointing = spec.gradient_checkpointing
     if checkpointing is None:  # on only where the run would not fit without it
         checkpointing = need().total > limit and need(checkpointing=True).total <= limit
@@ -424,8 +429,9 @@ def _save(model, base_dir: Path, out_dir: Path, model_name: str, log: list[dict]
 
 
 def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int,
-          checkpoints: Path | None, ranks: Ranks) -> dict[str, str]:
-    """One process's part of a run (all of it when there is one): train, and save on the main process."""
+          checkpoints: Path | None, ranks: Ranks, limit: tuple[int, str] | None = None) -> dict[str, str]:
+    """One process's part of a run (all of it when there is one): train, and save on the main process.
+    `limit`: the memory the launching process measured, so that every rank decides as it did."""
     import torch
     from transformers import AutoTokenizer, get_scheduler
 
@@ -436,7 +442,7 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_rows, val_rows = _rows(spec, tokenizer)
-    checkpointing, needed = check_memory(base_dir, spec, device, dtype, longest(train_rows, val_rows))
+    checkpointing, needed = check_memory(base_dir, spec, device, dtype, longest(train_rows, val_rows), limit)
     device = ranks.device if ranks.distributed else device
     torch.manual_seed(spec.seed)
     if device == "cpu":
@@ -534,10 +540,14 @@ def _run_ranks(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, 
     if gpus < spec.processes:
         raise BuildError(f"processes = {spec.processes} trains one process per GPU and this machine has {gpus}: "
                          f"set processes = {gpus} or fewer")
+    # Refuse before launching, and decide for every rank: ranks measuring free memory themselves,
+    # while the others load, could each decide differently.
     rows = _rows(spec, AutoTokenizer.from_pretrained(base_dir))
-    check_memory(base_dir, spec, device, pick_dtype(spec.dtype, device), longest(*rows))  # refuse before launching
-    job = {"base_dir": str(base_dir), "spec": spec.model_dump(mode="json"), "model_name": model_name,
-           "threads": threads, "checkpoints": str(checkpoints), "resume_from": str(out_dir)}
+    limit = memory_limit(spec, device)
+    checkpointing, _ = check_memory(base_dir, spec, device, pick_dtype(spec.dtype, device), longest(*rows), limit)
+    decided = spec.model_copy(update={"gradient_checkpointing": checkpointing})
+    job = {"base_dir": str(base_dir), "spec": decided.model_dump(mode="json"), "model_name": model_name,
+           "threads": threads, "checkpoints": str(checkpoints), "resume_from": str(out_dir), "limit": list(limit)}
     folder = distributed.launch(job, work, spec.processes, threads)
     with atomic_dir(out_dir) as tmp:  # the ranks' finished adapter takes the empty temp folder's place
         tmp.rmdir()
@@ -556,7 +566,7 @@ def _rank_main(job_path: str) -> None:
         shutil.copytree(job["resume_from"], adapter, dirs_exist_ok=True)  # the previous adapter, to start from
     ranks.barrier()
     facts = train(Path(job["base_dir"]), adapter, spec, job["model_name"], job["threads"],
-                  Path(job["checkpoints"]), ranks)
+                  Path(job["checkpoints"]), ranks, tuple(job["limit"]))
     if ranks.main:
         (folder / distributed.FACTS).write_text(json.dumps(facts), encoding="utf-8")
     ranks.leave()
