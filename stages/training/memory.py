@@ -9,7 +9,9 @@ train log records the measured peak beside them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import astuple, dataclass
+from pathlib import Path
 
 GiB = 2**30
 CPU_RUNTIME = 900 * 2**20  # Python, torch, transformers and the tokenizer in a CPU process (measured)
@@ -70,7 +72,7 @@ def estimate(shape: Shape, *, weight_bytes: int, batch: int, seq_len: int, check
     per_process = Estimate(weights, training_state, activations, logits, CPU_RUNTIME if cpu else 0)
     if not cpu or processes == 1:
         return per_process
-    return Estimate(*(processes * part for part in (weights, training_state, activations, logits, CPU_RUNTIME)))
+    return Estimate(*(processes * part for part in astuple(per_process)))  # CPU processes share one RAM
 
 
 def shape_of(config, target_modules: list[str], r: int) -> Shape:
@@ -104,9 +106,12 @@ def available(device: str) -> tuple[int, str]:
         return free, f"free on {torch.cuda.get_device_name()}"
     if device == "mps":
         return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory(), "MPS's recommended limit"
-    with open("/proc/meminfo") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["MemAvailable"].split()[0]) * 1024, "available RAM (/proc/meminfo)"
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():  # Linux
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines())
+        return int(fields["MemAvailable"].split()[0]) * 1024, "available RAM (/proc/meminfo)"
+    # macOS and other Unixes name no free figure that means "can be had"; the installed RAM bounds it.
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of installed RAM"
 
 
 def _gib(n: float) -> str:
