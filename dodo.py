@@ -110,6 +110,11 @@ def task_verify():
     yield from TASKS["verify"]
 
 
+def task_tools():
+    """build llama.cpp's imatrix and quantize tools from llama-cpp-python's source, once (setup)"""
+    return graph.tools_task()
+
+
 def task_cache_push():
     """upload every task output this checkout has built to the [cache] remote"""
     return graph.cache_push_task(SPEC)

@@ -20,7 +20,7 @@ from doit.tools import config_changed
 
 from .. import __version__, adapter, convert, evaluate, import_, manifest, merge, package, quantize, train
 from ..manifest import Producer
-from . import lock, registry, runlog
+from . import llamacpp, lock, registry, runlog
 from .cache import ActionCache, ActionKey, Recipe, Store, collect_garbage, measure, parse_size
 from .errors import BuildError
 from .hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions
@@ -292,6 +292,24 @@ def _cache_push(spec: Spec) -> str:
         pushed += 1
     note = f"; not in the local store (built with `cache=off`, or collected): {', '.join(absent)}" if absent else ""
     return f"{pushed} cache entries pushed to {cache.remote.repository}{note}"
+
+
+def _tools_built() -> bool:
+    try:
+        llamacpp.find()
+    except BuildError:
+        return False
+    return True
+
+
+def tools_task() -> dict:
+    """Part of setup; the imatrix tasks wait for it, so a first `doit` builds the tools too."""
+    return {
+        "doc": "build llama.cpp's llama-imatrix and llama-quantize from llama-cpp-python's own source (once)",
+        "actions": [(run_action, [llamacpp.build, {}])],
+        "uptodate": [_tools_built],
+        "verbosity": 2,
+    }
 
 
 def cache_push_task(spec: Spec) -> dict:
