@@ -2,6 +2,14 @@
 
 The output is what `llama-quantize IN OUT TYPE` writes: the same code, reached through
 llama-cpp-python, so fallbacks (rows not a multiple of 256 …) are llama.cpp's own.
+
+With `[models.quantize] imatrix`, llama.cpp's `llama-imatrix` first gathers an importance matrix
+(which weights the activations lean on) over calibration text: the training set as the train stage
+formats it, or the user's file. Then `llama-quantize --imatrix` quantizes with it, because only the
+tool can hand a matrix to the quantizer. Both tools are built from the installed llama-cpp-python's
+own source (`stages.build.llamacpp`). The quantized GGUF records the matrix's and the calibration
+text's file names (`quantize.imatrix.*`), so both are passed as names relative to their folder:
+a host path would make the bytes differ between machines.
 """
 
 from __future__ import annotations
@@ -11,13 +19,14 @@ import ctypes
 import os
 from pathlib import Path
 
+from .build import llamacpp
 from .build.atomic import atomic_file
 from .build.errors import BuildError
-from .build.spec import QUANT_TYPES
+from .build.spec import QUANT_TYPES, TrainSpec
 from .build.task import ModelBuild, Task
 
 REVISION = 1
-TOOLS = ("llama-cpp-python",)
+TOOLS = ("llama-cpp-python", "transformers", "tokenizers")  # the last two format the calibration text
 
 
 @contextlib.contextmanager
@@ -54,11 +63,93 @@ def run(in_path: Path, out_path: Path, quant_type: str, threads: int = 0) -> Non
     print(f"{out_path.name}: {size_out / 1e6:.1f} MB, {size_out / size_in:.0%} of {in_path.name}")
 
 
+def run_with_imatrix(in_path: Path, out_path: Path, quant_type: str, imatrix: Path, threads: int = 0) -> None:
+    args = ["--imatrix", imatrix.name, str(in_path), str(out_path), quant_type]
+    with atomic_file(out_path) as tmp:
+        args[3] = str(tmp)
+        llamacpp.run("llama-quantize", args + ([str(threads)] if threads else []), imatrix.parent,
+                     f"quantize {in_path.name} to {quant_type} with {imatrix.name}")
+        size_in, size_out = os.path.getsize(in_path), os.path.getsize(tmp)
+    print(f"{out_path.name}: {size_out / 1e6:.1f} MB, {size_out / size_in:.0%} of {in_path.name} (imatrix)")
+
+
+# ---- the importance matrix ----
+
+def calibration_text(train: TrainSpec, base_dir: Path) -> str:
+    """The training split, each conversation as the train stage writes it (chat template, system
+    prompt, end of turn), one after another: the text the fine-tuned model was shaped on."""
+    from transformers import AutoTokenizer
+
+    from .train import prompt_and_answer, split_examples
+
+    training, _ = split_examples(train)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    return "".join("".join(prompt_and_answer(e.messages, tokenizer, train.template, train.system)) + "\n"
+                   for e in training)
+
+
+def write_calibration(train: TrainSpec, base_dir: Path, out_path: Path) -> None:
+    text = calibration_text(train, base_dir)
+    with atomic_file(out_path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    print(f"{out_path.name}: {len(text):,} characters of calibration text")
+
+
+def make_imatrix(model_path: Path, calibration: Path, out_path: Path, context: int, threads: int = 0) -> None:
+    """llama-imatrix over the calibration text, in chunks of `context` tokens (perplexity off)."""
+    args = ["-m", str(model_path), "-f", calibration.name, "-c", str(context), "--no-ppl", "--parse-special",
+            "--output-frequency", "1000000"]
+    with atomic_file(out_path) as tmp:
+        try:
+            log = llamacpp.run("llama-imatrix", args + ["-o", str(tmp)] + (["-t", str(threads)] if threads else []),
+                               calibration.parent, f"compute an importance matrix on {calibration}")
+        except BuildError as err:
+            hint = (f"; {calibration} is too short for chunks of {context} tokens: give more text, or lower "
+                    "[models.quantize] imatrix_context") if "you need at least" in str(err) else ""
+            raise BuildError(f"{err}{hint}") from None
+        if not tmp.is_file():
+            raise BuildError(f"llama-imatrix wrote no importance matrix for {model_path.name}: {log[-300:]}")
+    print(f"{out_path.name}: importance matrix of {model_path.name} over {calibration.name}")
+
+
+def imatrix_path(build: ModelBuild) -> Path:
+    return build.paths.root / "imatrix" / f"{build.release}.imatrix.gguf"
+
+
 def tasks(build: ModelBuild) -> list[Task]:
     model, paths, release = build.model, build.paths, build.release
     converted = paths.gguf(release, model.outtype.upper())
-    return [Task(f"{release}-{quant}", f"GGUF {model.outtype} → {quant} (llama.cpp)", run,
-                 {"in_path": converted, "out_path": paths.gguf(release, quant), "quant_type": quant,
-                  "threads": build.spec.threads},
-                 {"type": quant}, inputs=[converted], outputs=[paths.gguf(release, quant)])
-            for quant in model.quantize]
+    options = model.quantize_options
+    found, imatrix = [], imatrix_path(build) if model.imatrix else None
+    after = []
+    if imatrix:
+        after = ["tools"]
+        calibration = options.imatrix if options.imatrix is not True else paths.root / "imatrix" / "calibration.txt"
+        if options.imatrix is True:
+            found.append(Task(
+                f"{model.name}.calibration", "calibration text: the training set as the train stage formats it",
+                write_calibration, {"train": model.train, "base_dir": paths.base, "out_path": calibration},
+                {key: value for key, value in model.train.params().items()
+                 if key in ("validation", "template", "system", "seed")},
+                inputs=paths.base_files() + model.train.data_files, outputs=[calibration]))
+        found.append(Task(
+            f"{release}.imatrix", f"importance matrix of {converted.name} over {calibration.name} (llama-imatrix)",
+            make_imatrix, {"model_path": converted, "calibration": calibration, "out_path": imatrix,
+                           "context": options.imatrix_context, "threads": build.spec.threads},
+            {"context": options.imatrix_context, **llamacpp.fingerprint_versions()},
+            inputs=[converted, calibration], outputs=[imatrix], after=after))
+    for quant in model.quantize:
+        out = paths.gguf(release, quant)
+        if imatrix:
+            found.append(Task(
+                f"{release}-{quant}", f"GGUF {model.outtype} → {quant} with the imatrix (llama-quantize)",
+                run_with_imatrix, {"in_path": converted, "out_path": out, "quant_type": quant, "imatrix": imatrix,
+                                   "threads": build.spec.threads},
+                {"type": quant, "imatrix": True, **llamacpp.fingerprint_versions()},
+                inputs=[converted, imatrix], outputs=[out], after=after))
+        else:
+            found.append(Task(f"{release}-{quant}", f"GGUF {model.outtype} → {quant} (llama.cpp)", run,
+                              {"in_path": converted, "out_path": out, "quant_type": quant,
+                               "threads": build.spec.threads},
+                              {"type": quant}, inputs=[converted], outputs=[out]))
+    return found

@@ -18,15 +18,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import BuildError
 
-# llama.cpp's `llama_ftype` numbers, as `llama-quantize` names them. Types that need an
-# importance matrix (IQ1/IQ2/IQ3_XXS …) are left out until modelmake can make one.
+# llama.cpp's `llama_ftype` numbers, as `llama-quantize` names them.
 QUANT_TYPES: dict[str, int] = {
     "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
     "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
     "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
-    "Q2_K_S": 21, "IQ4_NL": 25, "IQ4_XS": 30, "TQ1_0": 36, "TQ2_0": 37,
+    "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25,
+    "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "TQ1_0": 36, "TQ2_0": 37,
     "F16": 1, "BF16": 32,
 }
+# The types whose few bits only work with an importance matrix to say which weights matter
+# (llama-quantize refuses IQ1/IQ2 without one; IQ3 without one is far worse than Q3_K).
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M"}
 
 OutType = Literal["f32", "f16", "bf16", "q8_0", "auto"]  # "auto" is resolved to f16 or bf16 when the spec is read
 
@@ -291,6 +294,17 @@ class GateSpec(Strict):
     max_ppl_increase: float | None = Field(default=None, ge=0)  # 0.05: perplexity at most 5% above the reference's
     max_kl: float | None = Field(default=None, ge=0)  # mean KL divergence from the reference, in nats
     min_top1: float | None = Field(default=None, ge=0, le=1)  # share of tokens whose most likely next token agrees
+    min_exact_match: float | None = Field(default=None, ge=0)  # share of answers equal to the expected one
+    max_exact_match_drop: float | None = Field(default=None, ge=0)  # exact match at most this far under the reference's
+    min_chrf: float | None = Field(default=None, ge=0)  # sacrebleu's corpus chrF, 0–100
+
+    @property
+    def needs_text(self) -> bool:
+        return any(v is not None for v in (self.max_ppl_increase, self.max_kl, self.min_top1))
+
+    @property
+    def needs_answers(self) -> bool:
+        return any(v is not None for v in (self.min_exact_match, self.max_exact_match_drop, self.min_chrf))
 
 
 class EvalSpec(Strict):
@@ -299,6 +313,11 @@ class EvalSpec(Strict):
     text: Path | None = None  # held-out text; default: the train stage's validation split, as trained on
     context: int = Field(default=512, ge=16)  # tokens per perplexity window
     max_tokens: int = Field(default=8192, ge=32)  # of the held-out text, at most
+    # Answer accuracy: a .jsonl of {"prompt" | "messages", "answer"} to answer by greedy generation;
+    # default: the validation split's conversations. false: no generation.
+    prompts: Path | bool = True
+    max_new_tokens: int = Field(default=48, ge=1)  # per answer; generation also stops at the end of the turn
+    max_prompts: int = Field(default=64, ge=1)  # of the prompts, at most (generation costs a model call per token)
     # Speed runs; unset, each follows the variant's size (stages.evaluate.speed_settings): 128 prompt
     # tokens, 32 generated, median of 3 runs, or 32, 8 and 1 above 1 GiB, where one token costs seconds.
     speed_prompt: int | None = Field(default=None, ge=1)  # prompt tokens per prompt-processing run
@@ -310,6 +329,45 @@ class EvalSpec(Strict):
     @classmethod
     def _text_exists(cls, value, info):
         return None if value is None else _resolve_file(value, info, "eval text")
+
+    def answers_prompts(self, train: TrainSpec | None) -> bool:
+        """Whether there are prompts to answer: a prompts file, or the validation split's conversations."""
+        return isinstance(self.prompts, Path) or (self.prompts is True and train is not None and bool(train.validation))
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompts_exist(cls, value, info):
+        if isinstance(value, bool):
+            return value
+        path = _resolve_file(value, info, "eval prompts file")
+        if path.suffix != ".jsonl":
+            raise ValueError(f"{path}: prompts are a .jsonl file of {{\"prompt\" | \"messages\", \"answer\"}} records")
+        return path
+
+
+class QuantizeSpec(Strict):
+    """[models.quantize]: the quant types, and the importance matrix they are made with."""
+
+    types: list[str] = Field(default_factory=list)
+    # true: llama.cpp's imatrix on the training set as the train stage formats it; a path: on that
+    # text file. It lowers the error of the K-quants and is what the IQ1–IQ3 types need.
+    imatrix: bool | Path = False
+    imatrix_context: int = Field(default=512, ge=16)  # tokens per chunk the imatrix is gathered over
+
+    @field_validator("imatrix", mode="before")
+    @classmethod
+    def _calibration_file(cls, value, info):
+        if isinstance(value, bool):
+            return value
+        path = _resolve_file(value, info, "imatrix calibration file")
+        if not path.is_file():
+            raise ValueError(f"imatrix calibration file {path} is not a file")
+        try:
+            path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"imatrix calibration file {path} is not UTF-8 text (byte {err.start}): give a "
+                             "plain text file, e.g. text like what the model will be asked") from None
+        return path
 
 
 class MergeSpec(Strict):
@@ -324,7 +382,8 @@ class ModelSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     base: BaseRef
     outtype: OutType = "f16"
-    quantize: list[str] = Field(default_factory=list)
+    quantize: list[str] = Field(default_factory=list)  # `quantize = [...]` or [models.quantize] types = [...]
+    quantize_options: QuantizeSpec = Field(default_factory=QuantizeSpec)  # the [models.quantize] table
     # llama.cpp's name for the BPE pre-tokenizer, for tokenizers convert cannot identify itself
     pretokenizer: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     train: TrainSpec | None = None
@@ -333,6 +392,34 @@ class ModelSpec(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     convert: ConvertSpec | None = None
     merge: MergeSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quantize_table(cls, data):
+        if isinstance(data, dict) and "quantize_options" in data:
+            raise ValueError("'quantize_options' is set by modelmake itself; write a [models.quantize] table")
+        if isinstance(data, dict) and isinstance(data.get("quantize"), dict):
+            table = data["quantize"]
+            data = {**data, "quantize": table.get("types", []), "quantize_options": table}
+        return data
+
+    @property
+    def imatrix(self) -> bool:
+        return self.quantize_options.imatrix is not False
+
+    @model_validator(mode="after")
+    def _imatrix_types(self):
+        needing = [q for q in self.quantize if q in NEEDS_IMATRIX]
+        if needing and not self.imatrix:
+            raise ValueError(f"quantize: {', '.join(needing)} need an importance matrix: write the quant types as "
+                             "[models.quantize] types = [...] with imatrix = true (calibrated on the training set) "
+                             "or imatrix = \"calibration.txt\"")
+        if self.quantize_options.imatrix is True and not self.train:
+            raise ValueError("quantize.imatrix = true calibrates on the training set, and this model has no "
+                             "[models.train]: give a calibration text instead, imatrix = \"calibration.txt\"")
+        if self.imatrix and not self.quantize:
+            raise ValueError("quantize.imatrix is set but quantize.types is empty: list the quant types to make with it")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -366,9 +453,12 @@ class ModelSpec(Strict):
             if variant in (self.outtype.upper(), "base"):
                 raise ValueError(f"eval.gate.{variant}: {variant} is not compared with anything (it is the yardstick, "
                                  "or the model before fine-tuning); gate a quant type or the lora route")
-            if not self.eval.text and not self.train:
+            if self.eval.gate[variant].needs_text and not self.eval.text and not self.train:
                 raise ValueError(f"eval.gate.{variant} compares outputs on held-out text, and this model has none: "
                                  "set [models.eval] text = \"a held-out text file\"")
+            if self.eval.gate[variant].needs_answers and not self.eval.answers_prompts(self.train):
+                raise ValueError(f"eval.gate.{variant} gates on answers, and this model has no prompts to answer: "
+                                 "set [models.eval] prompts = \"prompts.jsonl\" (or train it with a validation split)")
         return self
 
     @model_validator(mode="after")
@@ -558,7 +648,8 @@ SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "
 
 def _describe(error: dict) -> str:
     """One readable sentence for one pydantic error, with a did-you-mean for unknown keys."""
-    loc = tuple("cache" if p == "cache_options" else p for p in error["loc"])
+    internal = {"cache_options": "cache", "quantize_options": "quantize"}
+    loc = tuple(internal.get(p, p) if isinstance(p, str) else p for p in error["loc"])
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "spec"
     if error["type"] == "extra_forbidden":
         valid = _field_names_at(error["loc"][:-1])
@@ -581,4 +672,4 @@ def _field_names_at(loc: tuple) -> list[str]:
         for inner in getattr(annotation, "__args__", (annotation,)):  # list[X], dict[str, X], X | None
             if isinstance(inner, type) and issubclass(inner, BaseModel):
                 model = inner
-    return [name for name in model.model_fields if name not in ("source", "cache_options")]
+    return [name for name in model.model_fields if name not in ("source", "cache_options", "quantize_options")]
