@@ -8,7 +8,9 @@
   KL divergence of the next-token distributions and how often their most likely tokens agree,
   the measure of llama.cpp's `llama-perplexity --kl-divergence`;
 - prompt-processing and generation speed: the median of several timed runs, after one untimed;
-- size and bits per weight (tensor bytes × 8 / weights).
+- size and bits per weight (tensor bytes × 8 / weights);
+- answer accuracy on held-out prompts by greedy generation (`stages.accuracy`): exact match, chrF,
+  BLEU, and how many answers are the reference variant's own.
 
 Results are JSON (eval/<variant>.json). They hold timings, so they are reports, not artifacts:
 the manifest leaves them out, as it leaves out the train log.
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import accuracy
 from .build.atomic import atomic_file
 from .build.errors import BuildError
 from .build.hashing import tool_versions
@@ -36,7 +39,7 @@ from .build.task import ModelBuild, Task
 from .formats import ggufheader
 
 REVISION = 1
-TOOLS = ("llama-cpp-python", "numpy", "transformers", "tokenizers")
+TOOLS = ("llama-cpp-python", "numpy", "transformers", "tokenizers", "sacrebleu")
 
 ROWS_PER_CHUNK = 64  # next-token distributions turned to float64 at a time: bounds memory at any vocabulary
 
@@ -62,6 +65,8 @@ class Job:
     reference: Subject | None  # compared with; None for the yardstick itself and the base before fine-tuning
     text: Path | None  # held-out text; None: speed and size only
     text_source: str  # how results name the text: "data/demo.jsonl (validation split)", "notes.txt"
+    prompts: Path | None = None  # the prompts to answer (eval/prompts.jsonl); None: no generation
+    reference_result: Path | None = None  # the reference's eval JSON, whose answers these are compared with
 
 
 # ---- formats and arithmetic, no I/O ----
@@ -135,9 +140,17 @@ def bits_per_weight(header: ggufheader.Header, size: int) -> float:
 def gate_failures(result: dict, gate: GateSpec) -> list[str]:
     """Each limit of `gate` that `result` misses, in words."""
     failures = []
-    quality = result.get("quality")
+    if gate.needs_text:
+        failures += _quality_failures(result.get("quality"), gate)
+    if gate.needs_answers:
+        failures += _accuracy_failures(result.get("accuracy"), gate)
+    return failures
+
+
+def _quality_failures(quality: dict | None, gate: GateSpec) -> list[str]:
     if not quality or quality.get("reference_perplexity") is None:
         return ["it has no comparison with the reference to gate on"]
+    failures = []
     increase = quality["perplexity"] / quality["reference_perplexity"] - 1
     if gate.max_ppl_increase is not None and increase > gate.max_ppl_increase:
         failures.append(f"perplexity {quality['perplexity']:.4f} is {increase:+.2%} over the reference's "
@@ -147,6 +160,24 @@ def gate_failures(result: dict, gate: GateSpec) -> list[str]:
         failures.append(f"mean KL divergence {quality['kl_divergence']:.6f} exceeds max_kl = {gate.max_kl}")
     if gate.min_top1 is not None and quality["top1_agreement"] < gate.min_top1:
         failures.append(f"top-1 agreement {quality['top1_agreement']:.2%} is under min_top1 = {gate.min_top1}")
+    return failures
+
+
+def _accuracy_failures(scores: dict | None, gate: GateSpec) -> list[str]:
+    if not scores:
+        return ["it answered no prompts to gate on"]
+    failures = []
+    if gate.min_exact_match is not None and scores["exact_match"] < gate.min_exact_match:
+        failures.append(f"exact match {scores['exact_match']:.2%} is under min_exact_match = {gate.min_exact_match}")
+    if gate.max_exact_match_drop is not None:
+        if scores.get("reference_exact_match") is None:
+            failures.append("it has no reference exact match to measure a drop from")
+        # shares of a few dozen answers: 0.8 - 0.5 must not come out over 0.3
+        elif (drop := scores["reference_exact_match"] - scores["exact_match"]) > gate.max_exact_match_drop + 1e-9:
+            failures.append(f"exact match {scores['exact_match']:.2%} is {drop:.2%} under the reference's "
+                            f"{scores['reference_exact_match']:.2%} (max_exact_match_drop = {gate.max_exact_match_drop})")
+    if gate.min_chrf is not None and scores["chrf"] < gate.min_chrf:
+        failures.append(f"chrF {scores['chrf']:.2f} is under min_chrf = {gate.min_chrf}")
     return failures
 
 
@@ -303,6 +334,30 @@ def speed(subject: Subject, spec: EvalSpec, threads: int) -> dict:
             "prompt_tokens_per_s": statistics.median(prompt_speeds), "gen_tokens_per_s": statistics.median(gen_speeds)}
 
 
+def answer_accuracy(job: Job, spec: EvalSpec, threads: int) -> dict:
+    """Greedy answers to every prompt, scored; the reference variant's answers, where there is one,
+    from its eval JSON (its task runs first)."""
+    import llama_cpp
+
+    from .quantize import captured_llama_log
+
+    prompts = accuracy.read_prompts(job.prompts)
+    with captured_llama_log():
+        vocab = llama_cpp.Llama(model_path=str(job.subject.model), vocab_only=True, verbose=False)
+    with contextlib.closing(vocab):
+        tokenized = [vocab.tokenize(p.text.encode("utf-8"), add_bos=True, special=True) for p in prompts]
+    with _llama(job.subject, max(map(len, tokenized)) + spec.max_new_tokens, threads, logits_all=False) as llm:
+        answers = accuracy.answer_all(llm, tokenized, spec.max_new_tokens)
+    reference = None
+    if job.reference_result:
+        reference = (json.loads(job.reference_result.read_text(encoding="utf-8")).get("accuracy") or {})
+    reference_answers = [a["answer"] for a in reference["answers"]] if reference else None
+    result = accuracy.scores(answers, [p.answer for p in prompts], reference_answers)
+    if reference:
+        result["reference_exact_match"] = reference["exact_match"]
+    return result | {"max_new_tokens": spec.max_new_tokens, "answers": accuracy.answer_rows(prompts, answers)}
+
+
 def _rounded(value):
     if isinstance(value, float):
         return float(f"{value:.6g}")
@@ -333,6 +388,8 @@ def run(job: Job, spec: EvalSpec, out_path: Path, model_root: Path, threads: int
         if not windows(documents, spec.context):
             raise BuildError(f"{job.text}: fewer than two tokens of held-out text; give eval more text")
         result["quality"] = quality(job, documents, spec.context, threads)
+    if job.prompts:
+        result["accuracy"] = answer_accuracy(job, spec, threads)
     result["speed"] = speed(job.subject, spec, threads)
     with atomic_file(out_path) as tmp:
         tmp.write_text(json.dumps(_rounded(result), indent=2) + "\n", encoding="utf-8")
@@ -346,6 +403,8 @@ def _print_summary(result: dict) -> None:
         parts.append(f"ppl {quality['perplexity']:.4f} ({quality['scored']} tokens)")
         if "kl_divergence" in quality:
             parts.append(f"KL {quality['kl_divergence']:.5f}, top-1 {quality['top1_agreement']:.1%}")
+    if scores := result.get("accuracy"):
+        parts.append(f"exact match {scores['exact_match']:.0%}, chrF {scores['chrf']:.1f} ({scores['prompts']} prompts)")
     speed_ = result["speed"]
     parts.append(f"{speed_['prompt_tokens_per_s']:.0f} / {speed_['gen_tokens_per_s']:.1f} t/s "
                  f"(prompt / generation, {speed_['threads']} threads)")
@@ -417,6 +476,19 @@ def tasks(build: ModelBuild) -> list[Task]:
              if key in ("validation", "template", "system", "seed")},
             inputs=paths.base_files() + model.train.data_files, outputs=[text], artifact=False))
 
+    prompts = paths.root / "eval" / "prompts.jsonl" if model.eval.answers_prompts(model.train) else None
+    if prompts:
+        source_files = [model.eval.prompts] if isinstance(model.eval.prompts, Path) else model.train.data_files
+        split = {key: value for key, value in model.train.params().items()
+                 if key in ("validation", "template", "system", "seed")} if model.train else {}
+        found.append(Task(
+            f"{model.name}.prompts", "the prompts to answer, written with the chat template as the train stage does",
+            accuracy.write_prompts, {"eval_spec": model.eval, "train": model.train, "base_dir": paths.base,
+                                     "out_path": prompts},
+            {"source": build.input_name(source_files[0]) if isinstance(model.eval.prompts, Path) else "validation split",
+             "max_prompts": model.eval.max_prompts, **split},
+            inputs=paths.base_files() + source_files, outputs=[prompts], artifact=False))
+
     outtype = model.outtype.upper()
     yardstick = Subject(paths.gguf(build.release, outtype))
     subjects = {outtype: (yardstick, None)}
@@ -424,15 +496,17 @@ def tasks(build: ModelBuild) -> list[Task]:
     if build.lora_gguf:
         base = paths.gguf(model.name, outtype)
         subjects |= {"base": (Subject(base), None), "lora": (Subject(base, build.lora_gguf), yardstick)}
-    options = model.eval.model_dump(mode="json", exclude={"text", "gate"})
+    options = model.eval.model_dump(mode="json", exclude={"text", "gate", "prompts", "max_prompts"})
     for variant, (subject, reference) in subjects.items():
-        job = Job(model.name, variant, subject, reference, text, source or "")
+        reference_result = paths.eval(outtype) if prompts and reference else None
+        job = Job(model.name, variant, subject, reference, text, source or "", prompts, reference_result)
         compared = f", against {reference.model.name}" if reference else ""
         found.append(Task(
-            task_name(build, variant), f"perplexity, KL, speed with llama.cpp{compared}", run,
+            task_name(build, variant), f"perplexity, KL, {'answers, ' if prompts else ''}speed with llama.cpp{compared}", run,
             {"job": job, "spec": model.eval, "out_path": paths.eval(variant), "model_root": paths.root,
              "threads": build.spec.threads},
             {"variant": variant, "text": source, "threads": build.spec.threads, **options},
-            inputs=subject.files() + (reference.files() if reference else []) + text_deps,
+            inputs=subject.files() + (reference.files() if reference else []) + text_deps
+            + ([prompts] if prompts else []) + ([reference_result] if reference_result else []),
             outputs=[paths.eval(variant)], artifact=False))
     return found
