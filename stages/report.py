@@ -259,16 +259,28 @@ def variant_rows(results: list[dict], gates: dict[str, dict]) -> list[list[str]]
             f"{r['bits_per_weight']:.2f}", _num(q.get("perplexity")), _num(q.get("answer_perplexity")),
             "—" if increase is None else f"{increase:+.2%}", _num(q.get("kl_divergence"), 5),
             "—" if not compared else f"{q['top1_agreement']:.1%}",
+            *_accuracy_cells(r.get("accuracy")),
             f"{r['speed']['prompt_tokens_per_s']:,.0f}", f"{r['speed']['gen_tokens_per_s']:,.1f}",
             _gate_words(gates.get(r["variant"])),
         ])
     return rows
 
 
+def _accuracy_cells(scores: dict | None) -> list[str]:
+    """exact match, chrF, BLEU, same answers as the reference."""
+    if not scores:
+        return ["—"] * 4
+    same = scores.get("same_as_reference")
+    return [f"{scores['exact_match']:.0%}", f"{scores['chrf']:.1f}", f"{scores['bleu']:.1f}",
+            "—" if same is None else f"{same:.0%}"]
+
+
 def _gate_words(gate: dict | None) -> str:
     if not gate:
         return ""
-    words = {"max_ppl_increase": "ppl ≤ +{:.1%}", "max_kl": "KL ≤ {}", "min_top1": "top-1 ≥ {:.0%}"}
+    words = {"max_ppl_increase": "ppl ≤ +{:.1%}", "max_kl": "KL ≤ {}", "min_top1": "top-1 ≥ {:.0%}",
+             "min_exact_match": "exact ≥ {:.0%}", "max_exact_match_drop": "exact drop ≤ {:.0%}",
+             "min_chrf": "chrF ≥ {}"}
     return ", ".join(words[k].format(v) for k, v in gate.items() if v is not None)
 
 
@@ -345,8 +357,21 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
     blocks.append(Text(
         f"Speed: llama.cpp through llama-cpp-python {results[0]['versions'].get('llama-cpp-python', '?')}, "
         f"{speed['threads']} threads, {speed_words(results)}."))
+    answered = next((r["accuracy"] for r in results if r.get("accuracy")), None)
+    if answered:
+        blocks.append(Text(
+            f"Answers: {answered['prompts']} held-out prompts, each answered by greedy generation (at most "
+            f"{answered['max_new_tokens']} tokens, up to the end of the turn) with the chat template; exact match "
+            "after normalization (case, Unicode form and whitespace), corpus chrF and BLEU from sacrebleu, and "
+            "the share of answers identical to the reference GGUF's. Every answer is in the variant's eval JSON."))
     blocks.append(Table(["variant", "GGUF", "size", "bits/weight", "perplexity", "answer ppl", "Δ ppl",
-                         "KL", "top-1", "prompt t/s", "gen t/s", "gate"], variant_rows(results, model.gates)))
+                         "KL", "top-1", "exact match", "chrF", "BLEU", "same answers", "prompt t/s", "gen t/s",
+                         "gate"], variant_rows(results, model.gates)))
+
+    blocks += [Heading(3, "Since the previous build"),
+               Text("Each variant's headline numbers against the last build that measured different ones "
+                    f"(kept in `{model.name}/eval/history.jsonl`)."),
+               Table(["variant", "change"], compare_with_history(model.root, results))]
 
     base, tuned = by_variant.get("base"), next((r for r in results if r["variant"] not in ("base", "lora")), None)
     if base and tuned and base.get("quality") and tuned.get("quality"):
@@ -379,6 +404,65 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
                     f"blobs (each named by its sha256); `doit verify` re-hashes them all."),
                Table(["file", "size", "sha256"], [[f"`{a['path']}`", _mb(a["size"]), f"`{a['sha256']}`"] for a in listed])]
     return blocks
+
+
+# ---- build to build ----
+
+# The headline numbers a build-to-build comparison follows: (label, how to read it off an eval
+# result, how to write it).
+HEADLINE = [
+    ("size", lambda r: r["size_bytes"], _mb),
+    ("perplexity", lambda r: (r.get("quality") or {}).get("perplexity"), lambda v: f"{v:.4f}"),
+    ("answer ppl", lambda r: (r.get("quality") or {}).get("answer_perplexity"), lambda v: f"{v:.4f}"),
+    ("KL", lambda r: (r.get("quality") or {}).get("kl_divergence"), lambda v: f"{v:.5f}"),
+    ("top-1", lambda r: (r.get("quality") or {}).get("top1_agreement"), lambda v: f"{v:.1%}"),
+    ("exact match", lambda r: (r.get("accuracy") or {}).get("exact_match"), lambda v: f"{v:.0%}"),
+    ("chrF", lambda r: (r.get("accuracy") or {}).get("chrf"), lambda v: f"{v:.1f}"),
+    ("BLEU", lambda r: (r.get("accuracy") or {}).get("bleu"), lambda v: f"{v:.1f}"),
+    ("gen t/s", lambda r: r["speed"]["gen_tokens_per_s"], lambda v: f"{v:,.1f}"),
+]
+HISTORY_KEPT = 20  # results per variant in cache/<model>/eval/history.jsonl
+
+
+def headline(result: dict) -> dict[str, float]:
+    return {label: value for label, read, _ in HEADLINE if (value := read(result)) is not None}
+
+
+def change_words(before: dict[str, float], after: dict[str, float]) -> str:
+    """"KL 0.0512 → 0.0301, exact match 84% → 79%": every headline number that moved. Pure."""
+    words = [f"{label} {show(before[label])} → {show(after[label])}" for label, _, show in HEADLINE
+             if label in before and label in after and show(before[label]) != show(after[label])]
+    return ", ".join(words) or "no change"
+
+
+def previous_results(history: list[dict], variant: str, current: dict[str, float]) -> dict[str, float] | None:
+    """The last recorded result of `variant` that differs from `current`: the previous build's."""
+    for entry in reversed(history):
+        if entry["variant"] == variant and entry["metrics"] != current:
+            return entry["metrics"]
+    return None
+
+
+def compare_with_history(root: Path, results: list[dict]) -> list[list[str]]:
+    """Rows of (variant, what changed since the previous build that measured it), and the current
+    results added to the model's history (kept under the cache, outside any task's outputs, so
+    `doit clean` does not forget it)."""
+    path = root / "eval" / "history.jsonl"
+    history = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    rows = []
+    for result in results:
+        current = json.loads(json.dumps(headline(result)))  # as the file holds it
+        before = previous_results(history, result["variant"], current)
+        rows.append([result["variant"], "first build that measured it" if before is None else change_words(before, current)])
+        latest = next((e for e in reversed(history) if e["variant"] == result["variant"]), None)
+        if latest is None or latest["metrics"] != current:
+            history.append({"variant": result["variant"], "metrics": current})
+    kept = []
+    for variant in dict.fromkeys(e["variant"] for e in history):
+        kept += [e for e in history if e["variant"] == variant][-HISTORY_KEPT:]
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
+    return rows
 
 
 def _estimated(log: list[dict]) -> str:
