@@ -92,7 +92,8 @@ def test_mermaid_flowchart_is_the_doit_graph_and_renders_with_mermaid(built, tmp
     edges = {(labels[a], labels[b]) for a, b in re.findall(r"^  (t\d+) --> (t\d+)$", source, re.M)}
     for edge in [("import:smollm2-demo", "train:smollm2-demo"), ("train:smollm2-demo", "adapter:smollm2-demo"),
                  ("train:smollm2-demo", "merge:smollm2-demo"), ("merge:smollm2-demo", "convert:smollm2-demo-merged"),
-                 ("convert:smollm2-demo-merged", "quantize:smollm2-demo-merged-Q4_K_M"),
+                 ("convert:smollm2-demo-merged", "quantize:smollm2-demo-merged.imatrix"),
+                 ("quantize:smollm2-demo-merged.imatrix", "quantize:smollm2-demo-merged-Q4_K_M"),
                  ("quantize:smollm2-demo-merged-Q4_K_M", "eval:smollm2-demo-Q4_K_M"),
                  ("eval:smollm2-demo-Q4_K_M", "package:smollm2-demo-Q4_K_M")]:
         assert edge in edges
@@ -133,3 +134,20 @@ def test_doit_report_rebuilds_the_report_alone(default_build):
 def test_transitive_reduction_keeps_only_direct_steps():
     needs = {"a": set(), "b": {"a"}, "c": {"a", "b"}, "d": {"a", "b", "c"}}
     assert report.transitive_reduction(needs) == {"a": set(), "b": {"a"}, "c": {"b"}, "d": {"c"}}
+
+
+def test_each_variant_is_compared_with_the_previous_build_that_measured_it(tmp_path):
+    from stages import report
+
+    def result(kl, exact):
+        return {"variant": "Q4_K_M", "size_bytes": 105_500_000, "quality": {"perplexity": 80.0, "kl_divergence": kl},
+                "accuracy": {"exact_match": exact, "chrf": 70.0, "bleu": 50.0}, "speed": {"gen_tokens_per_s": 120.0}}
+
+    (tmp_path / "eval").mkdir()
+    assert report.compare_with_history(tmp_path, [result(0.1175, 0.84)]) == [["Q4_K_M", "first build that measured it"]]
+    assert report.compare_with_history(tmp_path, [result(0.0990, 0.79)]) == \
+        [["Q4_K_M", "KL 0.11750 → 0.09900, exact match 84% → 79%"]]
+    # the report rebuilt with no new measurement still compares with the build before
+    assert report.compare_with_history(tmp_path, [result(0.0990, 0.79)]) == \
+        [["Q4_K_M", "KL 0.11750 → 0.09900, exact match 84% → 79%"]]
+    assert len((tmp_path / "eval/history.jsonl").read_text().splitlines()) == 2

@@ -140,7 +140,7 @@ def test_unknown_target_module_lists_the_real_ones(tiny_llama, tmp_path):
 def test_changing_lora_settings_reruns_train_and_what_follows_only(tiny_llama, tmp_path):
     spec = workspace(tmp_path, tiny_llama, GOOD)
     assert doit(spec).ran == ["train:m", "adapter:m", "merge:m", "convert:m", "convert:m-merged",
-                              "quantize:m-merged-Q8_0", "eval:m.heldout", "eval:m-F16", "eval:m-Q8_0", "eval:m-base",
+                              "quantize:m-merged-Q8_0", "eval:m.heldout", "eval:m.prompts", "eval:m-F16", "eval:m-Q8_0", "eval:m-base",
                               "eval:m-lora", "package:m-Q8_0", "package:m-lora", "manifest:m", "report"]
     spec.write_text(SPEC + "[models.train.lora]\nr = 4\n")
     assert doit(spec).ran == ["train:m", "adapter:m", "merge:m", "convert:m-merged", "quantize:m-merged-Q8_0",

@@ -1,0 +1,126 @@
+"""Importance-matrix quants with llama.cpp's own llama-imatrix and llama-quantize (built by `doit
+tools` from llama-cpp-python's source), and the promise that the quantize stage writes exactly what
+llama-quantize writes."""
+
+import json
+import subprocess
+
+import pytest
+from gguf import GGUFReader
+from helpers import doit, write_spec
+
+from stages import evaluate, quantize
+from stages.build import llamacpp
+from stages.build.errors import BuildError
+
+
+def _field(path, key):
+    field = GGUFReader(path).get_field(key)
+    return None if field is None else field.contents()
+
+
+def _llama_quantize(*args, cwd):
+    subprocess.run([str(llamacpp.find().path("llama-quantize")), *map(str, args)], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+@pytest.mark.slow
+def test_the_default_build_quantizes_with_an_imatrix_over_the_training_set(default_build):
+    cache = default_build["cache"]
+    calibration = (cache / "imatrix/calibration.txt").read_text()
+    assert calibration.count("<|im_start|>assistant\n") == 245, "the 245 training conversations, chat-formatted"
+    imatrix = cache / "imatrix/smollm2-demo-merged.imatrix.gguf"
+    assert _field(imatrix, "general.type") == "imatrix"
+    q4 = cache / "gguf/smollm2-demo-merged.Q4_K_M.gguf"
+    # names, never host paths: the bytes are the same on every machine
+    assert _field(q4, "quantize.imatrix.file") == "smollm2-demo-merged.imatrix.gguf"
+    assert _field(q4, "quantize.imatrix.dataset") == "calibration.txt"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert "imatrix/smollm2-demo-merged.imatrix.gguf" in {a["path"] for a in manifest["artifacts"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "IQ4_XS"])
+def test_the_quantize_stage_writes_what_llama_quantize_writes(default_build, tmp_path, quant):
+    f16 = default_build["cache"] / "gguf/smollm2-demo-merged.F16.gguf"
+    quantize.run(f16, tmp_path / "stage.gguf", quant)
+    _llama_quantize(f16, tmp_path / "tool.gguf", quant, cwd=tmp_path)
+    assert (tmp_path / "stage.gguf").read_bytes() == (tmp_path / "tool.gguf").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "IQ3_XXS"])
+def test_with_an_imatrix_too(default_build, tmp_path, quant):
+    cache = default_build["cache"]
+    f16, imatrix = cache / "gguf/smollm2-demo-merged.F16.gguf", cache / "imatrix/smollm2-demo-merged.imatrix.gguf"
+    quantize.run_with_imatrix(f16, tmp_path / "stage.gguf", quant, imatrix)
+    _llama_quantize("--imatrix", imatrix.name, f16, tmp_path / "tool.gguf", quant, cwd=imatrix.parent)
+    assert (tmp_path / "stage.gguf").read_bytes() == (tmp_path / "tool.gguf").read_bytes()
+    if quant == "Q4_K_M":
+        assert (tmp_path / "stage.gguf").read_bytes() == (cache / "gguf/smollm2-demo-merged.Q4_K_M.gguf").read_bytes()
+
+
+@pytest.mark.slow
+def test_the_imatrix_lowers_q4_k_m_kl_and_an_iq_type_loads_and_answers(default_build, tmp_path):
+    cache = default_build["cache"]
+    f16, imatrix = cache / "gguf/smollm2-demo-merged.F16.gguf", cache / "imatrix/smollm2-demo-merged.imatrix.gguf"
+    quantize.run(f16, tmp_path / "plain.Q4_K_M.gguf", "Q4_K_M")
+    spec = evaluate.EvalSpec()
+    heldout = cache / "eval/heldout.jsonl"
+
+    def kl(model):
+        job = evaluate.Job("m", "Q4_K_M", evaluate.Subject(model), evaluate.Subject(f16), heldout, "")
+        documents = evaluate.tokenize(job.subject, evaluate.read_documents(heldout), spec.max_tokens)
+        return evaluate.quality(job, documents, spec.context, 0)["kl_divergence"]
+
+    with_imatrix = json.loads((cache / "eval/Q4_K_M.json").read_text())["quality"]["kl_divergence"]
+    assert with_imatrix == pytest.approx(kl(cache / "gguf/smollm2-demo-merged.Q4_K_M.gguf"), rel=1e-4)
+    plain = kl(tmp_path / "plain.Q4_K_M.gguf")
+    assert with_imatrix < plain * 0.95, (with_imatrix, plain)
+
+    iq = tmp_path / "m.IQ3_XXS.gguf"
+    quantize.run_with_imatrix(f16, iq, "IQ3_XXS", imatrix)
+    assert _field(iq, "general.file_type") == 23
+    job = evaluate.Job("m", "IQ3_XXS", evaluate.Subject(iq), None, None, "", cache / "eval/prompts.jsonl")
+    scores = evaluate.answer_accuracy(job, spec, 0)
+    assert scores["prompts"] == 27 and sum(bool(a["answer"].strip()) for a in scores["answers"]) >= 20
+
+
+@pytest.mark.slow
+def test_calibration_text_too_short_is_a_clear_error(default_build, tmp_path):
+    (tmp_path / "short.txt").write_text("Too short.")
+    with pytest.raises(BuildError, match="short.txt is too short for chunks of 512 tokens: give more text"):
+        quantize.make_imatrix(default_build["cache"] / "gguf/smollm2-demo-merged.F16.gguf", tmp_path / "short.txt",
+                              tmp_path / "out.imatrix.gguf", 512)
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+@pytest.mark.parametrize("table, message", [
+    ('quantize = ["IQ3_XXS"]', "quantize: IQ3_XXS need an importance matrix: write the quant types as "
+                               "[models.quantize] types = [...] with imatrix = true"),
+    ('[models.quantize]\ntypes = ["Q4_K_M"]\nimatrix = true', "quantize.imatrix = true calibrates on the training "
+                                                              "set, and this model has no [models.train]"),
+    ('[models.quantize]\ntypes = ["Q4_K_M"]\nimatrix = "calib.bin"', "is not UTF-8 text"),
+    ('[models.quantize]\ntypes = ["Q4_K_M"]\nimatrixx = true', "unknown key 'models[0].quantize.imatrixx': did you "
+                                                               "mean 'imatrix'?"),
+])
+def test_imatrix_spec_errors_say_what_to_do(tmp_path, tiny_llama, table, message):
+    import shutil
+
+    shutil.copytree(tiny_llama, tmp_path / "tiny")
+    (tmp_path / "calib.bin").write_bytes(bytes(range(256)))
+    spec = write_spec(tmp_path, f'[[models]]\nname = "tiny"\nbase = "tiny"\n{table}\n')
+    result = doit(spec, "list", check=False)
+    assert result.returncode != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_tools_are_found_only_for_the_installed_llama_cpp_python(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELMAKE_TOOLS_DIR", str(tmp_path))
+    with pytest.raises(BuildError, match=r"are not built .*: run `doit tools` once"):
+        llamacpp.find()
+
+
+def test_built_tools_name_their_source():
+    tools = llamacpp.find()
+    assert tools.stamp["llama-cpp-python"] == llamacpp.installed_version()
+    assert len(tools.stamp["sdist_sha256"]) == 64
