@@ -4,7 +4,10 @@
 - imatrix vs plain for Q4_K_M, Q3_K_M and IQ3_XXS, quantized from the build's F16: size, KL and
   top-1 against F16 on the held-out text, exact match and chrF on the held-out prompts.
 
-    python bench/imatrix_accuracy.py [--keep]
+    python bench/imatrix_accuracy.py [--keep] [--built CACHE]
+
+--built takes a cache of the default spec that is already built (its tasks' own run records then
+give the build's time, the sum of its tasks) instead of building one.
 
 Works in cache/bench-imatrix/ (a copy of models.toml and data/). About 8 minutes on 2 cores.
 """
@@ -30,22 +33,26 @@ TYPES = ("Q4_K_M", "Q3_K_M", "IQ3_XXS")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep cache/bench-imatrix afterwards")
+    parser.add_argument("--built", type=Path, help="the cache folder of a built default spec to measure")
     args = parser.parse_args()
     work = REPO / "cache" / "bench-imatrix"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    shutil.copy(REPO / "models.toml", work / "models.toml")
-    shutil.copytree(REPO / "data", work / "data")
-
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "doit", "run", "-f", str(REPO / "dodo.py"), "cache=off",
-                    f"spec={work / 'models.toml'}"], cwd=REPO, check=True, capture_output=True)
-    build_s = time.perf_counter() - started
-    records = runlog.read_records(work / "cache")
+    cache = args.built or work / "cache"
+    if not args.built:
+        shutil.copy(REPO / "models.toml", work / "models.toml")
+        shutil.copytree(REPO / "data", work / "data")
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "doit", "run", "-f", str(REPO / "dodo.py"), "cache=off",
+                        f"spec={work / 'models.toml'}"], cwd=REPO, check=True, capture_output=True)
+        build_s = time.perf_counter() - started
+    records = runlog.read_records(cache)
+    if args.built:
+        build_s = sum(r["wall_s"] for r in records.values())
     imatrix_s = sum(r["wall_s"] for t, r in records.items() if t.endswith((".imatrix", ".calibration")))
     eval_s = sum(r["wall_s"] for t, r in records.items() if t.startswith("eval:"))
 
-    model = work / "cache" / "smollm2-demo"
+    model = cache / "smollm2-demo"
     f16, imatrix = model / "gguf/smollm2-demo-merged.F16.gguf", model / "imatrix/smollm2-demo-merged.imatrix.gguf"
     heldout, prompts, spec = model / "eval/heldout.jsonl", model / "eval/prompts.jsonl", EvalSpec()
 
