@@ -282,11 +282,14 @@ def test_default_spec_fine_tunes_and_every_route_carries_it(default_build):
     from llama_cpp import Llama
 
     tmp_path = default_build["folder"]
-    assert default_build["ran"] == [
+    ran = default_build["ran"]
+    # the two quants wait on the same imatrix task; doit may take either first
+    ran = ran[:8] + sorted(ran[8:10]) + ran[10:]
+    assert ran == [
         "import:smollm2-demo", "train:smollm2-demo", "adapter:smollm2-demo", "merge:smollm2-demo",
         "convert:smollm2-demo", "convert:smollm2-demo-merged", "quantize:smollm2-demo.calibration",
-        "quantize:smollm2-demo-merged.imatrix", "quantize:smollm2-demo-merged-Q8_0",
-        "quantize:smollm2-demo-merged-Q4_K_M", "eval:smollm2-demo.heldout", "eval:smollm2-demo.prompts",
+        "quantize:smollm2-demo-merged.imatrix", "quantize:smollm2-demo-merged-Q4_K_M",
+        "quantize:smollm2-demo-merged-Q8_0", "eval:smollm2-demo.heldout", "eval:smollm2-demo.prompts",
         "eval:smollm2-demo-F16",
         "eval:smollm2-demo-Q4_K_M", "eval:smollm2-demo-Q8_0", "eval:smollm2-demo-base", "eval:smollm2-demo-lora",
         "package:smollm2-demo-Q4_K_M", "package:smollm2-demo-Q8_0", "package:smollm2-demo-lora",
