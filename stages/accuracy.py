@@ -23,6 +23,7 @@ import numpy as np
 from .build.atomic import atomic_file
 from .build.errors import BuildError
 from .build.spec import EvalSpec, TrainSpec
+from .formats import dataset
 
 
 @dataclass(frozen=True)
@@ -67,15 +68,7 @@ def answer_rows(prompts: list[Prompt], answers: list[str]) -> list[dict]:
 def read_prompts_file(path: Path) -> list[tuple[tuple[dict, ...], str]]:
     """(conversation so far, expected answer) per record of a {"prompt" | "messages", "answer"} .jsonl."""
     found = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BuildError(f"{where}: not JSON ({err.msg}); each line is one {{\"prompt\" | \"messages\", "
-                             "\"answer\"}} record") from None
+    for where, record in dataset.records(path, path.read_text(encoding="utf-8-sig").splitlines()):
         if not isinstance(record, dict) or not isinstance(record.get("answer"), str):
             raise BuildError(f"{where}: the record has no \"answer\" string: each prompt needs the answer it is "
                              "scored against")

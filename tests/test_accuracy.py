@@ -47,7 +47,7 @@ def test_answer_gates_by_hand():
     ("", "no prompts in the file"),
     ('{"prompt": "Hi?", "answer": "Hello."}\n{"prompt": "Where?"}\n', "prompts.jsonl:2: the record has no \"answer\" string"),
     ('{"answer": "x"}\n', "prompts.jsonl:1: the record needs a \"prompt\" string or a \"messages\" list"),
-    ('{"prompt": "Hi?", "answer": \n', "prompts.jsonl:1: not JSON"),
+    ('{"prompt": "Hi?", "answer": \n', "prompts.jsonl:1: not valid JSON"),
 ])
 def test_bad_prompts_files_name_the_line(tmp_path, text, message):
     (tmp_path / "prompts.jsonl").write_text(text)

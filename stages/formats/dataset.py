@@ -47,19 +47,22 @@ def read_jsonl(path: Path) -> list[Example]:
         raise BuildError(f"dataset {path} not found") from None
     except UnicodeDecodeError as err:
         raise BuildError(f"{path}: not UTF-8 text ({err})") from None
-    examples = []
+    examples = [Example(to_messages(record, where), where) for where, record in records(path, lines)]
+    if not examples:
+        raise BuildError(f"dataset {path} is empty: add JSONL records, one per line")
+    return examples
+
+
+def records(path: Path, lines: list[str]):
+    """("file:line", the parsed record) for each non-blank line of a JSONL file."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            record = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as err:
             raise BuildError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); each line is one JSON record") from None
-        examples.append(Example(to_messages(record, where), where))
-    if not examples:
-        raise BuildError(f"dataset {path} is empty: add JSONL records, one per line")
-    return examples
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
