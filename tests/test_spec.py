@@ -100,7 +100,7 @@ def test_doit_list_reads_like_the_lifecycle(tmp_path):
     assert listed == ["import", "import:demo", "convert", "convert:demo", "quantize", "quantize:demo-Q4_K_M",
                       "quantize:demo-Q8_0", "eval", "eval:demo-F16", "eval:demo-Q4_K_M", "eval:demo-Q8_0",
                       "package", "package:demo-Q4_K_M", "package:demo-Q8_0", "manifest", "manifest:demo", "report",
-                      "lock", "check", "push", "push:no-registry", "verify", "verify:demo", "cache-push", "cache-gc",
+                      "lock", "check", "push", "push:no-registry", "verify", "verify:demo", "tools", "cache-push", "cache-gc",
                       "pull"]
     info = doit(path, "convert:demo", command="info", check=False).output  # exits 1: not built yet
     assert "demo.F16.gguf" in info and "files.b3" in info
