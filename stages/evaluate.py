@@ -472,15 +472,13 @@ def tasks(build: ModelBuild) -> list[Task]:
         found.append(Task(
             f"{model.name}.heldout", "the held-out conversations, as the train stage writes them", write_heldout,
             {"train": model.train, "base_dir": paths.base, "out_path": text},
-            {key: value for key, value in model.train.params().items()
-             if key in ("validation", "template", "system", "seed")},
+            model.train.split_params(),
             inputs=paths.base_files() + model.train.data_files, outputs=[text], artifact=False))
 
     prompts = paths.root / "eval" / "prompts.jsonl" if model.eval.answers_prompts(model.train) else None
     if prompts:
         source_files = [model.eval.prompts] if isinstance(model.eval.prompts, Path) else model.train.data_files
-        split = {key: value for key, value in model.train.params().items()
-                 if key in ("validation", "template", "system", "seed")} if model.train else {}
+        split = model.train.split_params() if model.train else {}
         found.append(Task(
             f"{model.name}.prompts", "the prompts to answer, written with the chat template as the train stage does",
             accuracy.write_prompts, {"eval_spec": model.eval, "train": model.train, "base_dir": paths.base,

@@ -129,8 +129,7 @@ def tasks(build: ModelBuild) -> list[Task]:
             found.append(Task(
                 f"{model.name}.calibration", "calibration text: the training set as the train stage formats it",
                 write_calibration, {"train": model.train, "base_dir": paths.base, "out_path": calibration},
-                {key: value for key, value in model.train.params().items()
-                 if key in ("validation", "template", "system", "seed")},
+                model.train.split_params(),
                 inputs=paths.base_files() + model.train.data_files, outputs=[calibration]))
         found.append(Task(
             f"{release}.imatrix", f"importance matrix of {converted.name} over {calibration.name} (llama-imatrix)",

@@ -178,6 +178,11 @@ class TrainSpec(Strict):
         """The JSONL files the records come from: the dataset, and a validation file if one is named."""
         return [self.dataset] + ([self.validation] if isinstance(self.validation, Path) else [])
 
+    def split_params(self) -> dict:
+        """The params that decide which records are held out and how a record is written: what the
+        held-out conversations, the eval prompts and the calibration text depend on."""
+        return {key: value for key, value in self.params().items() if key in ("validation", "template", "system", "seed")}
+
     def params(self) -> dict:
         """What shapes the adapter besides the data files themselves (their bytes are inputs)."""
         # Checkpoints and the memory limit change when the work is saved or refused, never its result.
