@@ -247,14 +247,21 @@ def tokenize(subject: Subject, documents: list[list[tuple[str, bool]]], max_toke
     """Each document as the model's own tokenizer splits its pieces (special tokens such as
     <|im_start|> included; BOS first where the model asks for one), prompt and answer apart as the
     train stage splits them; up to `max_tokens` tokens in all."""
+    with _vocabulary(subject.model) as vocab:
+        return _tokenized(vocab, documents, max_tokens)
+
+
+@contextlib.contextmanager
+def _vocabulary(model: Path):
+    """The GGUF's tokenizer alone (no weights loaded), freed on leaving."""
     import llama_cpp
 
     from .quantize import captured_llama_log
 
     with captured_llama_log():
-        llm = llama_cpp.Llama(model_path=str(subject.model), vocab_only=True, verbose=False)
-    with contextlib.closing(llm):
-        return _tokenized(llm, documents, max_tokens)
+        vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    with contextlib.closing(vocab):
+        yield vocab
 
 
 def _tokenized(llm, documents: list[list[tuple[str, bool]]], max_tokens: int) -> list[Window]:
@@ -337,14 +344,8 @@ def speed(subject: Subject, spec: EvalSpec, threads: int) -> dict:
 def answer_accuracy(job: Job, spec: EvalSpec, threads: int) -> dict:
     """Greedy answers to every prompt, scored; the reference variant's answers, where there is one,
     from its eval JSON (its task runs first)."""
-    import llama_cpp
-
-    from .quantize import captured_llama_log
-
     prompts = accuracy.read_prompts(job.prompts)
-    with captured_llama_log():
-        vocab = llama_cpp.Llama(model_path=str(job.subject.model), vocab_only=True, verbose=False)
-    with contextlib.closing(vocab):
+    with _vocabulary(job.subject.model) as vocab:
         tokenized = [vocab.tokenize(p.text.encode("utf-8"), add_bos=True, special=True) for p in prompts]
     with _llama(job.subject, max(map(len, tokenized)) + spec.max_new_tokens, threads, logits_all=False) as llm:
         answers = accuracy.answer_all(llm, tokenized, spec.max_new_tokens)
@@ -490,7 +491,8 @@ def tasks(build: ModelBuild) -> list[Task]:
     outtype = model.outtype.upper()
     yardstick = Subject(paths.gguf(build.release, outtype))
     subjects = {outtype: (yardstick, None)}
-    subjects |= {quant: (Subject(paths.gguf(build.release, quant)), yardstick) for quant in model.quantize}
+    subjects |= {variant: (Subject(paths.gguf(build.release, variant)), yardstick)
+                 for variant in model.variants if variant not in (outtype, "base", "lora")}
     if build.lora_gguf:
         base = paths.gguf(model.name, outtype)
         subjects |= {"base": (Subject(base), None), "lora": (Subject(base, build.lora_gguf), yardstick)}

@@ -22,7 +22,7 @@ from pathlib import Path
 from .build import llamacpp
 from .build.atomic import atomic_file
 from .build.errors import BuildError
-from .build.spec import QUANT_TYPES, TrainSpec
+from .build.spec import QUANT_TYPES, WITHOUT_IMATRIX, TrainSpec
 from .build.task import ModelBuild, Task
 
 REVISION = 1
@@ -64,11 +64,9 @@ def run(in_path: Path, out_path: Path, quant_type: str, threads: int = 0) -> Non
 
 
 def run_with_imatrix(in_path: Path, out_path: Path, quant_type: str, imatrix: Path, threads: int = 0) -> None:
-    args = ["--imatrix", imatrix.name, str(in_path), str(out_path), quant_type]
     with atomic_file(out_path) as tmp:
-        args[3] = str(tmp)
-        llamacpp.run("llama-quantize", args + ([str(threads)] if threads else []), imatrix.parent,
-                     f"quantize {in_path.name} to {quant_type} with {imatrix.name}")
+        args = ["--imatrix", imatrix.name, str(in_path), str(tmp), quant_type, *([str(threads)] if threads else [])]
+        llamacpp.run("llama-quantize", args, imatrix.parent, f"quantize {in_path.name} to {quant_type} with {imatrix.name}")
         size_in, size_out = os.path.getsize(in_path), os.path.getsize(tmp)
     print(f"{out_path.name}: {size_out / 1e6:.1f} MB, {size_out / size_in:.0%} of {in_path.name} (imatrix)")
 
@@ -147,8 +145,16 @@ def tasks(build: ModelBuild) -> list[Task]:
                 {"type": quant, "imatrix": True, **llamacpp.fingerprint_versions()},
                 inputs=[converted, imatrix], outputs=[out], after=after))
         else:
-            found.append(Task(f"{release}-{quant}", f"GGUF {model.outtype} → {quant} (llama.cpp)", run,
-                              {"in_path": converted, "out_path": out, "quant_type": quant,
-                               "threads": build.spec.threads},
-                              {"type": quant}, inputs=[converted], outputs=[out]))
+            found.append(plain_task(build, quant, quant))
+    found += [plain_task(build, quant, quant + WITHOUT_IMATRIX) for quant in model.without_imatrix]
     return found
+
+
+def plain_task(build: ModelBuild, quant: str, variant: str) -> Task:
+    """A quant type without an importance matrix: a release, or (`compare_without_imatrix`) the
+    yardstick the matrix is measured against."""
+    converted, out = build.paths.gguf(build.release, build.model.outtype.upper()), build.paths.gguf(build.release, variant)
+    purpose = "" if variant == quant else ", without the imatrix, to compare (not released)"
+    return Task(f"{build.release}-{variant}", f"GGUF {build.model.outtype} → {quant} (llama.cpp){purpose}", run,
+                {"in_path": converted, "out_path": out, "quant_type": quant, "threads": build.spec.threads},
+                {"type": quant}, inputs=[converted], outputs=[out])

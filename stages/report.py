@@ -26,6 +26,7 @@ from . import __version__
 from .build import runlog
 from .build.atomic import atomic_file
 from .build.errors import BuildError
+from .build.spec import WITHOUT_IMATRIX
 
 # ---- blocks ----
 
@@ -368,6 +369,14 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
                          "KL", "top-1", "exact match", "chrF", "BLEU", "same answers", "prompt t/s", "gen t/s",
                          "gate"], variant_rows(results, model.gates)))
 
+    compared = imatrix_rows(by_variant)
+    if compared:
+        blocks += [Heading(3, "What the importance matrix buys"),
+                   Text("Each type quantized twice from the same GGUF: without the importance matrix (left of "
+                        "each arrow) and with it (right), measured on the same held-out text and prompts. The one "
+                        "without is not released (`[models.quantize] compare_without_imatrix`)."),
+                   Table(["type", *IMATRIX_COMPARED, "KL change"], compared)]
+
     blocks += [Heading(3, "Since the previous build"),
                Text("Each variant's headline numbers against the last build that measured different ones "
                     f"(kept in `{model.name}/eval/history.jsonl`)."),
@@ -422,6 +431,24 @@ HEADLINE = [
     ("gen t/s", lambda r: r["speed"]["gen_tokens_per_s"], lambda v: f"{v:,.1f}"),
 ]
 HISTORY_KEPT = 20  # results per variant in cache/<model>/eval/history.jsonl
+IMATRIX_COMPARED = ("size", "KL", "top-1", "perplexity", "exact match", "chrF")
+
+
+def imatrix_rows(by_variant: dict[str, dict]) -> list[list[str]]:
+    """Per quant type made with and without the importance matrix: each number "without → with",
+    and how much the matrix changed the KL divergence. Pure."""
+    shown = {label: show for label, _, show in HEADLINE}
+    rows = []
+    for variant, plain in by_variant.items():
+        if not variant.endswith(WITHOUT_IMATRIX):
+            continue
+        quant = variant.removesuffix(WITHOUT_IMATRIX)
+        before, after = headline(plain), headline(by_variant[quant])
+        cells = [f"{shown[label](before[label])} → {shown[label](after[label])}" if label in before and label in after
+                 else "—" for label in IMATRIX_COMPARED]
+        kl_change = f"{after['KL'] / before['KL'] - 1:+.1%}" if before.get("KL") and "KL" in after else "—"
+        rows.append([quant, *cells, kl_change])
+    return rows
 
 
 def headline(result: dict) -> dict[str, float]:

@@ -46,6 +46,9 @@ def test_the_quantize_stage_writes_what_llama_quantize_writes(default_build, tmp
     quantize.run(f16, tmp_path / "stage.gguf", quant)
     _llama_quantize(f16, tmp_path / "tool.gguf", quant, cwd=tmp_path)
     assert (tmp_path / "stage.gguf").read_bytes() == (tmp_path / "tool.gguf").read_bytes()
+    if quant == "Q4_K_M":  # what the default build made to compare with its imatrix Q4_K_M
+        built = default_build["cache"] / "gguf/smollm2-demo-merged.Q4_K_M-no-imatrix.gguf"
+        assert built.read_bytes() == (tmp_path / "tool.gguf").read_bytes()
 
 
 @pytest.mark.slow
@@ -61,28 +64,33 @@ def test_with_an_imatrix_too(default_build, tmp_path, quant):
 
 
 @pytest.mark.slow
-def test_the_imatrix_lowers_q4_k_m_kl_and_an_iq_type_loads_and_answers(default_build, tmp_path):
+def test_the_imatrix_lowers_q4_k_m_kl_and_the_report_shows_both(default_build):
+    """The default spec makes Q4_K_M again without the matrix (compare_without_imatrix) and measures both."""
+    cache = default_build["cache"]
+    with_matrix, without = (json.loads((cache / f"eval/{v}.json").read_text())["quality"]
+                            for v in ("Q4_K_M", "Q4_K_M-no-imatrix"))
+    # measured on the default spec: 0.0990 with the matrix, 0.1175 without (-16%)
+    assert with_matrix["kl_divergence"] < 0.95 * without["kl_divergence"], (with_matrix, without)
+    plain = cache / "gguf/smollm2-demo-merged.Q4_K_M-no-imatrix.gguf"
+    assert _field(plain, "quantize.imatrix.file") is None and _field(plain, "general.file_type") == 15
+    report = (default_build["folder"] / "cache/report/REPORT.md").read_text()
+    section = report[report.index("### What the importance matrix buys"):report.index("### Since the previous build")]
+    assert (f"| Q4_K_M | 105.5 MB → 105.5 MB | {without['kl_divergence']:.5f} → {with_matrix['kl_divergence']:.5f} | "
+            f"{without['top1_agreement']:.1%} → {with_matrix['top1_agreement']:.1%} |") in section
+    manifest = {a["path"] for a in json.loads((cache / "manifest.json").read_text())["artifacts"]}
+    assert "gguf/smollm2-demo-merged.Q4_K_M-no-imatrix.gguf" in manifest, "checksummed like every artifact"
+    assert not (cache / "package/Q4_K_M-no-imatrix").exists(), "measured, never released"
+
+
+@pytest.mark.slow
+def test_an_iq_type_made_with_the_matrix_loads_and_answers(default_build, tmp_path):
     cache = default_build["cache"]
     f16, imatrix = cache / "gguf/smollm2-demo-merged.F16.gguf", cache / "imatrix/smollm2-demo-merged.imatrix.gguf"
-    quantize.run(f16, tmp_path / "plain.Q4_K_M.gguf", "Q4_K_M")
-    spec = evaluate.EvalSpec()
-    heldout = cache / "eval/heldout.jsonl"
-
-    def kl(model):
-        job = evaluate.Job("m", "Q4_K_M", evaluate.Subject(model), evaluate.Subject(f16), heldout, "")
-        documents = evaluate.tokenize(job.subject, evaluate.read_documents(heldout), spec.max_tokens)
-        return evaluate.quality(job, documents, spec.context, 0)["kl_divergence"]
-
-    with_imatrix = json.loads((cache / "eval/Q4_K_M.json").read_text())["quality"]["kl_divergence"]
-    assert with_imatrix == pytest.approx(kl(cache / "gguf/smollm2-demo-merged.Q4_K_M.gguf"), rel=1e-4)
-    plain = kl(tmp_path / "plain.Q4_K_M.gguf")
-    assert with_imatrix < plain * 0.95, (with_imatrix, plain)
-
     iq = tmp_path / "m.IQ3_XXS.gguf"
     quantize.run_with_imatrix(f16, iq, "IQ3_XXS", imatrix)
     assert _field(iq, "general.file_type") == 23
     job = evaluate.Job("m", "IQ3_XXS", evaluate.Subject(iq), None, None, "", cache / "eval/prompts.jsonl")
-    scores = evaluate.answer_accuracy(job, spec, 0)
+    scores = evaluate.answer_accuracy(job, evaluate.EvalSpec(), 0)
     assert scores["prompts"] == 27 and sum(bool(a["answer"].strip()) for a in scores["answers"]) >= 20
 
 
@@ -103,12 +111,22 @@ def test_calibration_text_too_short_is_a_clear_error(default_build, tmp_path):
     ('[models.quantize]\ntypes = ["Q4_K_M"]\nimatrix = "calib.bin"', "is not UTF-8 text"),
     ('[models.quantize]\ntypes = ["Q4_K_M"]\nimatrixx = true', "unknown key 'models[0].quantize.imatrixx': did you "
                                                                "mean 'imatrix'?"),
+    ('[models.quantize]\ntypes = ["Q4_K_M"]\ncompare_without_imatrix = ["Q4_K_M"]',
+     "compare_without_imatrix measures what the importance matrix buys, and this model has none: set imatrix = true"),
+    ('[models.quantize]\ntypes = ["Q4_K_M"]\nimatrix = "calib.txt"\ncompare_without_imatrix = ["Q5_K_M"]',
+     "compare_without_imatrix: 'Q5_K_M' is not one of quantize.types (Q4_K_M)"),
+    ('[models.quantize]\ntypes = ["IQ3_XXS"]\nimatrix = "calib.txt"\ncompare_without_imatrix = ["iq3_xxs"]',
+     "compare_without_imatrix: IQ3_XXS is not made without an importance matrix"),
+    ('[models.quantize]\ntypes = ["Q4_K_M"]\nimatrix = "calib.txt"\ncompare_without_imatrix = ["Q4_K_M"]\n'
+     '[models.eval]\ntext = "calib.txt"\n[models.eval.gate.Q4_K_M-no-imatrix]\nmax_kl = 0.1',
+     "eval.gate.Q4_K_M-no-imatrix: Q4_K_M-no-imatrix is measured for comparison and never released"),
 ])
 def test_imatrix_spec_errors_say_what_to_do(tmp_path, tiny_llama, table, message):
     import shutil
 
     shutil.copytree(tiny_llama, tmp_path / "tiny")
     (tmp_path / "calib.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "calib.txt").write_text("Calibration text.\n")
     spec = write_spec(tmp_path, f'[[models]]\nname = "tiny"\nbase = "tiny"\n{table}\n')
     result = doit(spec, "list", check=False)
     assert result.returncode != 0 and message in result.output and "Traceback" not in result.output

@@ -154,3 +154,17 @@ def test_each_variant_is_compared_with_the_previous_build_that_measured_it(tmp_p
     assert report.compare_with_history(tmp_path, [result(0.0990, 0.79)]) == \
         [["Q4_K_M", "KL 0.11750 → 0.09900, exact match 84% → 79%"]]
     assert len((tmp_path / "eval/history.jsonl").read_text().splitlines()) == 2
+
+
+def test_imatrix_rows_put_each_number_without_the_matrix_beside_the_number_with_it():
+    def result(variant, kl, exact):
+        return {"variant": variant, "size_bytes": 105_500_000, "quality": {"perplexity": 80.0, "kl_divergence": kl,
+                                                                           "top1_agreement": 0.9},
+                "accuracy": {"exact_match": exact, "chrf": 70.0}, "speed": {"gen_tokens_per_s": 120.0}}
+
+    by_variant = {r["variant"]: r for r in (result("F16", None, 0.5), result("Q4_K_M", 0.0990, 0.52),
+                                            result("Q4_K_M-no-imatrix", 0.1175, 0.48))}
+    assert report.imatrix_rows(by_variant) == [[
+        "Q4_K_M", "105.5 MB → 105.5 MB", "0.11750 → 0.09900", "90.0% → 90.0%", "80.0000 → 80.0000", "48% → 52%",
+        "70.0 → 70.0", "-15.7%"]]
+    assert report.imatrix_rows({"Q4_K_M": by_variant["Q4_K_M"]}) == [], "nothing compared, no rows"

@@ -30,6 +30,9 @@ QUANT_TYPES: dict[str, int] = {
 # The types whose few bits only work with an importance matrix to say which weights matter
 # (llama-quantize refuses IQ1/IQ2 without one; IQ3 without one is far worse than Q3_K).
 NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M"}
+# The variant name of a quant type made again without the importance matrix, to measure what the
+# matrix buys (`compare_without_imatrix`): "Q4_K_M-no-imatrix". Measured, never released.
+WITHOUT_IMATRIX = "-no-imatrix"
 
 OutType = Literal["f32", "f16", "bf16", "q8_0", "auto"]  # "auto" is resolved to f16 or bf16 when the spec is read
 
@@ -71,6 +74,16 @@ def _resolve_file(value, info, what: str) -> Path:
     path = _spec_path(value, _spec_dir(info))
     if not path.exists():
         raise ValueError(f"{what} {path} does not exist (relative paths start at the spec's folder)")
+    return path
+
+
+def _switch_or_file(value, info, what: str) -> bool | Path:
+    """A setting that is true, false, or a file of the user's (relative to the spec)."""
+    if isinstance(value, bool):
+        return value
+    path = _resolve_file(value, info, what)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is not a file")
     return path
 
 
@@ -342,10 +355,8 @@ class EvalSpec(Strict):
     @field_validator("prompts", mode="before")
     @classmethod
     def _prompts_exist(cls, value, info):
-        if isinstance(value, bool):
-            return value
-        path = _resolve_file(value, info, "eval prompts file")
-        if path.suffix != ".jsonl":
+        path = _switch_or_file(value, info, "eval prompts file")
+        if isinstance(path, Path) and path.suffix != ".jsonl":
             raise ValueError(f"{path}: prompts are a .jsonl file of {{\"prompt\" | \"messages\", \"answer\"}} records")
         return path
 
@@ -358,15 +369,15 @@ class QuantizeSpec(Strict):
     # text file. It lowers the error of the K-quants and is what the IQ1–IQ3 types need.
     imatrix: bool | Path = False
     imatrix_context: int = Field(default=512, ge=16)  # tokens per chunk the imatrix is gathered over
+    # Types to quantize a second time without the matrix, measured beside the released ones (not released).
+    compare_without_imatrix: list[str] = Field(default_factory=list)
 
     @field_validator("imatrix", mode="before")
     @classmethod
     def _calibration_file(cls, value, info):
-        if isinstance(value, bool):
-            return value
-        path = _resolve_file(value, info, "imatrix calibration file")
-        if not path.is_file():
-            raise ValueError(f"imatrix calibration file {path} is not a file")
+        path = _switch_or_file(value, info, "imatrix calibration file")
+        if isinstance(path, bool):
+            return path
         try:
             path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as err:
@@ -424,7 +435,23 @@ class ModelSpec(Strict):
                              "[models.train]: give a calibration text instead, imatrix = \"calibration.txt\"")
         if self.imatrix and not self.quantize:
             raise ValueError("quantize.imatrix is set but quantize.types is empty: list the quant types to make with it")
+        for quant in self.quantize_options.compare_without_imatrix:
+            if not self.imatrix:
+                raise ValueError("quantize.compare_without_imatrix measures what the importance matrix buys, and "
+                                 "this model has none: set imatrix = true (or a calibration file), or remove it")
+            if quant.upper() not in self.quantize:
+                raise ValueError(f"quantize.compare_without_imatrix: {quant!r} is not one of quantize.types "
+                                 f"({', '.join(self.quantize)}): only a type made with the matrix has something to "
+                                 "compare with")
+            if quant.upper() in NEEDS_IMATRIX:
+                raise ValueError(f"quantize.compare_without_imatrix: {quant.upper()} is not made without an "
+                                 "importance matrix; compare a K-quant (e.g. Q4_K_M) instead")
         return self
+
+    @property
+    def without_imatrix(self) -> list[str]:
+        """The quant types also made without the importance matrix, in the spelling of `quantize`."""
+        return list(dict.fromkeys(q.upper() for q in self.quantize_options.compare_without_imatrix))
 
     @field_validator("name")
     @classmethod
@@ -438,9 +465,11 @@ class ModelSpec(Strict):
     @property
     def variants(self) -> list[str]:
         """What eval measures, in the order reports list it: with an adapter the base before
-        fine-tuning, then the converted GGUF, every quant type, and the adapter route (base + GGUF LoRA)."""
+        fine-tuning, then the converted GGUF, every quant type (each one compared without the
+        importance matrix after it), and the adapter route (base + GGUF LoRA)."""
         adapted = self.has_adapter
-        return [*(["base"] if adapted else []), self.outtype.upper(), *self.quantize, *(["lora"] if adapted else [])]
+        quants = [v for q in self.quantize for v in (q, *([q + WITHOUT_IMATRIX] if q in self.without_imatrix else []))]
+        return [*(["base"] if adapted else []), self.outtype.upper(), *quants, *(["lora"] if adapted else [])]
 
     @model_validator(mode="after")
     def _outtype_is_not_quantized_again(self):
@@ -458,6 +487,9 @@ class ModelSpec(Strict):
             if variant in (self.outtype.upper(), "base"):
                 raise ValueError(f"eval.gate.{variant}: {variant} is not compared with anything (it is the yardstick, "
                                  "or the model before fine-tuning); gate a quant type or the lora route")
+            if variant.endswith(WITHOUT_IMATRIX):
+                raise ValueError(f"eval.gate.{variant}: {variant} is measured for comparison and never released, so "
+                                 f"there is nothing to gate; gate {variant.removesuffix(WITHOUT_IMATRIX)} instead")
             if self.eval.gate[variant].needs_text and not self.eval.text and not self.train:
                 raise ValueError(f"eval.gate.{variant} compares outputs on held-out text, and this model has none: "
                                  "set [models.eval] text = \"a held-out text file\"")
