@@ -56,9 +56,10 @@ def main() -> None:
     f16, imatrix = model / "gguf/smollm2-demo-merged.F16.gguf", model / "imatrix/smollm2-demo-merged.imatrix.gguf"
     heldout, prompts, spec = model / "eval/heldout.jsonl", model / "eval/prompts.jsonl", EvalSpec()
 
-    answers_s = 0.0
-    for variant in ("base", "F16", "Q4_K_M", "Q8_0", "lora"):  # what the build's eval tasks generated
-        result = json.loads((model / f"eval/{variant}.json").read_text())
+    answers_s, evaluated = 0.0, sorted((model / "eval").glob("*.json"))  # every variant the build answered with
+    for path in evaluated:
+        result = json.loads(path.read_text())
+        variant = result["variant"]
         subject = evaluate.Subject(*[model / f for f in result["files"]])
         tick = time.perf_counter()
         evaluate.answer_accuracy(evaluate.Job("m", variant, subject, None, None, "", prompts), spec, 0)
@@ -66,7 +67,7 @@ def main() -> None:
 
     print(f"default build (cache=off): {build_s:.1f} s")
     print(f"  imatrix (calibration text + llama-imatrix): {imatrix_s:.1f} s = {imatrix_s / build_s:.1%} of the build")
-    print(f"  answer generation and scoring, 5 variants: {answers_s:.1f} s = {answers_s / build_s:.1%} of the build "
+    print(f"  answer generation and scoring, {len(evaluated)} variants: {answers_s:.1f} s = {answers_s / build_s:.1%} of the build "
           f"(all eval tasks: {eval_s:.1f} s)")
     print()
     print(f"{'type':8} {'matrix':7} {'MB':>7} {'KL':>8} {'top-1':>6} {'exact':>6} {'chrF':>5}")

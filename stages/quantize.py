@@ -65,7 +65,9 @@ def run(in_path: Path, out_path: Path, quant_type: str, threads: int = 0) -> Non
 
 def run_with_imatrix(in_path: Path, out_path: Path, quant_type: str, imatrix: Path, threads: int = 0) -> None:
     with atomic_file(out_path) as tmp:
-        args = ["--imatrix", imatrix.name, str(in_path), str(tmp), quant_type, *([str(threads)] if threads else [])]
+        # the tool runs in the matrix's folder (the GGUF records the name it is given), so every other path is absolute
+        args = ["--imatrix", imatrix.name, str(in_path.absolute()), str(tmp.absolute()), quant_type,
+                *([str(threads)] if threads else [])]
         llamacpp.run("llama-quantize", args, imatrix.parent, f"quantize {in_path.name} to {quant_type} with {imatrix.name}")
         size_in, size_out = os.path.getsize(in_path), os.path.getsize(tmp)
     print(f"{out_path.name}: {size_out / 1e6:.1f} MB, {size_out / size_in:.0%} of {in_path.name} (imatrix)")
@@ -95,11 +97,11 @@ def write_calibration(train: TrainSpec, base_dir: Path, out_path: Path) -> None:
 
 def make_imatrix(model_path: Path, calibration: Path, out_path: Path, context: int, threads: int = 0) -> None:
     """llama-imatrix over the calibration text, in chunks of `context` tokens (perplexity off)."""
-    args = ["-m", str(model_path), "-f", calibration.name, "-c", str(context), "--no-ppl", "--parse-special",
+    args = ["-m", str(model_path.absolute()), "-f", calibration.name, "-c", str(context), "--no-ppl", "--parse-special",
             "--output-frequency", "1000000"]
     with atomic_file(out_path) as tmp:
         try:
-            log = llamacpp.run("llama-imatrix", args + ["-o", str(tmp)] + (["-t", str(threads)] if threads else []),
+            log = llamacpp.run("llama-imatrix", args + ["-o", str(tmp.absolute())] + (["-t", str(threads)] if threads else []),
                                calibration.parent, f"compute an importance matrix on {calibration}")
         except BuildError as err:
             hint = (f"; {calibration} is too short for chunks of {context} tokens: give more text, or lower "

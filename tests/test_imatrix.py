@@ -3,7 +3,9 @@ tools` from llama-cpp-python's source), and the promise that the quantize stage 
 llama-quantize writes."""
 
 import json
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from gguf import GGUFReader
@@ -53,10 +55,12 @@ def test_the_quantize_stage_writes_what_llama_quantize_writes(default_build, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "IQ3_XXS"])
-def test_with_an_imatrix_too(default_build, tmp_path, quant):
+def test_with_an_imatrix_too(default_build, tmp_path, quant, monkeypatch):
     cache = default_build["cache"]
     f16, imatrix = cache / "gguf/smollm2-demo-merged.F16.gguf", cache / "imatrix/smollm2-demo-merged.imatrix.gguf"
-    quantize.run_with_imatrix(f16, tmp_path / "stage.gguf", quant, imatrix)
+    monkeypatch.chdir(cache)  # paths relative to where the caller stands, not to where the tool runs
+    quantize.run_with_imatrix(Path(os.path.relpath(f16)), Path(os.path.relpath(tmp_path / "stage.gguf")), quant,
+                              Path(os.path.relpath(imatrix)))
     _llama_quantize("--imatrix", imatrix.name, f16, tmp_path / "tool.gguf", quant, cwd=imatrix.parent)
     assert (tmp_path / "stage.gguf").read_bytes() == (tmp_path / "tool.gguf").read_bytes()
     if quant == "Q4_K_M":
