@@ -65,7 +65,8 @@ def main() -> None:
         evaluate.answer_accuracy(evaluate.Job("m", variant, subject, None, None, "", prompts), spec, 0)
         answers_s += time.perf_counter() - tick
 
-    print(f"default build (cache=off): {build_s:.1f} s")
+    how = "the sum of its tasks' last runs" if args.built else "cache=off, end to end"
+    print(f"default build ({how}): {build_s:.1f} s")
     print(f"  imatrix (calibration text + llama-imatrix): {imatrix_s:.1f} s = {imatrix_s / build_s:.1%} of the build")
     print(f"  answer generation and scoring, {len(evaluated)} variants: {answers_s:.1f} s = {answers_s / build_s:.1%} of the build "
           f"(all eval tasks: {eval_s:.1f} s)")
