@@ -146,3 +146,26 @@ def test_built_tools_name_their_source():
     tools = llamacpp.find()
     assert tools.stamp["llama-cpp-python"] == llamacpp.installed_version()
     assert len(tools.stamp["sdist_sha256"]) == 64
+
+
+def test_changed_calibration_text_recomputes_the_matrix_and_quantizes_again(tmp_path, tiny_llama):
+    import shutil
+
+    shutil.copytree(tiny_llama, tmp_path / "tiny")
+    calibration = tmp_path / "calib.txt"
+    calibration.write_text(" ".join(f"word{i}" for i in range(400)))
+    spec = write_spec(tmp_path, '[[models]]\nname = "tiny"\nbase = "tiny"\n[models.quantize]\ntypes = ["Q4_0", "Q8_0"]\n'
+                                'imatrix = "calib.txt"\nimatrix_context = 64\n')
+    first = doit(spec)
+    assert {"quantize:tiny.imatrix", "quantize:tiny-Q4_0", "quantize:tiny-Q8_0"} <= set(first.ran)
+    calibration.write_text(calibration.read_text())  # touched, the same bytes: nothing to do
+    assert doit(spec).ran == []
+    q8 = (tmp_path / "cache/tiny/gguf/tiny.Q8_0.gguf").read_bytes()
+    calibration.write_text(" ".join(f"other{i}" for i in range(400)))
+    again = doit(spec).ran
+    assert sorted(again[:3]) == ["quantize:tiny-Q4_0", "quantize:tiny-Q8_0", "quantize:tiny.imatrix"], again
+    assert not any(t.startswith(("import:", "convert:")) for t in again), "upstream of the matrix stays"
+    # Q4_0 weighs its rounding by the matrix: new bytes, measured and packaged again. Q8_0 does not use
+    # it: quantized again to the same bytes, so what reads it is up to date.
+    assert {"eval:tiny-Q4_0", "package:tiny-Q4_0"} <= set(again) and "eval:tiny-Q8_0" not in again
+    assert (tmp_path / "cache/tiny/gguf/tiny.Q8_0.gguf").read_bytes() == q8
