@@ -33,15 +33,36 @@ def registry(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_build(tmp_path_factory, registry):
-    """The repo's own models.toml and data, built once, with a registry to push packages to and to
-    share its action cache through (push = true)."""
+    """The repo's own models.toml, data and models.lock, built once as a fresh clone would build them,
+    sharing its action cache through a registry (push = true). A [cache] table changes no artifact,
+    so this build is what CI's `doit check` compares with the committed lock (tests/test_lock.py)."""
     import shutil
 
     from helpers import REPO, doit
 
     folder = tmp_path_factory.mktemp("default-spec")
     shutil.copytree(REPO / "data", folder / "data")
+    shutil.copy(REPO / "models.lock", folder / "models.lock")
     spec = folder / "models.toml"
-    spec.write_text((REPO / "models.toml").read_text() + f'\n[package]\nregistry = "{registry.host}/modelmake"\n'
-                    f'\n[cache]\nremote = "{registry.host}/modelmake-cache"\npush = true\n')
+    spec.write_text((REPO / "models.toml").read_text() + f'\n[cache]\nremote = "{registry.host}/modelmake-cache"\n'
+                    'push = true\n')
     return {"folder": folder, "spec": spec, "ran": doit(spec).ran, "cache": folder / "cache/smollm2-demo"}
+
+
+@pytest.fixture(scope="session")
+def published_build(default_build, registry):
+    """The same spec with a registry to push to ([package] registry names it in compose.yaml and the
+    README): a second cache folder that restores every task from the default build's action cache
+    but the packages, which name the registry and so are built again."""
+    folder = default_build["folder"]
+    spec = folder / "published.toml"
+    spec.write_text((folder / "models.toml").read_text().split("\n[cache]\n")[0]
+                    + f'\n[package]\nregistry = "{registry.host}/modelmake"\n'
+                    '\n[cache]\ndir = "published"\nstore = "cache/.store"\n')
+    from helpers import doit
+
+    from stages.build import runlog
+
+    doit(spec)
+    built = sorted(task for task, record in runlog.read_records(folder / "published").items() if not record.get("restored"))
+    return {"spec": spec, "built": built, "cache": folder / "published/smollm2-demo"}

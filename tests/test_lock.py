@@ -175,3 +175,15 @@ def test_the_default_specs_lock_is_committed_and_names_its_spec():
     data = json.loads((REPO / "models.lock").read_text())
     assert data["spec"] == "models.toml" and list(data["models"]) == ["smollm2-demo"]
     assert "train:smollm2-demo" in data["models"]["smollm2-demo"]["tasks"]
+
+
+@pytest.mark.slow
+def test_a_clean_build_of_the_default_spec_reproduces_the_committed_lock(default_build):
+    """CI's reproducibility check: the repo's models.toml, built from an empty cache on this machine
+    (conftest.default_build), against the committed models.lock, byte for byte. A change that alters
+    an artifact fails here until `doit lock` records it on purpose."""
+    locked = json.loads((REPO / "models.lock").read_text())
+    artifacts = sum(len(task["outputs"]) for model in locked["models"].values() for task in model["tasks"].values())
+    result = doit(default_build["spec"], "check", check=False)
+    assert result.returncode == 0, result.output[-4000:]
+    assert f"models.lock: all {artifacts} compared artifacts reproduced byte for byte" in result.output

@@ -113,7 +113,7 @@ def test_created_at_comes_from_source_date_epoch_never_the_clock():
     assert oci.json_bytes({"b": 1, "a": "é"}) == '{"a":"é","b":1}'.encode()
 
 
-# ---- the default spec, built once (conftest.default_build), with a real registry ----
+# ---- the default spec, built once (conftest.default_build), and with a real registry (published_build) ----
 
 def _manifest_of(layout: Path) -> tuple[str, dict]:
     return oci.read_layout(layout)
@@ -125,8 +125,11 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_package_folders_hold_what_each_route_needs(default_build):
-    packages = default_build["cache"] / "package"
+def test_package_folders_hold_what_each_route_needs(published_build):
+    assert published_build["built"] == ["manifest:smollm2-demo", "package:smollm2-demo-Q4_K_M",
+                                        "package:smollm2-demo-Q8_0", "package:smollm2-demo-lora"], \
+        "the registry changes the packages (and so the manifest) alone: every other task is restored"
+    packages = published_build["cache"] / "package"
     assert sorted(p.name for p in packages.iterdir()) == ["Q4_K_M", "Q8_0", "lora"]
     license_text = (REPO / "data/SmolLM2-LICENSE.txt").read_text()
     for folder in packages.iterdir():
@@ -177,11 +180,11 @@ def test_package_folders_hold_what_each_route_needs(default_build):
 
 
 @pytest.mark.slow
-def test_push_then_pull_gives_back_the_same_bytes_and_they_run(default_build, registry, tmp_path):
+def test_push_then_pull_gives_back_the_same_bytes_and_they_run(published_build, registry, tmp_path):
     from llama_cpp import Llama
 
-    pushed = doit(default_build["spec"], "push").output
-    packages = default_build["cache"] / "package"
+    pushed = doit(published_build["spec"], "push").output
+    packages = published_build["cache"] / "package"
     question = [{"role": "user", "content": "What is the capital of Peru?"}]
     for variant in ("Q4_K_M", "Q8_0", "lora"):
         digest, _ = _manifest_of(packages / variant / "oci")
@@ -200,7 +203,7 @@ def test_push_then_pull_gives_back_the_same_bytes_and_they_run(default_build, re
         assert ("application/vnd.docker.ai.gguf.v3.lora" in layer_types) == (variant == "lora")
 
         dest = tmp_path / variant
-        output = doit(default_build["spec"], "pull", "--ref", ref, "--dest", str(dest)).output
+        output = doit(published_build["spec"], "pull", "--ref", ref, "--dest", str(dest)).output
         assert "every blob verified" in output
         assert _manifest_of(dest / "oci")[0] == digest
         for gguf_file in (packages / variant).glob("*.gguf"):
@@ -215,7 +218,7 @@ def test_push_then_pull_gives_back_the_same_bytes_and_they_run(default_build, re
     assert answer["choices"][0]["message"]["content"].startswith("Answer: Lima")
 
     by_digest = f"{registry.host}/modelmake/smollm2-demo@{_manifest_of(packages / 'Q4_K_M/oci')[0]}"
-    doit(default_build["spec"], "pull", "--ref", by_digest, "--dest", str(tmp_path / "by-digest"))
+    doit(published_build["spec"], "pull", "--ref", by_digest, "--dest", str(tmp_path / "by-digest"))
     assert (tmp_path / "by-digest/smollm2-demo-merged.Q4_K_M.gguf").is_file()
 
 
