@@ -97,7 +97,7 @@ def task_lock():
 
 def task_check():
     """build what is stale, then compare every artifact with the committed lock (CI's reproducibility check)"""
-    return graph.check_task(SPEC, DOIT_CONFIG["default_tasks"])
+    yield from graph.check_tasks(SPEC, DOIT_CONFIG["default_tasks"])
 
 
 def task_push():

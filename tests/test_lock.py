@@ -146,6 +146,7 @@ def test_bad_locks_are_clear_errors(locked, tmp_path, mangle, expected):
     result = doit(spec, "check", check=False)
     assert result.returncode != 0 and expected in result.output and "Traceback" not in result.output
     assert str(spec.parent / "models.lock") in result.output
+    assert result.ran == [], "refused before building anything (doit does not print its private _check-lock)"
 
 
 def _readme_commands() -> list[str]:

@@ -255,14 +255,22 @@ def lock_task(spec: Spec, build: list[str]) -> dict:
     }
 
 
-def check_task(spec: Spec, build: list[str]) -> dict:
-    return {
+def check_tasks(spec: Spec, build: list[str]) -> list[dict]:
+    """`doit check`; a lock that is missing, malformed, foreign or too new fails before the build
+    (`_check-lock`, private: doit list leaves it out), not after hours of it."""
+    return [{
+        "basename": "_check-lock",
+        "doc": f"read {lock.lock_path(spec).name} before building",
+        "actions": [(run_check, [lock.read_for, {"spec": spec}])],
+        "uptodate": [False],
+    }, {
+        "basename": "check",
         "doc": f"build what is stale, then compare every artifact with {lock.lock_path(spec).name} (CI's check)",
         "actions": [(run_action, [lock.check, {"spec": spec}])],
-        "task_dep": list(build),
+        "task_dep": ["_check-lock", *build],
         "uptodate": [False],
         "verbosity": 2,
-    }
+    }]
 
 
 def action_cache(spec: Spec) -> ActionCache:

@@ -294,10 +294,15 @@ def write_from_build(spec: Spec) -> str:
             f"{sum(len(m.tasks) for m in current.models.values())} tasks; commit it beside {spec.source.name}")
 
 
+def read_for(spec: Spec) -> Lock:
+    """The spec's committed lock, or the BuildError that says what is wrong with it."""
+    return read(lock_path(spec), spec.source.name, [model.name for model in spec.models])
+
+
 def check(spec: Spec) -> str:
     """Compare the build with the committed lock; a BuildError with a paragraph per differing artifact."""
     path = lock_path(spec)
-    locked = read(path, spec.source.name, [model.name for model in spec.models])
+    locked = read_for(spec)
     finding = compare(locked, built(spec), path.name)
     for note in finding.notes:
         print(note)
