@@ -54,7 +54,7 @@ def test_the_quantize_stage_writes_what_llama_quantize_writes(default_build, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "IQ3_XXS"])
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0"])  # and IQ3_XXS below, quantized once for both checks
 def test_with_an_imatrix_too(default_build, tmp_path, quant, monkeypatch):
     cache = default_build["cache"]
     f16, imatrix = cache / "gguf/smollm2-demo-merged.F16.gguf", cache / "imatrix/smollm2-demo-merged.imatrix.gguf"
@@ -87,11 +87,13 @@ def test_the_imatrix_lowers_q4_k_m_kl_and_the_report_shows_both(default_build):
 
 
 @pytest.mark.slow
-def test_an_iq_type_made_with_the_matrix_loads_and_answers(default_build, tmp_path):
+def test_an_iq_type_made_with_the_matrix_is_llama_quantizes_and_loads_and_answers(default_build, tmp_path):
     cache = default_build["cache"]
     f16, imatrix = cache / "gguf/smollm2-demo-merged.F16.gguf", cache / "imatrix/smollm2-demo-merged.imatrix.gguf"
     iq = tmp_path / "m.IQ3_XXS.gguf"
     quantize.run_with_imatrix(f16, iq, "IQ3_XXS", imatrix)
+    _llama_quantize("--imatrix", imatrix.name, f16, tmp_path / "tool.gguf", "IQ3_XXS", cwd=imatrix.parent)
+    assert iq.read_bytes() == (tmp_path / "tool.gguf").read_bytes()
     assert _field(iq, "general.file_type") == 23
     job = evaluate.Job("m", "IQ3_XXS", evaluate.Subject(iq), None, None, "", cache / "eval/prompts.jsonl")
     scores = evaluate.answer_accuracy(job, evaluate.EvalSpec(), 0)
