@@ -41,8 +41,25 @@ def test_the_default_build_quantizes_with_an_imatrix_over_the_training_set(defau
     assert "imatrix/smollm2-demo-merged.imatrix.gguf" in {a["path"] for a in manifest["artifacts"]}
 
 
+def test_an_iq_type_without_a_matrix_is_llama_quantizes_bytes_too(tmp_path, smollm_tokenizer):
+    """IQ4_XS needs no matrix. Rows of 256 (the real model's width is covered by the cases below) are
+    wide enough that llama.cpp quantizes the weights as IQ4_XS instead of falling back to another type."""
+    from helpers import make_tiny_model
+
+    from stages import convert
+
+    model = make_tiny_model(tmp_path / "model", "llama", smollm_tokenizer, hidden_size=256, intermediate_size=512)
+    f16 = tmp_path / "m.f16.gguf"
+    convert.run(model, f16, "f16", "tiny")
+    quantize.run(f16, tmp_path / "stage.gguf", "IQ4_XS")
+    _llama_quantize(f16, tmp_path / "tool.gguf", "IQ4_XS", cwd=tmp_path)
+    assert (tmp_path / "stage.gguf").read_bytes() == (tmp_path / "tool.gguf").read_bytes()
+    assert _field(tmp_path / "stage.gguf", "general.file_type") == 30
+    assert "IQ4_XS" in {t.tensor_type.name for t in GGUFReader(tmp_path / "stage.gguf").tensors}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "IQ4_XS"])
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0"])
 def test_the_quantize_stage_writes_what_llama_quantize_writes(default_build, tmp_path, quant):
     f16 = default_build["cache"] / "gguf/smollm2-demo-merged.F16.gguf"
     quantize.run(f16, tmp_path / "stage.gguf", quant)
