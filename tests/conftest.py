@@ -54,15 +54,14 @@ def published_build(default_build, registry):
     """The same spec with a registry to push to ([package] registry names it in compose.yaml and the
     README): a second cache folder that restores every task from the default build's action cache
     but the packages, which name the registry and so are built again."""
-    folder = default_build["folder"]
-    spec = folder / "published.toml"
-    spec.write_text((folder / "models.toml").read_text().split("\n[cache]\n")[0]
-                    + f'\n[package]\nregistry = "{registry.host}/modelmake"\n'
-                    '\n[cache]\ndir = "published"\nstore = "cache/.store"\n')
-    from helpers import doit
+    from helpers import REPO, doit
 
     from stages.build import runlog
 
+    folder = default_build["folder"]
+    spec = folder / "published.toml"
+    spec.write_text((REPO / "models.toml").read_text() + f'\n[package]\nregistry = "{registry.host}/modelmake"\n'
+                    '\n[cache]\ndir = "published"\nstore = "cache/.store"\n')
     doit(spec)
     built = sorted(task for task, record in runlog.read_records(folder / "published").items() if not record.get("restored"))
     return {"spec": spec, "built": built, "cache": folder / "published/smollm2-demo"}
