@@ -491,8 +491,7 @@ def tasks(build: ModelBuild) -> list[Task]:
     outtype = model.outtype.upper()
     yardstick = Subject(paths.gguf(build.release, outtype))
     subjects = {outtype: (yardstick, None)}
-    subjects |= {variant: (Subject(paths.gguf(build.release, variant)), yardstick)
-                 for variant in model.variants if variant not in (outtype, "base", "lora")}
+    subjects |= {variant: (Subject(paths.gguf(build.release, variant)), yardstick) for variant in model.quant_variants}
     if build.lora_gguf:
         base = paths.gguf(model.name, outtype)
         subjects |= {"base": (Subject(base), None), "lora": (Subject(base, build.lora_gguf), yardstick)}

@@ -68,7 +68,8 @@ def run_with_imatrix(in_path: Path, out_path: Path, quant_type: str, imatrix: Pa
         # the tool runs in the matrix's folder (the GGUF records the name it is given), so every other path is absolute
         args = ["--imatrix", imatrix.name, str(in_path.absolute()), str(tmp.absolute()), quant_type,
                 *([str(threads)] if threads else [])]
-        llamacpp.run("llama-quantize", args, imatrix.parent, f"quantize {in_path.name} to {quant_type} with {imatrix.name}")
+        llamacpp.run("llama-quantize", args, imatrix.parent,
+                     f"quantize {in_path.name} to {quant_type} with {imatrix.name}")
         size_in, size_out = os.path.getsize(in_path), os.path.getsize(tmp)
     print(f"{out_path.name}: {size_out / 1e6:.1f} MB, {size_out / size_in:.0%} of {in_path.name} (imatrix)")
 
@@ -97,12 +98,13 @@ def write_calibration(train: TrainSpec, base_dir: Path, out_path: Path) -> None:
 
 def make_imatrix(model_path: Path, calibration: Path, out_path: Path, context: int, threads: int = 0) -> None:
     """llama-imatrix over the calibration text, in chunks of `context` tokens (perplexity off)."""
-    args = ["-m", str(model_path.absolute()), "-f", calibration.name, "-c", str(context), "--no-ppl", "--parse-special",
-            "--output-frequency", "1000000"]
+    # the tool runs in the text's folder (the matrix records the name it is given), so the other paths are absolute
+    args = ["-m", str(model_path.absolute()), "-f", calibration.name, "-c", str(context), "--no-ppl",
+            "--parse-special", "--output-frequency", "1000000", *(["-t", str(threads)] if threads else [])]
     with atomic_file(out_path) as tmp:
         try:
-            log = llamacpp.run("llama-imatrix", args + ["-o", str(tmp.absolute())] + (["-t", str(threads)] if threads else []),
-                               calibration.parent, f"compute an importance matrix on {calibration}")
+            log = llamacpp.run("llama-imatrix", [*args, "-o", str(tmp.absolute())], calibration.parent,
+                               f"compute an importance matrix on {calibration}")
         except BuildError as err:
             hint = (f"; {calibration} is too short for chunks of {context} tokens: give more text, or lower "
                     "[models.quantize] imatrix_context") if "you need at least" in str(err) else ""
@@ -155,7 +157,8 @@ def tasks(build: ModelBuild) -> list[Task]:
 def plain_task(build: ModelBuild, quant: str, variant: str) -> Task:
     """A quant type without an importance matrix: a release, or (`compare_without_imatrix`) the
     yardstick the matrix is measured against."""
-    converted, out = build.paths.gguf(build.release, build.model.outtype.upper()), build.paths.gguf(build.release, variant)
+    converted = build.paths.gguf(build.release, build.model.outtype.upper())
+    out = build.paths.gguf(build.release, variant)
     purpose = "" if variant == quant else ", without the imatrix, to compare (not released)"
     return Task(f"{build.release}-{variant}", f"GGUF {build.model.outtype} → {quant} (llama.cpp){purpose}", run,
                 {"in_path": converted, "out_path": out, "quant_type": quant, "threads": build.spec.threads},

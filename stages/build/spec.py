@@ -463,13 +463,17 @@ class ModelSpec(Strict):
         return name
 
     @property
+    def quant_variants(self) -> list[str]:
+        """Every quant type, each followed by itself without the importance matrix where it is compared."""
+        return [v for q in self.quantize for v in (q, *([q + WITHOUT_IMATRIX] if q in self.without_imatrix else []))]
+
+    @property
     def variants(self) -> list[str]:
         """What eval measures, in the order reports list it: with an adapter the base before
-        fine-tuning, then the converted GGUF, every quant type (each one compared without the
-        importance matrix after it), and the adapter route (base + GGUF LoRA)."""
+        fine-tuning, then the converted GGUF, the quant variants, and the adapter route (base + GGUF LoRA)."""
         adapted = self.has_adapter
-        quants = [v for q in self.quantize for v in (q, *([q + WITHOUT_IMATRIX] if q in self.without_imatrix else []))]
-        return [*(["base"] if adapted else []), self.outtype.upper(), *quants, *(["lora"] if adapted else [])]
+        return [*(["base"] if adapted else []), self.outtype.upper(), *self.quant_variants,
+                *(["lora"] if adapted else [])]
 
     @model_validator(mode="after")
     def _outtype_is_not_quantized_again(self):
