@@ -2,7 +2,7 @@
 `doit cache=off` runs every stale task instead of restoring it from the action cache; `doit wait=no`
 fails at once, instead of waiting, when another build is using the same cache.
 
-The graph lives in stages.build.graph; this file only loads the spec and hands its tasks to doit,
+The graph lives in stages.graph; this file only loads the spec and hands its tasks to doit,
 one `task_<stage>` per stage, in the order of the lifecycle.
 """
 
@@ -10,10 +10,11 @@ import sys
 
 from doit import get_var
 
-from stages.build import buildlock, graph
-from stages.build.errors import BuildError
-from stages.build.hashing import Blake3Checker
-from stages.build.spec import load_spec
+from stages import graph
+from stages.ground import buildlock
+from stages.ground.errors import BuildError
+from stages.ground.hashing import Blake3Checker
+from stages.ground.spec import load_spec
 
 try:
     SPEC = load_spec(get_var("spec", "models.toml"))

@@ -68,8 +68,8 @@ def recording_cost(cache_dir: Path) -> tuple[float, float]:
     """(seconds to record every entry of a built cache into an empty store, seconds the build's tasks
     ran): the recording a cold build does, replayed apart from the noise of the build itself. The
     build had just hashed each output (record_outputs), so the replay hashes first, untimed."""
-    from stages.build.cache import Store
-    from stages.build.hashing import file_blake3
+    from stages.ground.store import Store
+    from stages.ground.hashing import file_blake3
 
     built = Store(cache_dir / ".store")
     replay = Store(cache_dir / ".store-replay")

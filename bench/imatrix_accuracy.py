@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from stages import evaluate, quantize  # noqa: E402
-from stages.build import runlog  # noqa: E402
-from stages.build.spec import EvalSpec  # noqa: E402
+from stages.ground import runlog  # noqa: E402
+from stages.ground.spec import EvalSpec  # noqa: E402
 
 TYPES = ("Q4_K_M", "Q3_K_M", "IQ3_XXS")
 

@@ -36,13 +36,13 @@ CHILD = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from stages.build.runlog import ResidentPeaks
+from stages.ground.runlog import ResidentPeaks
 source, out, how = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 start = time.perf_counter()
 with ResidentPeaks() as peaks:
     if how == "modelmake":
         from stages import import_
-        from stages.build.spec import BaseRef
+        from stages.ground.spec import BaseRef
         import_.run(BaseRef(text=source.name, kind="gguf", location=str(source)), out)
     else:
         from transformers import AutoModelForCausalLM

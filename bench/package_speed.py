@@ -21,8 +21,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from stages import package  # noqa: E402
-from stages.build import hashing, registry  # noqa: E402
-from stages.build.spec import load_spec  # noqa: E402
+from stages.ground import hashing, registry  # noqa: E402
+from stages.ground.spec import load_spec  # noqa: E402
 
 
 def timed(func, repeat):

@@ -39,7 +39,7 @@ CONFIGS = {
 def one_run(base: Path, work: Path, fields: dict, steps: int) -> dict:
     """Run in this process (the child): train, then report the figures as JSON."""
     from stages import train
-    from stages.build.spec import load_spec
+    from stages.ground.spec import load_spec
 
     model = load_spec(REPO / "models.toml").models[0]
     spec = model.train.model_copy(update={"max_steps": steps, "eval_every": 10_000, "checkpoint_every": 0,
@@ -72,7 +72,7 @@ def base_folder(base: Path | None, tmp: Path) -> Path:
     if base:
         return base
     from stages import import_
-    from stages.build.spec import load_spec
+    from stages.ground.spec import load_spec
 
     folder = tmp / "base"
     import_.run(load_spec(REPO / "models.toml").models[0].base, folder)
@@ -149,7 +149,7 @@ def gpu_rows(tmp: Path, steps: int) -> None:
     model.save_pretrained(base)
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)
     from stages import train
-    from stages.build.spec import load_spec
+    from stages.ground.spec import load_spec
 
     spec = load_spec(REPO / "models.toml").models[0].train.model_copy(update={"max_seq_len": 2048, "packing": True,
                                                                               "batch_size": 4})

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from stages import train  # noqa: E402
-from stages.build.spec import load_spec  # noqa: E402
 from stages.formats import dataset  # noqa: E402
+from stages.ground.device import pick_device  # noqa: E402
+from stages.ground.spec import load_spec  # noqa: E402
 
 
 def forward_tokens_per_s(base: Path, spec, steps: int, device: str, dtype) -> float:
@@ -72,7 +73,7 @@ def main():
         sys.exit(f"{args.base} is not built: run `doit import` first")
     spec = load_spec(REPO / "models.toml").models[0].train.model_copy(update={
         "max_steps": args.steps, "eval_every": 10**6, "device": args.device})
-    device = train.pick_device(spec.device)
+    device = pick_device(spec.device)
     dtype = train.pick_dtype(spec.dtype, device)
     with tempfile.TemporaryDirectory() as tmp:
         base = random_copy(args.base, Path(tmp) / "base") if args.random_init else args.base

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .build.atomic import atomic_file
-from .build.errors import BuildError
-from .build.spec import EvalSpec, TrainSpec
 from .formats import dataset
+from .ground.atomic import atomic_file
+from .ground.errors import BuildError
+from .ground.spec import EvalSpec, TrainSpec
 
 
 @dataclass(frozen=True)

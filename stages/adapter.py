@@ -13,11 +13,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .build.atomic import atomic_file
-from .build.errors import BuildError
-from .build.task import ModelBuild, Task
 from .formats import arch as arches
 from .formats import hf, lora
+from .ground.atomic import atomic_file
+from .ground.errors import BuildError
+from .ground.task import ModelBuild, Task
 
 REVISION = 1
 TOOLS = ("gguf", "safetensors", "torch", "numpy")

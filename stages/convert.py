@@ -19,12 +19,12 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from .build.atomic import atomic_file
-from .build.errors import BuildError
-from .build.hashing import INDEX
-from .build.task import ModelBuild, Task
 from .formats import arch as arches
 from .formats import ggufheader, hf, lora, tokenizer
+from .ground.atomic import atomic_file
+from .ground.errors import BuildError
+from .ground.hashing import INDEX
+from .ground.task import ModelBuild, Task
 from .merge import merged_weight
 
 REVISION = 1

@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from . import accuracy
-from .build.atomic import atomic_file
-from .build.errors import BuildError
-from .build.hashing import tool_versions
-from .build.spec import EvalSpec, GateSpec, TrainSpec
-from .build.task import ModelBuild, Task
 from .formats import ggufheader
+from .ground.atomic import atomic_file
+from .ground.errors import BuildError
+from .ground.hashing import tool_versions
+from .ground.spec import EvalSpec, GateSpec, TrainSpec
+from .ground.task import ModelBuild, Task
 
 REVISION = 1
 TOOLS = ("llama-cpp-python", "numpy", "transformers", "tokenizers", "sacrebleu")

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from . import convert
-from .build.atomic import atomic_dir
-from .build.errors import BuildError
-from .build.hashing import INDEX, HashingWriter, remember, tree_files, write_index
-from .build.spec import BaseRef
-from .build.task import ModelBuild, Task
 from .formats import arch, ggufheader, hf, tokenizer
+from .ground.atomic import atomic_dir
+from .ground.errors import BuildError
+from .ground.hashing import INDEX, HashingWriter, remember, tree_files, write_index
+from .ground.spec import BaseRef
+from .ground.task import ModelBuild, Task
 
 REVISION = 3  # bump when this code changes the bytes it writes
 TOOLS = ("transformers", "gguf", "safetensors", "torch", "huggingface-hub", "tokenizers", "numpy")

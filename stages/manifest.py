@@ -1,21 +1,19 @@
-"""The build manifest: every artifact of a model with its size, blake3 and sha256, and
-the inputs, parameters and tool versions that produced it; plus `SHA256SUMS`.
-
-Paths inside are relative to the model's cache folder, and inputs are named as the
-spec names them, so the manifest is byte-identical on any machine.
+"""The manifest stage: every artifact of a model with its size, blake3 and sha256, and the inputs,
+parameters and tool versions that produced it (`manifest.json`); plus `SHA256SUMS`. What those
+files hold is `formats.manifest`; this module collects it and checks files against it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from .build.atomic import atomic_file
-from .build.errors import BuildError
-from .build.hashing import expand_files, file_blake3, file_sha256
+from .formats.manifest import Artifact, Manifest, manifest_json, sha256sums
+from .ground.atomic import atomic_file
+from .ground.errors import BuildError
+from .ground.hashing import expand_files, file_blake3, file_sha256
 
 
 class Producer(BaseModel):
@@ -26,31 +24,6 @@ class Producer(BaseModel):
     inputs: dict[str, str]  # input name (as the spec or cache names it) → path to hash
     params: dict
     versions: dict[str, str]
-
-
-class Artifact(BaseModel):
-    path: str
-    size: int
-    blake3: str
-    sha256: str
-    task: str
-    inputs: dict[str, str]  # input name → blake3
-    params: dict
-    versions: dict[str, str]
-
-
-class Manifest(BaseModel):
-    model: str
-    artifacts: list[Artifact]
-
-
-def manifest_json(manifest: Manifest) -> str:
-    return json.dumps(manifest.model_dump(), indent=2, sort_keys=True) + "\n"
-
-
-def sha256sums(artifacts: list[Artifact]) -> str:
-    """`sha256sum -c` format: digest, two spaces, path."""
-    return "".join(f"{a.sha256}  {a.path}\n" for a in sorted(artifacts, key=lambda a: a.path))
 
 
 def collect(model_dir: Path, producers: list[Producer]) -> list[Artifact]:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .build.atomic import atomic_dir
-from .build.errors import BuildError
-from .build.hashing import INDEX, HashingWriter, remember, tree_files, write_index
-from .build.task import ModelBuild, Task
 from .formats import hf, lora
+from .ground.atomic import atomic_dir
+from .ground.errors import BuildError
+from .ground.hashing import INDEX, HashingWriter, remember, tree_files, write_index
+from .ground.task import ModelBuild, Task
 
 REVISION = 2
 TOOLS = ("safetensors", "torch")

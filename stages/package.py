@@ -20,12 +20,12 @@ from pathlib import Path
 import gguf
 
 from . import __version__, evaluate
-from .build import registry
-from .build.atomic import atomic_dir, link_or_copy
-from .build.hashing import INDEX, HashingWriter, file_sha256, remember, tree_files, write_index
-from .build.spec import PackageSpec, Spec
-from .build.task import ModelBuild, Task
 from .formats import ggufheader, modelfile, oci
+from .ground import registry
+from .ground.atomic import atomic_dir, link_or_copy
+from .ground.hashing import INDEX, HashingWriter, file_sha256, remember, tree_files, write_index
+from .ground.spec import PackageSpec, Spec
+from .ground.task import ModelBuild, Task
 
 REVISION = 1
 TOOLS = ("gguf",)

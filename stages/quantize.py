@@ -7,7 +7,7 @@ With `[models.quantize] imatrix`, llama.cpp's `llama-imatrix` first gathers an i
 (which weights the activations lean on) over calibration text: the training set as the train stage
 formats it, or the user's file. Then `llama-quantize --imatrix` quantizes with it, because only the
 tool can hand a matrix to the quantizer. Both tools are built from the installed llama-cpp-python's
-own source (`stages.build.llamacpp`). The quantized GGUF records the matrix's and the calibration
+own source (`stages.ground.llamacpp`). The quantized GGUF records the matrix's and the calibration
 text's file names (`quantize.imatrix.*`), so both are passed as names relative to their folder:
 a host path would make the bytes differ between machines.
 """
@@ -19,11 +19,11 @@ import ctypes
 import os
 from pathlib import Path
 
-from .build import llamacpp
-from .build.atomic import atomic_file
-from .build.errors import BuildError
-from .build.spec import QUANT_TYPES, WITHOUT_IMATRIX, TrainSpec
-from .build.task import ModelBuild, Task
+from .ground import llamacpp
+from .ground.atomic import atomic_file
+from .ground.errors import BuildError
+from .ground.spec import QUANT_TYPES, WITHOUT_IMATRIX, TrainSpec
+from .ground.task import ModelBuild, Task
 
 REVISION = 1
 TOOLS = ("llama-cpp-python", "transformers", "tokenizers")  # the last two format the calibration text

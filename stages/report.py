@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .build import runlog
-from .build.atomic import atomic_file
-from .build.errors import BuildError
-from .build.spec import WITHOUT_IMATRIX
+from .ground import runlog
+from .ground.atomic import atomic_file
+from .ground.errors import BuildError
+from .ground.spec import WITHOUT_IMATRIX
 
 # ---- blocks ----
 
@@ -545,7 +545,7 @@ def _memory_cells(record: dict | None) -> list[str]:
 
 
 def store_words(size) -> str:
-    """The action cache's size, for the build section (`size`: a stages.build.cache.StoreSize)."""
+    """The action cache's size, for the build section (`size`: a stages.ground.cache.StoreSize)."""
     return (f"The action cache holds {size.entries} entries, {_mb(size.size)} in {size.blobs} files, "
             f"{_mb(size.own)} of them in no output folder (`doit cache-gc --keep-size …` trims it).")
 

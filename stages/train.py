@@ -28,13 +28,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .build.atomic import atomic_dir
-from .build.errors import BuildError
-from .build.hashing import canonical_json, file_blake3, tool_versions
-from .build.spec import TrainSpec
-from .build.task import ModelBuild, Task
 from .formats import dataset as datasets
 from .formats import lora
+from .ground.atomic import atomic_dir
+from .ground.device import pick_device
+from .ground.errors import BuildError
+from .ground.hashing import canonical_json, file_blake3, tool_versions
+from .ground.spec import TrainSpec
+from .ground.task import ModelBuild, Task
+from .ground.units import parse_size
 from .training import checkpoint, distributed, memory
 from .training.distributed import Ranks
 
@@ -51,18 +53,6 @@ IGNORE = -100  # label of tokens that carry no loss
 class Encoded:
     ids: list[int]
     labels: list[int]
-
-
-def pick_device(requested: str) -> str:
-    import torch
-
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def pick_dtype(requested: str, device: str):
@@ -228,8 +218,6 @@ def _rows(spec: TrainSpec, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
 
 def memory_limit(spec: TrainSpec, device: str) -> tuple[int, str]:
     """What the run may use (bytes), and what says so, for the refusal's wording."""
-    from .build.cache import parse_size
-
     if spec.max_memory:
         return parse_size(spec.max_memory), "that max_memory allows"
     return memory.available(device)

@@ -56,7 +56,7 @@ def published_build(default_build, registry):
     but the packages, which name the registry and so are built again."""
     from helpers import REPO, doit
 
-    from stages.build import runlog
+    from stages.ground import runlog
 
     folder = default_build["folder"]
     spec = folder / "published.toml"

@@ -9,8 +9,8 @@ import sacrebleu
 from helpers import doit, leftovers, write_spec
 
 from stages import accuracy, evaluate
-from stages.build.errors import BuildError
-from stages.build.spec import GateSpec
+from stages.ground.errors import BuildError
+from stages.ground.spec import GateSpec
 
 HYPOTHESES = ["Answer: Paris.", "Answer: 12.", "the cat sat on the mat", "Answer:  ATHENS. "]
 REFERENCES = ["Answer: Paris.", "Answer: 11.", "the cat is on the mat", "Answer: Athens."]

@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 from helpers import FINETUNE_SPEC, REPO, Registry, doit, finetune_workspace, fresh_clone
 
-from stages.build import cache
+import blake3
+
+from stages.ground import cache, units
+from stages.ground.hashing import stat_key
+from stages.ground.store import Entry, Store
 
 ACTIONS = ("train:m", "adapter:m", "merge:m", "convert:m-merged", "quantize:m-merged-Q8_0")
 
@@ -37,11 +41,11 @@ def store_is_whole(store: Path) -> int:
     """Every entry names blobs that exist and hold the bytes it says: no half entry. Returns the count."""
     entries = list((store / "entries").glob("*/*.json"))
     for path in entries:
-        entry = cache.Entry.model_validate_json(path.read_text())
+        entry = Entry.model_validate_json(path.read_text())
         for name, stored in entry.files.items():
-            blob = cache.Store(store).blob(stored.blake3)
+            blob = Store(store).blob(stored.blake3)
             assert blob.is_file(), f"{path.name}: {name} has no blob"
-            assert cache.blake3.blake3(blob.read_bytes()).hexdigest() == stored.blake3, f"{name}: blob altered"
+            assert blake3.blake3(blob.read_bytes()).hexdigest() == stored.blake3, f"{name}: blob altered"
     return len(entries)
 
 
@@ -71,12 +75,12 @@ def test_the_action_key_digests_every_fact_and_nothing_else():
 @pytest.mark.parametrize("text, size", [("20GB", 20 * 10**9), ("500 MB", 500 * 10**6), ("1.5GiB", 3 * 2**29),
                                         ("0", 0), ("123", 123)])
 def test_sizes_parse(text, size):
-    assert cache.parse_size(text) == size
+    assert units.parse_size(text) == size
 
 
 def test_a_bad_size_is_a_clear_error():
     with pytest.raises(ValueError, match="is not a size"):
-        cache.parse_size("20 parsecs")
+        units.parse_size("20 parsecs")
 
 
 # ---- the local store ----
@@ -86,14 +90,14 @@ def test_a_blob_found_good_again_is_trusted_by_its_new_stat(tmp_path):
     (tmp_path / "cache/m").mkdir(parents=True)
     output = tmp_path / "cache/m/out.bin"
     output.write_bytes(b"weights" * 1000)
-    store = cache.Store(tmp_path / "store")
+    store = Store(tmp_path / "store")
     entry = store.record("k" * 64, "convert:m", tmp_path / "cache", [output], {})
     blob = store.blob(entry.files["m/out.bin"].blake3)
     copy = tmp_path / "copy"
     copy.write_bytes(blob.read_bytes())
     os.replace(copy, blob)
     assert store.intact(store.lookup(entry.key)) is None
-    assert store.lookup(entry.key).files["m/out.bin"].seen == cache.stat_key(blob.stat())
+    assert store.lookup(entry.key).files["m/out.bin"].seen == stat_key(blob.stat())
     flip_last_byte(blob)
     assert "no longer hash" in store.intact(store.lookup(entry.key)) and not blob.exists()
 
@@ -143,7 +147,7 @@ def test_the_report_says_what_was_restored_and_how_large_the_store_is(switched):
 
 def test_a_damaged_store_entry_is_discarded_and_the_task_built(switched):
     spec = switched["spec"]
-    store = cache.Store(spec.parent / "cache/.store")
+    store = Store(spec.parent / "cache/.store")
     spec.write_text(FINETUNE_SPEC.replace("r = 8", "r = 16"))
     doit(spec)  # the r = 8 adapter's blob is now in the store alone, no output links it
     key = switched["third_records"]["train:m"]["action_key"]
@@ -177,7 +181,7 @@ def test_cache_gc_keeps_the_current_build_and_drops_the_rest(switched):
     left = {p.stem for p in (store / "entries").glob("*/*.json")}
     assert left == current & left and current <= left, "exactly the current build's entries stay"
     assert store_is_whole(store) < before
-    assert all(blob.stat().st_nlink > 1 for blob in cache.Store(store).blobs()), "no blob only the store kept"
+    assert all(blob.stat().st_nlink > 1 for blob in Store(store).blobs()), "no blob only the store kept"
     bad = doit(spec, "cache-gc", "--keep-size", "lots", check=False)
     assert bad.returncode != 0 and "is not a size" in bad.output and "Traceback" not in bad.output
 

@@ -10,7 +10,7 @@ from gguf import GGUFReader
 from helpers import REPO, doit, leftovers, write_spec
 
 from stages import convert
-from stages.build.errors import BuildError
+from stages.ground.errors import BuildError
 
 # transformers forces Qwen's own pre-tokenizer onto any qwen2 model, so the tiny qwen2 (which
 # borrows SmolLM2's vocabulary) has a tokenizer llama.cpp does not know: it needs the override.

@@ -9,8 +9,8 @@ import pytest
 from helpers import doit, leftovers, write_spec
 
 from stages import evaluate
-from stages.build.errors import BuildError
-from stages.build.spec import GateSpec
+from stages.ground.errors import BuildError
+from stages.ground.spec import GateSpec
 
 
 def _result(cache, variant):
@@ -111,7 +111,7 @@ def test_speed_runs_shrink_with_the_model_unless_the_spec_sets_them():
     """A 7B F16 generates about a token a second on a laptop CPU: three runs of 32 tokens per
     variant would cost minutes of every build. Above 1 GiB the default runs are shorter."""
     from stages import report
-    from stages.build.spec import EvalSpec
+    from stages.ground.spec import EvalSpec
 
     assert evaluate.speed_settings(EvalSpec(), 270_000_000) == (128, 32, 3)
     assert evaluate.speed_settings(EvalSpec(), 6_200_000_000) == (32, 8, 1)

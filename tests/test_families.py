@@ -11,7 +11,7 @@ from helpers import make_sentencepiece_tokenizer, make_tiny_model
 from test_convert import hf_tensors, llama_cpp_logits, prompt_ids, transformers_logits
 
 from stages import convert
-from stages.build.errors import BuildError
+from stages.ground.errors import BuildError
 
 
 def gguf_contents(path):

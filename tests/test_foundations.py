@@ -7,8 +7,8 @@ import shutil
 import pytest
 from helpers import doit, write_spec
 
-from stages.build.atomic import atomic_dir, atomic_file
-from stages.build.hashing import Blake3Checker, HashingWriter, file_blake3, file_digests, outputs_intact, record_outputs
+from stages.ground.atomic import atomic_dir, atomic_file
+from stages.ground.hashing import Blake3Checker, HashingWriter, file_blake3, file_digests, outputs_intact, record_outputs
 
 
 def test_blake3_is_the_reference_digest(tmp_path):
@@ -68,7 +68,7 @@ def test_run_records_tell_allocated_memory_from_mapped_file_pages(tmp_path):
 
     import numpy as np
 
-    from stages.build import runlog
+    from stages.ground import runlog
 
     big = tmp_path / "weights.bin"
     big.write_bytes(os.urandom(256 << 20))

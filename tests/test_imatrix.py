@@ -12,8 +12,8 @@ from gguf import GGUFReader
 from helpers import doit, write_spec
 
 from stages import evaluate, quantize
-from stages.build import llamacpp
-from stages.build.errors import BuildError
+from stages.ground import llamacpp
+from stages.ground.errors import BuildError
 
 
 def _field(path, key):

@@ -21,10 +21,10 @@ from test_convert import PRETOKENIZER, llama_cpp_logits, prompt_ids
 from test_families import SPM_TEXTS
 
 from stages import adapter, convert, import_, quantize
-from stages.build.errors import BuildError
-from stages.build.spec import BaseRef
 from stages.formats import arch as arches
 from stages.formats import ggufheader
+from stages.ground.errors import BuildError
+from stages.ground.spec import BaseRef
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 TYPES = ["f32", "f16", "q8_0", "Q4_K_M"]

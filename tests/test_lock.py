@@ -9,7 +9,7 @@ import pytest
 import yaml
 from helpers import FINETUNE_SPEC, REPO, doit, finetune_workspace, fresh_clone
 
-from stages.build import lock
+from stages.ground import lock
 
 
 @pytest.fixture(scope="module")

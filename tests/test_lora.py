@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_convert import PRETOKENIZER, llama_cpp_logits, prompt_ids, transformers_logits
 
 from stages import adapter, convert, merge
-from stages.build.errors import BuildError
+from stages.ground.errors import BuildError
 
 
 def peft_model(base_dir, adapter_dir):

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from helpers import REPO, Registry, doit, parse_modelfile, write_spec
 
-from stages.build.errors import BuildError
 from stages.formats import modelfile, oci
+from stages.ground.errors import BuildError
 
 GOLDEN = Path(__file__).parent / "golden/modelfile"
 TWO_TURNS = [

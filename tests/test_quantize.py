@@ -5,7 +5,7 @@ from gguf import GGUFReader
 from helpers import leftovers
 
 from stages import convert, quantize
-from stages.build.errors import BuildError
+from stages.ground.errors import BuildError
 
 
 @pytest.fixture(scope="module")

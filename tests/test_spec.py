@@ -4,8 +4,8 @@
 import pytest
 from helpers import REPO, SMOLLM_GGUF, doit, write_spec
 
-from stages.build.errors import BuildError
-from stages.build.spec import QUANT_TYPES, load_spec
+from stages.ground.errors import BuildError
+from stages.ground.spec import QUANT_TYPES, load_spec
 
 
 def test_default_spec_resolves_the_embedded_model():

@@ -8,8 +8,9 @@ import pytest
 from helpers import REPO, doit, leftovers, write_spec
 
 from stages import train
-from stages.build.spec import TrainSpec
 from stages.formats import lora
+from stages.ground.device import pick_device
+from stages.ground.spec import TrainSpec
 
 DEMO = REPO / "data" / "demo.jsonl"
 
@@ -150,9 +151,9 @@ def test_changing_lora_settings_reruns_train_and_what_follows_only(tiny_llama, t
 def test_device_and_dtype_choice():
     import torch
 
-    assert train.pick_device("cpu") == "cpu" and train.pick_device("mps") == "mps"
+    assert pick_device("cpu") == "cpu" and pick_device("mps") == "mps"
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
-        assert train.pick_device("auto") == "cpu"
+        assert pick_device("auto") == "cpu"
     assert train.pick_dtype("auto", "cpu") is torch.float32
     assert train.pick_dtype("auto", "mps") is torch.float16
     assert train.pick_dtype("bfloat16", "cpu") is torch.bfloat16

@@ -16,9 +16,9 @@ import pytest
 from helpers import REPO, leftovers, write_spec
 
 from stages import train
-from stages.build.errors import BuildError
-from stages.build.spec import TrainSpec
 from stages.formats import lora
+from stages.ground.errors import BuildError
+from stages.ground.spec import TrainSpec
 
 DATA = "".join(json.dumps({"instruction": f"Say {i}.", "output": f"Answer: {i}."}) + "\n" for i in range(24))
 

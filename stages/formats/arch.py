@@ -16,7 +16,7 @@ import math
 import gguf
 import numpy as np
 
-from ..build.errors import BuildError
+from ..ground.errors import BuildError
 
 EXTERNAL_CONVERTER_HINT = (
     "name an external converter in the model's table: [models.convert] command = [\"python3\", "

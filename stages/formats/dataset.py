@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..build.errors import BuildError
+from ..ground.errors import BuildError
 
 ROLES = ("system", "user", "assistant")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gguf
 
-from ..build.errors import BuildError
+from ..ground.errors import BuildError
 
 
 @dataclass(frozen=True)

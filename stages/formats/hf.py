@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from ..build.errors import BuildError
+from ..ground.errors import BuildError
 
 
 def read_config(model_dir: Path) -> dict:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..build.errors import BuildError
+from ..ground.errors import BuildError
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"  # what PEFT's save_pretrained writes

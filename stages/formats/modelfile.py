@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from ..build.errors import BuildError
+from ..ground.errors import BuildError
 
 
 @dataclass(frozen=True)

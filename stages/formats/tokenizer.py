@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gguf
 
-from ..build.errors import BuildError
+from ..ground.errors import BuildError
 
 # llama.cpp identifies a BPE pre-tokenizer by how it splits this text: sha256 of the
 # token ids' repr, looked up in the table below (both from convert_hf_to_gguf.py).

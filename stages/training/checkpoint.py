@@ -14,20 +14,11 @@ import shutil
 import time
 from pathlib import Path
 
-from ..build.atomic import atomic_dir
+from ..ground.atomic import atomic_dir
+from ..ground.units import duration_seconds
 
 STATE = "state.pt"
 STEP_FOLDER = re.compile(r"step-([0-9]{8})")
-DURATION = re.compile(r"([0-9]+)(s|min|h)")  # how `checkpoint_every` writes a wall time
-SECONDS = {"s": 1, "min": 60, "h": 3600}
-
-
-def duration_seconds(text: str) -> int:
-    """"30s", "10min", "1h" → seconds."""
-    match = DURATION.fullmatch(text)
-    if not match:
-        raise ValueError(f"{text!r} is neither a step count nor a duration: write e.g. 200, \"10min\", \"30s\" or \"1h\"")
-    return int(match.group(1)) * SECONDS[match.group(2)]
 
 
 def folder_for(root: Path, key: str) -> Path:

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..build.errors import BuildError
+from ..ground.errors import BuildError
 
 JOB = "job.json"
 FACTS = "facts.json"

@@ -1,7 +1,7 @@
 """One shape for every task of every stage: what it reads, writes, depends on and runs.
 
 Each stage module declares `tasks(build) -> list[Task]` (and its `REVISION` and `TOOLS`);
-`stages.build.graph` only wires those descriptions into doit tasks. The manifest, the lock and the
+`stages.graph` only wires those descriptions into doit tasks. The manifest, the lock and the
 cache all wrap tasks through this one shape, so none of them needs to know a stage's arguments.
 """
 
@@ -104,7 +104,7 @@ class ModelBuild:
 
 @dataclass
 class Task:
-    """What one task of a stage reads, writes and runs; `stages.build.graph` makes it a doit task.
+    """What one task of a stage reads, writes and runs; `stages.graph` makes it a doit task.
 
     It is up to date while its inputs hash as they did, its params and the stage's versions are
     unchanged, and its outputs still hash as the last run left them.

@@ -5,7 +5,7 @@ Each stage of each model becomes one doit sub-task (`import:NAME`, `convert:NAME
 - its input files hash (blake3) as they did (`file_dep` + `hashing.Blake3Checker`),
 - its parameters and tool versions are unchanged (`config_changed` on a fingerprint),
 - its outputs still hash as the last run left them (`hashing.outputs_intact`).
-A stale task first looks its action key up in the action cache (`stages.build.cache`): on a hit its
+A stale task first looks its action key up in the action cache (`stages.ground.cache`): on a hit its
 outputs are restored instead of the stage running; after a run they are recorded there.
 """
 
@@ -18,15 +18,17 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from .. import __version__, adapter, convert, evaluate, import_, manifest, merge, package, quantize, train
-from ..manifest import Producer
-from . import llamacpp, lock, registry, runlog
-from .cache import ActionCache, ActionKey, Recipe, Store, collect_garbage, measure, parse_size
-from .errors import BuildError
-from .hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions
-from .remote import Remote
-from .spec import ModelSpec, Spec
-from .task import ModelBuild, Task
+from . import __version__, adapter, convert, evaluate, import_, manifest, merge, package, quantize, train
+from .ground import llamacpp, lock, registry, runlog
+from .ground.cache import ActionCache, ActionKey, Recipe
+from .ground.errors import BuildError
+from .ground.hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions
+from .ground.remote import Remote
+from .ground.spec import ModelSpec, Spec
+from .ground.store import Store, collect_garbage, measure
+from .ground.task import ModelBuild, Task
+from .ground.units import parse_size
+from .manifest import Producer
 
 # The lifecycle, in order: each module declares its tasks (`tasks(build)`), its `REVISION` (bumped
 # when its code changes the bytes it writes) and the `TOOLS` whose versions shape those bytes.
@@ -164,7 +166,7 @@ def model_tasks(spec: Spec, model: ModelSpec, action_cache: ActionCache | None) 
 
 
 def _verified(model_dir: Path) -> str:
-    from ..manifest import verify
+    from .manifest import verify
     return f"{model_dir.name}: {verify(model_dir)} artifacts match manifest.json and SHA256SUMS"
 
 
@@ -200,7 +202,7 @@ def _no_registry(source: Path) -> str:
 
 
 def _report_action(models, nodes, spec_name: str, cache: Path, out_dir: Path, store: Store):
-    from .. import report
+    from . import report
 
     try:
         report.run(models, nodes, spec_name, cache, out_dir, report.store_words(measure(store)))
@@ -218,7 +220,7 @@ def _runs_unchanged(task, values, cache: Path) -> bool:
 
 def _report_task(spec: Spec, all_tasks: dict[str, list[dict]]) -> dict:
     """One report per spec, from the eval results, manifests and train logs in the cache."""
-    from .. import report
+    from . import report
 
     models, file_dep = [], []
     for model in spec.models:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..manifest import Manifest
 from . import runlog
+from ..formats.manifest import Manifest
 from .atomic import atomic_file
 from .errors import BuildError
 from .spec import Spec

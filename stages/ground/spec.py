@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import BuildError
+from .units import duration_seconds, parse_size
 
 # llama.cpp's `llama_ftype` numbers, as `llama-quantize` names them.
 QUANT_TYPES: dict[str, int] = {
@@ -89,7 +90,7 @@ def _switch_or_file(value, info, what: str) -> bool | Path:
 
 def _auto_device() -> str:
     """What device = "auto" picks on this machine (torch is imported only for a spec that asks)."""
-    from ..train import pick_device
+    from .device import pick_device
 
     device = pick_device("auto")
     return device if device == "cuda" else f"{device} (no CUDA GPU)"
@@ -154,7 +155,6 @@ class TrainSpec(Strict):
     @classmethod
     def _a_size(cls, value):
         if value is not None:
-            from .cache import parse_size
             parse_size(value)
         return value
 
@@ -162,7 +162,6 @@ class TrainSpec(Strict):
     @classmethod
     def _steps_or_duration(cls, value):
         if isinstance(value, str):
-            from ..training.checkpoint import duration_seconds
             duration_seconds(value)  # raises the ValueError that names what to write
         if isinstance(value, int) and value < 0:
             raise ValueError("a step count is at least 0 (0: no checkpoints)")

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..formats import oci
 from . import registry
-from .cache import Entry, Store, entry_sha256s, warn
+from ..formats import oci
 from .errors import BuildError
 from .hashing import file_blake3
+from .store import Entry, Store, entry_sha256s, warn
 
 ENTRY_CONFIG = "application/vnd.modelmake.cache.entry.v1+json"
 FILE_LAYER = "application/vnd.modelmake.cache.file.v1"
