@@ -112,7 +112,7 @@ def task_verify():
 
 
 def task_tools():
-    """build llama.cpp's imatrix and quantize tools from llama-cpp-python's source, once (setup)"""
+    """build llama.cpp's imatrix and quantize tools and stage its converters from llama-cpp-python's source, once"""
     return graph.tools_task()
 
 

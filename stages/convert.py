@@ -1,11 +1,15 @@
 """convert: a Hugging Face safetensors model → one GGUF file, as llama.cpp's converter writes it.
 
-Tensors stream one at a time from the safetensors shards (memory-mapped) into the GGUF,
-so peak memory is about one tensor, never the model twice. Given an adapter (`[models.merge]
-keep_hf = false`), each adapted weight is merged as it streams past, exactly as the merge stage
-computes it, so the merged GGUF has the same bytes without the merged safetensors ever being
-written. For an architecture modelmake does not convert, `run_external` runs the converter the
-spec names instead.
+Three converters, one per model (`ModelBuild.converter`):
+- modelmake's own (`run`), for the families it has a plan for: tensors stream one at a time from the
+  safetensors shards (memory-mapped) into the GGUF, so peak memory is about one tensor, never the
+  model twice. Given an adapter (`[models.merge] keep_hf = false`), each adapted weight is merged as
+  it streams past, exactly as the merge stage computes it, so the merged GGUF has the same bytes
+  without the merged safetensors ever being written.
+- llama.cpp's own `convert_hf_to_gguf.py` from the pinned source (`run_pinned`), for every other
+  architecture it knows (mixtures of experts, whatever llama.cpp added last month), or for any model
+  with `[models.convert] engine = "llama.cpp"`.
+- the spec's own command (`run_external`), for whoever wants their own llama.cpp.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tqdm import tqdm
 
 from .formats import arch as arches
 from .formats import ggufheader, hf, lora, tokenizer
+from .ground import llamacpp
 from .ground.atomic import atomic_file
 from .ground.errors import BuildError
 from .ground.hashing import INDEX
@@ -200,19 +205,35 @@ def run_external(command: list[str], model_dir: Path, out_path: Path, outtype: s
               f"by {' '.join(command[:2])}")
 
 
+def run_pinned(model_dir: Path, out_path: Path, outtype: str, name: str) -> None:
+    """llama.cpp's convert_hf_to_gguf.py from the pinned source, with its own gguf-py, into a temporary
+    file that must read back as a GGUF before it is renamed into place."""
+    with atomic_file(out_path) as tmp:
+        args = [str(Path(model_dir).absolute()), "--outfile", str(tmp.absolute()), "--outtype", outtype,
+                "--model-name", name]
+        llamacpp.convert("convert_hf_to_gguf.py", args, f"convert {model_dir}")
+        if not tmp.is_file():
+            raise BuildError(f"llama.cpp's convert_hf_to_gguf.py exited 0 but wrote no GGUF for {model_dir}")
+        header = ggufheader.read(tmp)
+    print(f"{out_path.name}: {header.scalars.get('general.architecture', '?')}, {header.elements:,} weights, "
+          f"by llama.cpp's convert_hf_to_gguf.py (llama-cpp-python {llamacpp.installed_version()})")
+
+
 def tasks(build: ModelBuild) -> list[Task]:
     """The base's GGUF, and with an adapter the merged model's: the release route starts from it,
     converted from the merge stage's folder, or with the LoRA folded in here when none is kept."""
     model, paths = build.model, build.paths
     sources = [(model.name, paths.base, paths.base_files(), None)]
-    if paths.adapter and model.keep_merged_hf:
+    if build.keeps_merged_hf:
         sources.append((build.release, paths.merged, [paths.merged / INDEX], None))
     elif paths.adapter:
         sources.append((build.release, paths.base, paths.adapter_files() + paths.base_files(), paths.adapter))
+    if build.converter == "llama.cpp":
+        return pinned_tasks(build)
     found = []
     for stem, folder, folder_files, adapter_dir in sources:
         out = paths.gguf(stem, model.outtype.upper())
-        if model.convert:  # the spec's own converter; its script is an input like the weights
+        if build.converter == "command":  # the spec's own converter; its script is an input like the weights
             spec_dir = build.spec.source.parent if build.spec.source else Path.cwd()
             found.append(Task(
                 stem, f"Hugging Face → GGUF {model.outtype} (external converter)", run_external,
@@ -228,3 +249,27 @@ def tasks(build: ModelBuild) -> list[Task]:
                           params | {"name": stem} | ({"lora_merged": True} if adapter_dir else {}),
                           inputs=folder_files, outputs=[out]))
     return found
+
+
+def pinned_tasks(build: ModelBuild) -> list[Task]:
+    """The base's GGUF and, with an adapter, the merged model's, by the pinned llama.cpp converter. Its
+    merged model is always kept as a Hugging Face folder: the pinned converter reads only those."""
+    model, paths = build.model, build.paths
+    if model.pretokenizer:
+        raise BuildError(f"model {model.name}: pretokenizer = {model.pretokenizer!r} is for modelmake's own converter; "
+                         "llama.cpp's converter identifies the pre-tokenizer itself (its preflight says if it cannot)")
+    if build.vision:
+        raise BuildError(f"model {model.name}: {model.base.text} is a vision-language checkpoint "
+                         f"({', '.join(build.base_config.get('architectures') or [])}); modelmake does not yet "
+                         "ship one whole (its text model with the vision projector, mmproj, beside it), so it is refused "
+                         "before anything runs. Its text model alone, as a causal LM checkpoint, converts")
+    sources = [(model.name, paths.base, paths.base_files())]
+    if paths.adapter:
+        sources.append((build.release, paths.merged, [paths.merged / INDEX]))
+    return [Task(stem, f"Hugging Face → GGUF {model.outtype} (llama.cpp's converter)", run_pinned,
+                 {"model_dir": folder, "out_path": paths.gguf(stem, model.outtype.upper()), "outtype": model.outtype,
+                  "name": stem},
+                 {"outtype": model.outtype, "name": stem, "engine": "llama.cpp"},
+                 inputs=folder_files, outputs=[paths.gguf(stem, model.outtype.upper())],
+                 after=["tools", *build.after_preflight], versions=llamacpp.converter_versions())
+            for stem, folder, folder_files in sources]

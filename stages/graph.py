@@ -94,7 +94,8 @@ def doit_task(stage: str, task: Task, build: ModelBuild, action_cache: ActionCac
     """A stage's task description → the doit task; every stage is wrapped the same way."""
     outputs, name = task.outputs, f"{stage}:{task.name}"
     cache = build.spec.cache
-    recipe = Recipe(name, {build.input_name(p): p for p in task.inputs}, task.params, versions(stage),
+    task_versions = versions(stage) | task.versions
+    recipe = Recipe(name, {build.input_name(p): p for p in task.inputs}, task.params, task_versions,
                     tuple(task.written), cache)
     wired = {
         "name": task.name,
@@ -104,7 +105,7 @@ def doit_task(stage: str, task: Task, build: ModelBuild, action_cache: ActionCac
                                  action_cache if task.cacheable else None])],
         "file_dep": [str(p) for p in task.inputs],
         "targets": [str(p) for p in task.targets or outputs],
-        "uptodate": [config_changed(fingerprint(task.params, versions(stage))), outputs_intact],
+        "uptodate": [config_changed(fingerprint(task.params, task_versions)), outputs_intact],
         "clean": [(remove, [task.written + task.scratch])],
         "meta": {"action key": ActionKey(recipe)},
     }
@@ -117,7 +118,7 @@ def producer(stage: str, task: Task, build: ModelBuild) -> Producer:
     """What the manifest records of an artifact task: inputs named as on every machine."""
     return Producer(task=f"{stage}:{task.name}", outputs=[p.relative_to(build.paths.root).as_posix() for p in task.outputs],
                     inputs={build.input_name(p): str(p) for p in task.inputs}, params=task.params,
-                    versions=versions(stage))
+                    versions=versions(stage) | task.versions)
 
 
 def model_tasks(spec: Spec, model: ModelSpec, action_cache: ActionCache | None) -> dict[str, list[dict]]:
@@ -315,7 +316,8 @@ def _tools_built() -> bool:
 def tools_task() -> dict:
     """Part of setup; the imatrix tasks wait for it, so a first `doit` builds the tools too."""
     return {
-        "doc": "build llama.cpp's llama-imatrix and llama-quantize from llama-cpp-python's own source (once)",
+        "doc": "build llama.cpp's llama-imatrix and llama-quantize, stage its converters, from llama-cpp-python's own "
+               "source (once)",
         "actions": [(run_action, [llamacpp.build, {}])],
         "uptodate": [_tools_built],
         "verbosity": 2,

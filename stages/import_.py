@@ -11,6 +11,11 @@ Face model it stands for, the inverse of convert:
   if the file has one).
 A hub base is fetched at its pinned revision. Either way the folder ends with `files.b3`, the
 blake3 of every file in it (b3sum's format), which is what later stages depend on.
+
+A base that llama.cpp's pinned converter will convert (an architecture modelmake has no plan for) is
+first asked of that converter (`preflight`): does it know the architecture, does it recognise the
+tokenizer's pre-tokenizer. Its answer comes in seconds, before the train stage starts, never after
+hours of training.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ import io
 import json
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from . import convert
 from .formats import arch, ggufheader, hf, tokenizer
-from .ground.atomic import atomic_dir
+from .ground import llamacpp
+from .ground.atomic import atomic_dir, atomic_file
 from .ground.errors import BuildError
 from .ground.hashing import INDEX, HashingWriter, remember, tree_files, write_index
 from .ground.spec import BaseRef
@@ -289,11 +296,52 @@ def run(base: BaseRef, out_dir: Path) -> None:
         write_index(tmp)
 
 
+def preflight(model_dir: Path, out_path: Path, name: str) -> None:
+    """Ask llama.cpp's pinned converter whether it can convert this base: its vocabulary alone is
+    converted (architecture lookup, tokenizer and pre-tokenizer recognition: the steps that fail on an
+    unsupported model). The answer goes to `out_path` as JSON; a refusal is a BuildError naming the
+    model, the reason and the way out."""
+    model_dir = Path(model_dir).absolute()
+    config = hf.read_config(model_dir)
+    names = config.get("architectures") or ["(none given)"]
+    way_out = ("modelmake cannot ship it through llama.cpp; check that llama-cpp-python is the newest "
+               "(pip install -U llama-cpp-python, then `doit tools`), or name your own converter: "
+               "[models.convert] command = [...]")
+    with tempfile.TemporaryDirectory(prefix="modelmake-preflight-") as work:
+        vocab = Path(work) / "vocab.gguf"
+        try:
+            llamacpp.convert("convert_hf_to_gguf.py", [str(model_dir), "--vocab-only", "--outfile", str(vocab)],
+                             f"convert {name}'s vocabulary")
+        except BuildError as err:
+            raise BuildError(f"model {name} ({', '.join(names)}): preflight failed before any training: {err}. "
+                             f"{way_out}") from None
+        header = ggufheader.read(vocab)
+    found = {"architectures": names, "gguf_architecture": header.scalars.get("general.architecture"),
+             "tokenizer": header.scalars.get("tokenizer.ggml.model"),
+             "pre_tokenizer": header.scalars.get("tokenizer.ggml.pre"),
+             "converter": llamacpp.converter_versions()["llama.cpp converter"]}
+    with atomic_file(out_path) as tmp:
+        tmp.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"llama.cpp's converter takes {name}: {', '.join(names)} → {found['gguf_architecture']}, tokenizer "
+          f"{found['tokenizer']} (pre-tokenizer {found['pre_tokenizer']})")
+
+
+def preflight_tasks(build: ModelBuild) -> list[Task]:
+    if build.converter != "llama.cpp":
+        return []
+    paths = build.paths
+    return [Task(f"{build.model.name}.preflight", "can llama.cpp's pinned converter take this base? (in seconds, "
+                 "before training)", preflight,
+                 {"model_dir": paths.base, "out_path": paths.preflight, "name": build.model.name},
+                 {}, inputs=paths.base_files(), outputs=[paths.preflight], artifact=False,
+                 after=["tools"], versions=llamacpp.converter_versions())]
+
+
 def tasks(build: ModelBuild) -> list[Task]:
     base, paths = build.model.base, build.paths
     if not paths.imported:  # a Hugging Face folder is read where it is
-        return []
+        return preflight_tasks(build)
     return [Task(build.model.name, f"{base.text} → Hugging Face folder", run,
                  {"base": base, "out_dir": paths.base}, {"base": base.text},
                  inputs=[base.path] if base.kind == "gguf" else [], outputs=[paths.base],
-                 targets=[paths.base / INDEX])]
+                 targets=[paths.base / INDEX]), *preflight_tasks(build)]

@@ -105,7 +105,7 @@ def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = F
 
 def tasks(build: ModelBuild) -> list[Task]:
     paths = build.paths
-    if not paths.adapter or not build.model.keep_merged_hf:  # without the folder, convert merges as it writes
+    if not build.keeps_merged_hf:  # without the folder, convert merges as it writes
         return []
     return [Task(build.model.name, "LoRA folded into the base weights → Hugging Face folder", run,
                  {"adapter_dir": paths.adapter, "base_dir": paths.base, "out_dir": paths.merged,

@@ -150,6 +150,22 @@ def linear_module_names(model) -> list[str]:
                    if isinstance(module, torch.nn.Linear) and name})
 
 
+def lora_targets(spec: TrainSpec, available: list[str], moe: bool, base_dir: Path) -> list[str]:
+    """The spec's target_modules. Left at their default, those this model lacks are dropped: a mixture of
+    experts, whose experts transformers holds as fused tensors, has no gate/up/down_proj layers, so its
+    attention (and any shared expert) is adapted. Named by the user, one it lacks is an error."""
+    targets = list(spec.lora.target_modules)
+    if "target_modules" not in spec.lora.model_fields_set:
+        targets = [m for m in targets if m in available] or targets
+    unknown = [m for m in targets if m not in available]
+    if unknown:
+        why = ("; its experts are fused tensors in transformers, not linear layers, and llama.cpp applies LoRA "
+               "to them only as one linear layer per expert: adapt the attention") if moe else ""
+        raise BuildError(f"lora.target_modules {', '.join(unknown)} are not in {base_dir}; "
+                         f"its linear layers are {', '.join(available)}{why}")
+    return targets
+
+
 def _encode_all(examples, tokenizer, spec: TrainSpec, what: str, path: Path) -> list[Encoded]:
     encoded = [encode(e, tokenizer, spec.template, spec.system) for e in examples]
     fitting = [e for e in encoded if len(e.ids) <= spec.max_seq_len or spec.packing]
@@ -285,16 +301,12 @@ def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device, dtype, c
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
         if checkpointing:  # recompute each layer in backward instead of keeping its activations
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    available = linear_module_names(model)
-    unknown = [m for m in spec.lora.target_modules if m not in available]
-    if unknown:
-        raise BuildError(f"lora.target_modules {', '.join(unknown)} are not in {base_dir}; "
-                         f"its linear layers are {', '.join(available)}")
+    moe = any(name.endswith(".experts") for name, _ in model.named_modules())
+    targets = lora_targets(spec, linear_module_names(model), moe, base_dir)
     if spec.resume and (out_dir / lora.WEIGHTS).is_file():
         return PeftModel.from_pretrained(model, out_dir, is_trainable=True), True
     config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                        target_modules=list(spec.lora.target_modules), use_rslora=spec.lora.rslora,
-                        task_type="CAUSAL_LM")
+                        target_modules=targets, use_rslora=spec.lora.rslora, task_type="CAUSAL_LM")
     return get_peft_model(model, config), False
 
 
@@ -570,7 +582,7 @@ def tasks(build: ModelBuild) -> list[Task]:
                   "threads": build.spec.threads, "work": paths.train_work, "inputs": inputs},
                  model.train.params(), inputs=inputs,
                  outputs=paths.adapter_files(), clean=[paths.adapter], scratch=[paths.train_work],
-                 cacheable=not model.train.resume)]  # a resumed adapter depends on the one before it
+                 cacheable=not model.train.resume, after=build.after_preflight)]  # a resumed adapter depends on the one before it
 
 
 if __name__ == "__main__":

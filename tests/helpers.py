@@ -112,6 +112,19 @@ TINY_ARCHS = {  # arch → (transformers config and model class names, config be
     # so it is written but wider than the test prompts.
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 48, "original_max_position_embeddings": 256, "rope_parameters": {
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}}),
+    # Families modelmake's own converter has no plan for: llama.cpp's pinned converter takes them.
+    # transformers 5 saves the MoEs' experts one linear layer per expert, as the hub's checkpoints hold them.
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {  # Qwen3-30B-A3B renormalizes the chosen experts' weights
+        "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {  # with a shared expert beside the routed ones
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}),
+    # OLMoE-1B-7B has no grouped-query attention, and llama.cpp sizes its k_norm for that.
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "num_key_value_heads": 4}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),
 }
 
 

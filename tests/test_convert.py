@@ -160,7 +160,7 @@ def test_unsupported_rope_scaling_names_the_way_out(smollm_tokenizer, tmp_path):
     model_dir = make_tiny_model(tmp_path / "model", "llama", smollm_tokenizer, rope_parameters={
         "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(BuildError, match=r"rope scaling 'dynamic' is not supported yet for llama \(modelmake writes "
-                                         r"default, linear, llama3\); name an external converter"):
+                                         r"default, linear, llama3\); set \[models.convert\] engine = \"llama.cpp\""):
         convert.run(model_dir, tmp_path / "m.gguf", "f32", "tiny")
     assert not (tmp_path / "m.gguf").exists()
 
@@ -185,11 +185,11 @@ def test_unknown_pretokenizer_is_refused_with_the_way_out(tiny_qwen2, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def _bad_model(tiny_llama, tmp_path, mutate):
+def _bad_model(tiny_llama, tmp_path, mutate, table=""):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_llama, model_dir)
     mutate(model_dir)
-    return write_spec(tmp_path, '[[models]]\nname = "bad"\nbase = "model"\nquantize = ["Q8_0"]\n')
+    return write_spec(tmp_path, '[[models]]\nname = "bad"\nbase = "model"\nquantize = ["Q8_0"]\n' + table)
 
 
 def _unsupported(model_dir):
@@ -207,16 +207,19 @@ def _garbage(model_dir):
     (model_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (_unsupported, "architecture FalconForCausalLM is not supported yet; modelmake converts LlamaForCausalLM, "
-                   "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, "
-                   "Phi3ForCausalLM. For another, name an external converter in the model's table: "
-                   "[models.convert] command = [\"python3\", \"llama.cpp/convert_hf_to_gguf.py\""),
-    (_truncated, "not a valid safetensors file, truncated"),
-    (_garbage, "not a valid safetensors file, its header is not valid safetensors JSON"),
+@pytest.mark.parametrize("mutate, table, expected", [
+    # With engine = "native" only modelmake's own converter may convert it (by default llama.cpp's would).
+    (_unsupported, '[models.convert]\nengine = "native"\n',
+     "architecture FalconForCausalLM is not supported yet; modelmake converts LlamaForCausalLM, "
+     "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, "
+     "Phi3ForCausalLM. For another, set [models.convert] engine = \"llama.cpp\" in the model's table to convert "
+     "it with llama.cpp's own converter from the pinned source, or name your own: command = [\"python3\", "
+     "\"llama.cpp/convert_hf_to_gguf.py\""),
+    (_truncated, "", "not a valid safetensors file, truncated"),
+    (_garbage, "", "not a valid safetensors file, its header is not valid safetensors JSON"),
 ])
-def test_bad_model_fails_cleanly(tiny_llama, tmp_path, mutate, expected):
-    spec = _bad_model(tiny_llama, tmp_path, mutate)
+def test_bad_model_fails_cleanly(tiny_llama, tmp_path, mutate, table, expected):
+    spec = _bad_model(tiny_llama, tmp_path, mutate, table)
     result = doit(spec, check=False)
     assert result.returncode != 0
     assert expected in result.output

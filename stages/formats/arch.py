@@ -19,7 +19,8 @@ import numpy as np
 from ..ground.errors import BuildError
 
 EXTERNAL_CONVERTER_HINT = (
-    "name an external converter in the model's table: [models.convert] command = [\"python3\", "
+    "set [models.convert] engine = \"llama.cpp\" in the model's table to convert it with llama.cpp's own "
+    "converter from the pinned source, or name your own: command = [\"python3\", "
     "\"llama.cpp/convert_hf_to_gguf.py\", \"{model_dir}\", \"--outfile\", \"{out}\", \"--outtype\", \"{outtype}\"]"
 )
 
@@ -398,6 +399,11 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 # What the import stage reads back: every family convert writes (Mistral's is llama).
 FROM_GGUF: dict[str, Architecture] = {family.gguf_name: family for family in ARCHITECTURES.values()}
+
+
+def has_plan(names: list[str]) -> bool:
+    """Whether modelmake's own converter has a plan for a checkpoint of these `architectures`."""
+    return any(name in ARCHITECTURES for name in names)
 
 
 def from_hf_config(config: dict, where: str) -> Architecture:

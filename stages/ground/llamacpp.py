@@ -1,6 +1,9 @@
 """llama.cpp's own command-line tools, `llama-imatrix` and `llama-quantize`, built from the source
 that the installed llama-cpp-python vendors (its PyPI source distribution ships
-`vendor/llama.cpp/tools/`), so the tools and the library the other stages call cannot drift apart.
+`vendor/llama.cpp/tools/`), so the tools and the library the other stages call cannot drift apart;
+and llama.cpp's own converters (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`, with the
+`conversion/` package and the `gguf-py/` of the same tree), staged beside them and run only with
+that gguf-py, for every architecture modelmake's own converter has no plan for.
 
 `doit tools` builds them once per llama-cpp-python version (about 5 minutes on 2 cores) into
 ~/.cache/modelmake/llama.cpp/<version>/, or $MODELMAKE_TOOLS_DIR; later builds find them there.
@@ -29,6 +32,10 @@ from .errors import BuildError
 
 TOOLS = ("llama-imatrix", "llama-quantize")
 STAMP = "modelmake-tools.json"
+# What the converters need of the tree: the scripts, the model classes they register, and their own
+# gguf-py (the scripts put it first on sys.path unless NO_LOCAL_GGUF is set, which `convert` clears).
+CONVERTER = "convert"  # the folder they are staged in, beside the tools
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE")
 # As llama-cpp-python configures llama.cpp, less what only a shared library needs; static binaries
 # can be moved into the cache folder whole.
 CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
@@ -56,6 +63,10 @@ class Tools:
         return self.folder / tool
 
     @property
+    def converter(self) -> Path:
+        return self.folder / CONVERTER
+
+    @property
     def version(self) -> str:
         return f"{self.stamp['llama-cpp-python']} (sdist sha256 {self.stamp['sdist_sha256'][:16]})"
 
@@ -68,9 +79,10 @@ def find() -> Tools:
         stamp = json.loads((folder / STAMP).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         stamp = None
-    if not stamp or not all((folder / tool).is_file() for tool in TOOLS):
-        raise BuildError(f"llama.cpp's {' and '.join(TOOLS)} for llama-cpp-python {version} are not built "
-                         f"({folder}): run `doit tools` once (about 5 minutes on 2 cores)")
+    staged = [*(folder / tool for tool in TOOLS), *(folder / CONVERTER / name for name in CONVERTER_FILES)]
+    if not stamp or not all(path.exists() for path in staged):
+        raise BuildError(f"llama.cpp's {' and '.join(TOOLS)} and converters for llama-cpp-python {version} are not "
+                         f"built ({folder}): run `doit tools` once (about 5 minutes on 2 cores)")
     return Tools(folder, stamp)
 
 
@@ -81,6 +93,11 @@ def fingerprint_versions() -> dict[str, str]:
     return {"llama.cpp tools": f"llama-cpp-python {installed_version()} sdist"}
 
 
+def converter_versions() -> dict[str, str]:
+    """For the fingerprint of every task that runs the pinned converters (and gguf-py with them)."""
+    return {"llama.cpp converter": f"llama-cpp-python {installed_version()} sdist"}
+
+
 def run(tool: str, args: list[str], cwd: Path, what: str) -> str:
     """Run one tool; its output, or a BuildError with the end of it."""
     done = subprocess.run([str(find().path(tool)), *args], cwd=cwd, capture_output=True, text=True,
@@ -89,6 +106,25 @@ def run(tool: str, args: list[str], cwd: Path, what: str) -> str:
         tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-6:])
         raise BuildError(f"{tool} could not {what} (exit {done.returncode}): {tail}")
     return done.stdout + done.stderr
+
+
+def convert(script: str, args: list[str], what: str) -> str:
+    """Run one of the pinned converters (or, with script "-c", code that imports their `conversion`
+    package) with the tree's own gguf-py; its output, or a BuildError with the end of it. PYTHONPATH,
+    the user's site-packages and NO_LOCAL_GGUF are left out, so neither another llama.cpp checkout nor
+    the installed gguf package can stand in for the pinned ones."""
+    folder = find().converter
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_LOCAL_GGUF")}
+    program = ["-c", *args] if script == "-c" else [str(folder / script), *args]
+    done = subprocess.run([sys.executable, "-E", "-s", *program], cwd=folder, env=env,
+                          capture_output=True, text=True, errors="replace")
+    log = done.stdout + done.stderr
+    if done.returncode:
+        lines = [line for line in log.strip().splitlines() if line.strip()]
+        tail = " | ".join(line.strip() for line in lines[-4:])
+        raise BuildError(f"llama.cpp's {script} (llama-cpp-python {installed_version()}) could not {what} "
+                         f"(exit {done.returncode}): {tail}")
+    return log
 
 
 def _sdist(version: str, into: Path) -> Path:
@@ -116,8 +152,24 @@ def _run(command: list[str], log: Path) -> None:
                              + "\n".join(tail) + f"\n(whole log: {log})")
 
 
+def _stage_converter(source: Path, into: Path) -> None:
+    into.mkdir()
+    for name in CONVERTER_FILES:
+        copy = shutil.copytree if (source / name).is_dir() else shutil.copy2
+        copy(source / name, into / name)
+
+
+def _built_stamp(folder: Path) -> dict | None:
+    """The stamp of tools already built in `folder` (with or without the converters)."""
+    try:
+        stamp = json.loads((folder / STAMP).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return stamp if all((folder / tool).is_file() for tool in TOOLS) else None
+
+
 def build() -> str:
-    """Build the tools unless they are built; what it did, in words."""
+    """Build the tools and stage the converters unless that is done; what it did, in words."""
     version = installed_version()
     folder = tools_dir(version)
     try:
@@ -132,8 +184,16 @@ def build() -> str:
         with tarfile.open(sdist) as archive:
             archive.extractall(work / "src", filter="data")
         source = next((work / "src").glob("*/vendor/llama.cpp"), None)
-        if source is None or not (source / "tools" / "imatrix").is_dir():
-            raise BuildError(f"{sdist} has no vendor/llama.cpp/tools/imatrix: not llama-cpp-python's source distribution")
+        if source is None or not (source / "tools" / "imatrix").is_dir() \
+                or not all((source / name).exists() for name in CONVERTER_FILES):
+            raise BuildError(f"{sdist} has no vendor/llama.cpp/tools/imatrix or converters: not llama-cpp-python's "
+                             "source distribution")
+        stamp = _built_stamp(folder)
+        if stamp and stamp.get("sdist_sha256") == digest:  # tools built before the converters were staged
+            shutil.rmtree(folder / CONVERTER, ignore_errors=True)
+            _stage_converter(source, work / CONVERTER)
+            (work / CONVERTER).rename(folder / CONVERTER)
+            return f"llama.cpp converters of {find().version} staged: {folder / CONVERTER}"
         options = CMAKE_OPTIONS + shlex.split(os.environ.get("CMAKE_ARGS", ""))
         log = work / "build.log"
         print(f"building {', '.join(TOOLS)} from llama-cpp-python {version}'s llama.cpp (log: {log}) …", flush=True)
@@ -144,6 +204,7 @@ def build() -> str:
         staged.mkdir()
         for tool in TOOLS:
             shutil.copy2(work / "build" / "bin" / tool, staged / tool)
+        _stage_converter(source, staged / CONVERTER)
         stamp = {"llama-cpp-python": version, "sdist_sha256": digest, "cmake": options}
         (staged / STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(folder, ignore_errors=True)  # a half-built folder from a killed run

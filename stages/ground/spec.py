@@ -280,15 +280,27 @@ class CacheSpec(Strict):
 
 
 class ConvertSpec(Strict):
-    """[models.convert]: the way out for an architecture modelmake does not convert itself."""
+    """[models.convert]: which converter writes the GGUFs."""
 
-    # An external converter, run for each convert task; {model_dir}, {out} and {outtype} are filled in.
-    # An argument that names an existing file (relative to the spec) is an input: editing it rebuilds.
-    command: list[str] = Field(min_length=1)
+    # "auto": modelmake's own where it has a plan for the architecture (faster, byte-checked against
+    # llama.cpp's), else llama.cpp's convert_hf_to_gguf.py from the pinned source; "llama.cpp": always
+    # the pinned one; "native": always modelmake's own.
+    engine: Literal["auto", "native", "llama.cpp"] = "auto"
+    # Your own converter instead, run for each convert task; {model_dir}, {out} and {outtype} are filled
+    # in. An argument that names an existing file (relative to the spec) is an input: editing it rebuilds.
+    command: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_converter(self):
+        if self.command and self.engine != "auto":
+            raise ValueError(f"engine = \"{self.engine}\" and command name two converters; keep one")
+        return self
 
     @field_validator("command")
     @classmethod
-    def _writes_out(cls, command: list[str]) -> list[str]:
+    def _writes_out(cls, command: list[str] | None) -> list[str] | None:
+        if command is None:
+            return command
         if not any("{out}" in arg for arg in command):
             raise ValueError("the command must write its GGUF to {out}, e.g. [\"python3\", "
                              "\"llama.cpp/convert_hf_to_gguf.py\", \"{model_dir}\", \"--outfile\", \"{out}\", "
@@ -301,7 +313,7 @@ class ConvertSpec(Strict):
         return command
 
     def input_files(self, spec_dir: Path) -> list[Path]:
-        return [path for arg in self.command if "{" not in arg
+        return [path for arg in self.command or () if "{" not in arg
                 and (path := _spec_path(arg, spec_dir)).is_file()]
 
 
@@ -515,9 +527,9 @@ class ModelSpec(Strict):
         if self.merge and not self.has_adapter:
             raise ValueError("[models.merge] is for a model with an adapter ([models.train] or adapter.path); "
                              "this one has none to merge: remove the table")
-        if self.merge and not self.merge.keep_hf and self.convert:
+        if self.merge and not self.merge.keep_hf and self.convert and self.convert.engine != "native":
             raise ValueError("merge.keep_hf = false folds the LoRA in inside modelmake's own converter, and "
-                             "[models.convert] names an external one, which needs the merged folder: "
+                             "[models.convert] names another one, which needs the merged folder: "
                              "set keep_hf = true or remove [models.convert]")
         return self
 
@@ -605,6 +617,28 @@ def auto_outtype(base: BaseRef) -> str:
     except BuildError as err:
         raise ValueError(str(err)) from None
     return "f16" if header[min(header)]["dtype"] == "F16" else "bf16"
+
+
+def base_config(base: BaseRef) -> dict:
+    """The base's config.json as far as it is here: a Hugging Face folder's, a hub base's from the local
+    Hugging Face cache; {} for a GGUF base (its config is written by import) or a hub base not fetched
+    yet. Read when the graph is made, to choose the converter; a broken file is the import's to report."""
+    import json
+
+    if base.kind == "hf_dir":
+        path = base.path / "config.json"
+    elif base.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(base.location, "config.json", revision=base.revision)
+        path = Path(found) if isinstance(found, str) else None
+    else:
+        path = None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path else {}
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _cached_hub_shards(base: BaseRef) -> list[Path]:

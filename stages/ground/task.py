@@ -8,12 +8,14 @@ cache all wrap tasks through this one shape, so none of them needs to know a sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+from ..formats import arch
 from ..formats.lora import ADAPTER_FILES
 from .hashing import INDEX, tree_files
-from .spec import AdapterSpec, ModelSpec, Spec
+from .spec import AdapterSpec, ModelSpec, Spec, base_config
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class ModelPaths:
     @property
     def merged(self) -> Path:
         return self.root / "merged"
+
+    @property
+    def preflight(self) -> Path:
+        """What llama.cpp's pinned converter said of the base, before anything expensive ran."""
+        return self.root / "preflight.json"
 
     def gguf(self, stem: str, variant: str) -> Path:
         return self.root / "gguf" / f"{stem}.{variant}.gguf"
@@ -72,6 +79,41 @@ class ModelBuild:
     @classmethod
     def of(cls, spec: Spec, model: ModelSpec) -> ModelBuild:
         return cls(spec, model, ModelPaths.of(spec, model))
+
+    @cached_property
+    def base_config(self) -> dict:
+        """The base's config.json as far as it is here when the graph is made ({} when it is not yet)."""
+        return base_config(self.model.base)
+
+    @cached_property
+    def converter(self) -> str:
+        """Which converter writes this model's GGUFs: "command" (the spec's own), "llama.cpp" (the
+        pinned convert_hf_to_gguf.py) or "native" (modelmake's). By default the pinned one takes every
+        architecture modelmake has no plan for; a hub base not fetched yet counts as native until it is."""
+        convert = self.model.convert
+        if convert and convert.command:
+            return "command"
+        if convert and convert.engine != "auto":
+            return convert.engine
+        names = self.base_config.get("architectures") or []
+        return "llama.cpp" if names and not arch.has_plan(names) else "native"
+
+    @property
+    def after_preflight(self) -> list[str]:
+        """For the tasks that need the pinned converter to take the base (train, adapter, convert):
+        the preflight runs first, so an unsupported model fails before any of them starts."""
+        return [f"import:{self.model.name}.preflight"] if self.converter == "llama.cpp" else []
+
+    @property
+    def keeps_merged_hf(self) -> bool:
+        """Whether the merged model is written as a Hugging Face folder: the pinned converter reads
+        only those, so it is kept for that engine even with `[models.merge] keep_hf = false`."""
+        return bool(self.paths.adapter) and (self.model.keep_merged_hf or self.converter == "llama.cpp")
+
+    @property
+    def vision(self) -> bool:
+        """A vision-language checkpoint (text model and vision tower in one)."""
+        return "vision_config" in self.base_config
 
     @property
     def adapter_options(self) -> AdapterSpec:
@@ -124,6 +166,7 @@ class Task:
     clean: list[Path] | None = None  # what `doit clean` removes; default: the outputs
     cacheable: bool = True  # False where the outputs depend on more than the recorded inputs (resume)
     scratch: list[Path] = field(default_factory=list)  # work files a killed run leaves: `doit clean` removes them too
+    versions: dict[str, str] = field(default_factory=dict)  # of engines it runs beyond its stage's TOOLS
 
     @property
     def written(self) -> list[Path]:

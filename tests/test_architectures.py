@@ -1,0 +1,225 @@
+"""Every architecture llama.cpp runs: llama.cpp's own converter from the pinned source behind the
+native one. Tiny random models of families modelmake has no plan for (mixtures of experts and dense
+ones) go the whole way through doit; the preflight refuses what the pinned converter cannot take
+before any training; the pinned converter writes the native converter's tensors."""
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+from helpers import doit, finetune_workspace, leftovers, write_spec
+from test_convert import llama_cpp_logits, prompt_ids, transformers_logits
+
+from stages import convert
+from stages.ground import llamacpp
+from stages.ground.errors import BuildError
+
+# Beyond the seven native families: four mixtures of experts (Qwen3-MoE; Mixtral; Qwen2-MoE with a
+# shared expert; OLMoE) and four dense families (SmolLM3, OLMo 2, Granite, StarCoder2), with the GGUF
+# architecture llama.cpp runs each as.
+NEW_ARCHS = {"qwen3moe": "qwen3moe", "mixtral": "llama", "qwen2moe": "qwen2moe", "olmoe": "olmoe",
+             "smollm3": "smollm3", "olmo2": "olmo2", "granite": "granite", "starcoder2": "starcoder2"}
+
+# A LoRA trained hard enough to move the logits well past rounding, so "the adapter on the base GGUF
+# equals the merged GGUF" is a check that bites.
+SPEC = """
+[[models]]
+name = "m"
+base = "tiny"
+outtype = "f32"
+quantize = ["Q8_0", "Q4_K_M"]
+
+[models.train]
+dataset = "data.jsonl"
+validation = 0.25
+max_steps = 4
+batch_size = 4
+learning_rate = 1e-2
+
+[models.train.lora]
+r = 8
+"""
+
+
+def tensors(path) -> dict[str, tuple[str, np.ndarray]]:
+    return {t.name: (t.tensor_type.name, np.array(t.data)) for t in GGUFReader(path).tensors}
+
+
+def fields(path) -> dict:
+    return {k: f.contents() for k, f in GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_doit_ships_an_architecture_modelmake_has_no_plan_for(arch, request, tmp_path):
+    """Preflight, train, GGUF LoRA, merge, convert, quantize, eval and package, all by doit; the merged
+    GGUF's logits match transformers' on the merged model, and the GGUF LoRA on the base GGUF matches
+    the merged GGUF (llama.cpp applies it as PEFT did)."""
+    spec = finetune_workspace(tmp_path, request.getfixturevalue(f"tiny_{arch}"), SPEC)
+    ran = doit(spec).ran
+    assert ran.index("import:m.preflight") < ran.index("train:m"), ran
+    for task in ("adapter:m", "merge:m", "convert:m", "convert:m-merged", "quantize:m-merged-Q8_0",
+                 "quantize:m-merged-Q4_K_M", "eval:m-Q4_K_M", "eval:m-lora", "package:m-Q4_K_M", "package:m-lora",
+                 "manifest:m"):
+        assert task in ran, task
+    cache = tmp_path / "cache/m"
+    preflight = json.loads((cache / "preflight.json").read_text())
+    assert preflight["gguf_architecture"] == NEW_ARCHS[arch] and preflight["pre_tokenizer"] == "smollm"
+
+    merged, base_gguf, lora_gguf = (cache / f"gguf/{name}.gguf" for name in ("m-merged.F32", "m.F32", "m.lora.F16"))
+    assert fields(lora_gguf)["general.type"] == "adapter"
+    assert fields(lora_gguf)["general.architecture"] == fields(merged)["general.architecture"] == NEW_ARCHS[arch]
+    ids = prompt_ids(cache / "merged")
+    expected = transformers_logits(cache / "merged", ids)
+    got = llama_cpp_logits(merged, ids)
+    scale = np.abs(expected).max()
+    print(f"{arch}: merged GGUF max |Δ| / scale = {np.abs(got - expected).max() / scale:.1e}")
+    assert np.abs(got - expected).max() <= 1e-3 * scale  # the native families' f32 tolerance
+    adapted = llama_cpp_logits(base_gguf, ids, lora_path=str(lora_gguf))
+    unadapted = llama_cpp_logits(base_gguf, ids)
+    print(f"{arch}: base+LoRA vs merged {np.abs(adapted - got).max() / scale:.1e}, "
+          f"the LoRA's own effect {np.abs(unadapted - got).max() / scale:.1e}")
+    assert np.abs(unadapted - got).max() > 2e-2 * scale, "the LoRA changes the logits, so the next check bites"
+    assert np.abs(adapted - got).max() <= 2e-3 * scale
+
+    for variant in ("Q8_0", "Q4_K_M"):
+        result = json.loads((cache / f"eval/{variant}.json").read_text())
+        assert result["quality"]["kl_divergence"] < 0.05, (variant, result["quality"])
+        assert (cache / f"package/{variant}/m-{variant}.oci.tar").is_file()
+    manifest = {a["path"]: a for a in json.loads((cache / "manifest.json").read_text())["artifacts"]}
+    version = f"llama-cpp-python {llamacpp.installed_version()} sdist"
+    for path in ("gguf/m-merged.F32.gguf", "gguf/m.lora.F16.gguf"):
+        assert manifest[path]["versions"]["llama.cpp converter"] == version, path
+    assert "preflight.json" not in manifest, "the preflight is a check, not an artifact"
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3"])
+def test_the_pinned_converter_writes_the_native_tensors(arch, request, tmp_path):
+    """`engine = "llama.cpp"` on a native family: every tensor the same name, type and bytes. The
+    metadata differs only where the two write different but equivalent facts. (The tiny models carry
+    SmolLM2's BPE tokenizer: llama.cpp's converter reads Phi-3's and Gemma 2's vocabularies only from a
+    SentencePiece tokenizer.model, and Qwen's tokenizer class makes an unknown pre-tokenizer of it.)"""
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
+    native, pinned = tmp_path / "native.gguf", tmp_path / "pinned.gguf"
+    convert.run(model_dir, native, "f16", "tiny")
+    convert.run_pinned(model_dir, pinned, "f16", "tiny")
+    ours, theirs = tensors(native), tensors(pinned)
+    assert ours.keys() == theirs.keys()
+    for name, (qtype, data) in ours.items():
+        assert theirs[name][0] == qtype and np.array_equal(theirs[name][1], data), name
+    ours, theirs = fields(native), fields(pinned)
+    differing = {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
+    # llama.cpp's converter adds general.type = "model" and a size label (e.g. "6.4M"); for Gemma 3 it
+    # writes the local layers' rope base (10000, which llama.cpp otherwise assumes) and leaves out three
+    # keys llama.cpp derives when absent: the rope dimension (the head size), the vocabulary size (the
+    # token list's length) and add_bos_token (Gemma's tokenizer config says false; llama.cpp reads it
+    # from the tokenizer model, which adds none).
+    explained = {"general.type", "general.size_label"}
+    if arch == "gemma3":
+        explained |= {"gemma3.rope.freq_base_swa", "gemma3.rope.dimension_count", "gemma3.vocab_size",
+                      "tokenizer.ggml.add_bos_token"}
+    assert differing <= explained, sorted(differing - explained)
+    assert theirs["general.type"] == "model"
+
+
+def test_the_pinned_converter_uses_only_its_own_gguf_py(tiny_llama, tmp_path, monkeypatch):
+    """Another gguf package on PYTHONPATH and NO_LOCAL_GGUF set (which would make the script use the
+    installed gguf) change nothing: the pinned tree's gguf-py is the one that runs."""
+    fake = tmp_path / "elsewhere/gguf"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('a foreign gguf package was imported')\n")
+    convert.run_pinned(tiny_llama, tmp_path / "clean.gguf", "f16", "tiny")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    monkeypatch.setenv("NO_LOCAL_GGUF", "1")
+    convert.run_pinned(tiny_llama, tmp_path / "m.gguf", "f16", "tiny")
+    assert (tmp_path / "m.gguf").read_bytes() == (tmp_path / "clean.gguf").read_bytes()
+    assert os.environ["NO_LOCAL_GGUF"] == "1", "the caller's environment is left as it was"
+
+
+def _unknown_architecture(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | {"architectures": ["NotAModelForCausalLM"]}))
+
+
+@pytest.mark.parametrize("arch, mutate, engine, reason", [
+    ("llama", _unknown_architecture, "", "Model NotAModelForCausalLM is not supported"),
+    # The SmolLM2 tokenizer in a Qwen2 checkpoint: transformers' Qwen2 tokenizer splits it otherwise, so
+    # its probe hash is in none of llama.cpp's tables (modelmake's own converter needs pretokenizer = …).
+    ("qwen2", None, '\n[models.convert]\nengine = "llama.cpp"\n', "BPE pre-tokenizer was not recognized"),
+])
+def test_preflight_refuses_before_any_training(arch, mutate, engine, reason, request, tmp_path):
+    spec = finetune_workspace(tmp_path, request.getfixturevalue(f"tiny_{arch}"), SPEC + engine)
+    if mutate:
+        mutate(tmp_path / "tiny")
+    result = doit(spec, check=False)
+    assert result.returncode != 0
+    assert "import:m.preflight" in result.ran and not [t for t in result.ran if not t.startswith(("import:", "tools"))]
+    message = next(line for line in result.output.splitlines() if "preflight failed" in line)
+    assert re.search(r"model m \(\w+\): preflight failed before any training: llama\.cpp's convert_hf_to_gguf\.py "
+                     r"\(llama-cpp-python [0-9.]+\) could not convert m's vocabulary \(exit 1\)", message), message
+    assert reason in message and "pip install -U llama-cpp-python" in message and "[models.convert] command" in message
+    assert "Traceback" not in result.output.replace(message, "")
+    assert not (tmp_path / "cache/m/adapter").exists() and not (tmp_path / "cache/m/preflight.json").exists()
+    assert leftovers(tmp_path / "cache") == []
+
+
+def test_the_lock_names_the_pinned_converter_version(tiny_smollm3, tmp_path):
+    """The converter's version is in every fingerprint and the lock: a lock made with another
+    llama-cpp-python is named by `doit check` (here the lock is edited; the bytes are the same)."""
+    shutil.copytree(tiny_smollm3, tmp_path / "tiny")
+    spec = write_spec(tmp_path, '[[models]]\nname = "m"\nbase = "tiny"\nquantize = ["Q8_0"]\n')
+    doit(spec, "lock")
+    lock = tmp_path / "models.lock"
+    here = f"llama-cpp-python {llamacpp.installed_version()} sdist"
+    assert here in lock.read_text()
+    lock.write_text(lock.read_text().replace(here, "llama-cpp-python 0.3.0 sdist"))
+    result = doit(spec, "check", check=False)
+    assert f"llama.cpp converter version llama-cpp-python 0.3.0 sdist → {here}" in result.output, result.output[-2000:]
+
+
+def test_a_vision_language_checkpoint_is_refused_before_anything_runs(tiny_llama, tmp_path):
+    """Gemma 3 4B and larger, Qwen2.5-VL and Mistral 3 ship text and vision in one checkpoint; until
+    their mmproj ships beside the text model, such a base is refused when the graph is made."""
+    shutil.copytree(tiny_llama, tmp_path / "tiny")
+    config = json.loads((tmp_path / "tiny/config.json").read_text())
+    (tmp_path / "tiny/config.json").write_text(json.dumps(config | {
+        "architectures": ["Gemma3ForConditionalGeneration"], "vision_config": {"model_type": "siglip_vision_model"}}))
+    spec = write_spec(tmp_path, '[[models]]\nname = "m"\nbase = "tiny"\nquantize = ["Q8_0"]\n')
+    result = doit(spec, command="list", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.output
+    assert "model m: tiny is a vision-language checkpoint (Gemma3ForConditionalGeneration); modelmake does not yet " \
+        "ship one whole (its text model with the vision projector, mmproj, beside it)" in result.output
+    assert not (tmp_path / "cache/m").exists()
+
+
+def test_lora_targets_of_a_mixture_of_experts(tmp_path):
+    """Left at their default, the targets a MoE lacks (its experts are fused tensors in transformers) are
+    dropped; named by the user, they are an error that says why."""
+    from stages.ground.spec import TrainSpec
+    from stages.train import lora_targets
+
+    attention = ["k_proj", "o_proj", "q_proj", "v_proj"]
+    (tmp_path / "d.jsonl").write_text("")
+    data = str(tmp_path / "d.jsonl")
+    default = TrainSpec(dataset=data)
+    assert lora_targets(default, attention + ["gate"], True, "base") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    named = TrainSpec(dataset=data, lora={"target_modules": ["q_proj", "gate_proj"]})
+    with pytest.raises(BuildError, match=r"lora.target_modules gate_proj are not in base; its linear layers are "
+                                         r"k_proj, o_proj, q_proj, v_proj, gate; its experts are fused tensors"):
+        lora_targets(named, attention + ["gate"], True, "base")
+
+
+def test_rslora_is_refused_for_llama_cpps_lora_converter(tiny_smollm3, tmp_path):
+    from helpers import make_peft_adapter
+
+    from stages import adapter
+
+    lora = make_peft_adapter(tmp_path / "lora", tiny_smollm3, rslora=True)
+    with pytest.raises(BuildError, match=r"rsLoRA \(use_rslora\) cannot be written by llama.cpp's LoRA converter"):
+        adapter.run_pinned(lora, tiny_smollm3, tmp_path / "m.lora.gguf", "f16", "m")
+    assert not list(tmp_path.glob("*.gguf"))
