@@ -33,7 +33,7 @@ def run(adapter_dir: Path, base_dir: Path, out_path: Path, outtype: str, name: s
     adapter = lora.load(adapter_dir, allow_pickle)
     config = hf.read_config(base_dir)
     architecture = arches.from_hf_config(config, str(base_dir / "config.json"))
-    lora.check_fits(adapter, hf.tensor_shapes(hf.headers(base_dir)), base_dir)
+    adapter = lora.fit(adapter, hf.tensor_shapes(hf.headers(base_dir)), base_dir)
     names = gguf.get_tensor_name_map(architecture.gguf_arch, config["num_hidden_layers"])
     with atomic_file(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, architecture.gguf_name)
@@ -64,7 +64,7 @@ def run_pinned(adapter_dir: Path, base_dir: Path, out_path: Path, outtype: str, 
     if adapter.rslora:  # it writes lora_alpha as it is, and llama.cpp scales by alpha/r
         raise BuildError(f"{adapter_dir}: rsLoRA (use_rslora) cannot be written by llama.cpp's LoRA converter, which "
                          "scales by alpha/r; train with lora.rslora = false for this architecture")
-    lora.check_fits(adapter, hf.tensor_shapes(hf.headers(base_dir)), base_dir)
+    adapter = lora.fit(adapter, hf.tensor_shapes(hf.headers(base_dir)), base_dir)
     with atomic_file(out_path) as tmp:
         llamacpp.convert("convert_lora_to_gguf.py", [str(Path(adapter_dir).absolute()), "--base",
                          str(Path(base_dir).absolute()), "--outfile", str(tmp.absolute()), "--outtype", outtype],

@@ -162,7 +162,7 @@ def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: 
         handles = _open_shards(model_dir, stack)
         shapes = {k: tuple(handles[k].get_slice(k).get_shape()) for k in sorted(handles)}
         if adapter:
-            lora.check_fits(adapter, shapes, model_dir)
+            adapter = lora.fit(adapter, shapes, model_dir)
         plans = plan_tensors(shapes, config, architecture, outtype, str(model_dir))
         with atomic_file(out_path) as tmp:
             writer = gguf.GGUFWriter(tmp, architecture.gguf_name)
@@ -205,13 +205,14 @@ def run_external(command: list[str], model_dir: Path, out_path: Path, outtype: s
               f"by {' '.join(command[:2])}")
 
 
-def run_pinned(model_dir: Path, out_path: Path, outtype: str, name: str) -> None:
+def run_pinned(model_dir: Path, out_path: Path, outtype: str, name: str, mmproj: bool = False) -> None:
     """llama.cpp's convert_hf_to_gguf.py from the pinned source, with its own gguf-py, into a temporary
-    file that must read back as a GGUF before it is renamed into place."""
+    file that must read back as a GGUF before it is renamed into place. `mmproj`: the vision tower and
+    projector of a vision-language model instead of its language model."""
     with atomic_file(out_path) as tmp:
         args = [str(Path(model_dir).absolute()), "--outfile", str(tmp.absolute()), "--outtype", outtype,
-                "--model-name", name]
-        llamacpp.convert("convert_hf_to_gguf.py", args, f"convert {model_dir}")
+                "--model-name", name, *(["--mmproj"] if mmproj else [])]
+        llamacpp.convert("convert_hf_to_gguf.py", args, f"convert {model_dir}" + (" (--mmproj)" if mmproj else ""))
         if not tmp.is_file():
             raise BuildError(f"llama.cpp's convert_hf_to_gguf.py exited 0 but wrote no GGUF for {model_dir}")
         header = ggufheader.read(tmp)
@@ -252,24 +253,29 @@ def tasks(build: ModelBuild) -> list[Task]:
 
 
 def pinned_tasks(build: ModelBuild) -> list[Task]:
-    """The base's GGUF and, with an adapter, the merged model's, by the pinned llama.cpp converter. Its
-    merged model is always kept as a Hugging Face folder: the pinned converter reads only those."""
+    """The base's GGUF and, with an adapter, the merged model's, by the pinned llama.cpp converter; a
+    vision model's projector (mmproj) once, from the base. Its merged model is always kept as a Hugging
+    Face folder: the pinned converter reads only those."""
     model, paths = build.model, build.paths
     if model.pretokenizer:
         raise BuildError(f"model {model.name}: pretokenizer = {model.pretokenizer!r} is for modelmake's own converter; "
                          "llama.cpp's converter identifies the pre-tokenizer itself (its preflight says if it cannot)")
-    if build.vision:
-        raise BuildError(f"model {model.name}: {model.base.text} is a vision-language checkpoint "
-                         f"({', '.join(build.base_config.get('architectures') or [])}); modelmake does not yet "
-                         "ship one whole (its text model with the vision projector, mmproj, beside it), so it is refused "
-                         "before anything runs. Its text model alone, as a causal LM checkpoint, converts")
     sources = [(model.name, paths.base, paths.base_files())]
     if paths.adapter:
         sources.append((build.release, paths.merged, [paths.merged / INDEX]))
-    return [Task(stem, f"Hugging Face → GGUF {model.outtype} (llama.cpp's converter)", run_pinned,
-                 {"model_dir": folder, "out_path": paths.gguf(stem, model.outtype.upper()), "outtype": model.outtype,
-                  "name": stem},
-                 {"outtype": model.outtype, "name": stem, "engine": "llama.cpp"},
-                 inputs=folder_files, outputs=[paths.gguf(stem, model.outtype.upper())],
-                 after=["tools", *build.after_preflight], versions=llamacpp.converter_versions())
-            for stem, folder, folder_files in sources]
+    found = [Task(stem, f"Hugging Face → GGUF {model.outtype} (llama.cpp's converter)", run_pinned,
+                  {"model_dir": folder, "out_path": paths.gguf(stem, model.outtype.upper()), "outtype": model.outtype,
+                   "name": stem},
+                  {"outtype": model.outtype, "name": stem, "engine": "llama.cpp"},
+                  inputs=folder_files, outputs=[paths.gguf(stem, model.outtype.upper())],
+                  after=["tools", *build.after_preflight], versions=llamacpp.converter_versions())
+             for stem, folder, folder_files in sources]
+    if build.mmproj:
+        found.append(Task(f"{model.name}.mmproj", f"vision tower and projector → mmproj GGUF {build.mmproj_outtype} "
+                          "(llama.cpp's converter)", run_pinned,
+                          {"model_dir": paths.base, "out_path": build.mmproj, "outtype": build.mmproj_outtype,
+                           "name": model.name, "mmproj": True},
+                          {"outtype": build.mmproj_outtype, "name": model.name, "engine": "llama.cpp", "mmproj": True},
+                          inputs=paths.base_files(), outputs=[build.mmproj], after=["tools", *build.after_preflight],
+                          versions=llamacpp.converter_versions()))
+    return found

@@ -316,8 +316,8 @@ def _tools_built() -> bool:
 def tools_task() -> dict:
     """Part of setup; the imatrix tasks wait for it, so a first `doit` builds the tools too."""
     return {
-        "doc": "build llama.cpp's llama-imatrix and llama-quantize, stage its converters, from llama-cpp-python's own "
-               "source (once)",
+        "doc": "build llama.cpp's llama-imatrix, llama-quantize and llama-mtmd-cli, stage its converters, from "
+               "llama-cpp-python's own source (once)",
         "actions": [(run_action, [llamacpp.build, {}])],
         "uptodate": [_tools_built],
         "verbosity": 2,

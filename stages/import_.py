@@ -14,8 +14,8 @@ blake3 of every file in it (b3sum's format), which is what later stages depend o
 
 A base that llama.cpp's pinned converter will convert (an architecture modelmake has no plan for) is
 first asked of that converter (`preflight`): does it know the architecture, does it recognise the
-tokenizer's pre-tokenizer. Its answer comes in seconds, before the train stage starts, never after
-hours of training.
+tokenizer's pre-tokenizer, can it write a vision model's projector. Its answer comes in seconds,
+before the train stage starts, never after hours of training.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ REVISION = 3  # bump when this code changes the bytes it writes
 TOOLS = ("transformers", "gguf", "safetensors", "torch", "huggingface-hub", "tokenizers", "numpy")
 HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-             "chat_template.json", "tokenizer.model", "LICENSE*"]
+             "chat_template.json", "tokenizer.model", "preprocessor_config.json", "LICENSE*"]
 CHUNK_BYTES = 64 << 20  # float32 output per dequantization step
 COMPUTED = {arch.ROPE_FREQS, *arch.ROPE_FACTORS.values()}  # read into the config, not the weights
 TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "padding_token_id",
@@ -296,11 +296,28 @@ def run(base: BaseRef, out_dir: Path) -> None:
         write_index(tmp)
 
 
-def preflight(model_dir: Path, out_path: Path, name: str) -> None:
+# Asked of the pinned converter's own tables: which class writes the vision tower and projector of the
+# checkpoint in sys.argv[1] (run by `llamacpp.convert` beside the `conversion` package); prints its name.
+MMPROJ_PROBE = """
+import sys
+from pathlib import Path
+from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+hparams = ModelBase.load_hparams(Path(sys.argv[1]), False)
+name = get_model_architecture(hparams, ModelType.MMPROJ)
+try:
+    get_model_class(name, mmproj=True)
+except NotImplementedError:
+    sys.exit(f"{name} has no vision projector converter (--mmproj) in this llama.cpp")
+print(name)
+"""
+
+
+def preflight(model_dir: Path, out_path: Path, name: str, vision: bool = False) -> None:
     """Ask llama.cpp's pinned converter whether it can convert this base: its vocabulary alone is
     converted (architecture lookup, tokenizer and pre-tokenizer recognition: the steps that fail on an
-    unsupported model). The answer goes to `out_path` as JSON; a refusal is a BuildError naming the
-    model, the reason and the way out."""
+    unsupported model) and, for a vision-language model, the projector's converter is looked up. The
+    answer goes to `out_path` as JSON; a refusal is a BuildError naming the model, the reason and the
+    way out."""
     model_dir = Path(model_dir).absolute()
     config = hf.read_config(model_dir)
     names = config.get("architectures") or ["(none given)"]
@@ -312,18 +329,21 @@ def preflight(model_dir: Path, out_path: Path, name: str) -> None:
         try:
             llamacpp.convert("convert_hf_to_gguf.py", [str(model_dir), "--vocab-only", "--outfile", str(vocab)],
                              f"convert {name}'s vocabulary")
+            projector = llamacpp.convert("-c", [MMPROJ_PROBE, str(model_dir)], f"find {name}'s vision projector "
+                                         "converter").split()[-1] if vision else None
         except BuildError as err:
             raise BuildError(f"model {name} ({', '.join(names)}): preflight failed before any training: {err}. "
                              f"{way_out}") from None
         header = ggufheader.read(vocab)
     found = {"architectures": names, "gguf_architecture": header.scalars.get("general.architecture"),
              "tokenizer": header.scalars.get("tokenizer.ggml.model"),
-             "pre_tokenizer": header.scalars.get("tokenizer.ggml.pre"),
+             "pre_tokenizer": header.scalars.get("tokenizer.ggml.pre"), "vision_projector": projector,
              "converter": llamacpp.converter_versions()["llama.cpp converter"]}
     with atomic_file(out_path) as tmp:
         tmp.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     print(f"llama.cpp's converter takes {name}: {', '.join(names)} → {found['gguf_architecture']}, tokenizer "
-          f"{found['tokenizer']} (pre-tokenizer {found['pre_tokenizer']})")
+          f"{found['tokenizer']} (pre-tokenizer {found['pre_tokenizer']})"
+          + (f"; its vision projector as {projector}" if projector else ""))
 
 
 def preflight_tasks(build: ModelBuild) -> list[Task]:
@@ -332,8 +352,9 @@ def preflight_tasks(build: ModelBuild) -> list[Task]:
     paths = build.paths
     return [Task(f"{build.model.name}.preflight", "can llama.cpp's pinned converter take this base? (in seconds, "
                  "before training)", preflight,
-                 {"model_dir": paths.base, "out_path": paths.preflight, "name": build.model.name},
-                 {}, inputs=paths.base_files(), outputs=[paths.preflight], artifact=False,
+                 {"model_dir": paths.base, "out_path": paths.preflight, "name": build.model.name,
+                  "vision": build.vision},
+                 {"vision": build.vision}, inputs=paths.base_files(), outputs=[paths.preflight], artifact=False,
                  after=["tools"], versions=llamacpp.converter_versions())]
 
 

@@ -89,7 +89,7 @@ def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = F
 
     adapter = lora.load(adapter_dir, allow_pickle)
     shard_headers = hf.headers(base_dir)
-    lora.check_fits(adapter, hf.tensor_shapes(shard_headers), base_dir)
+    adapter = lora.fit(adapter, hf.tensor_shapes(shard_headers), base_dir)
     merged = 0
     with atomic_dir(out_dir) as tmp:
         for source in tree_files(base_dir):

@@ -41,6 +41,7 @@ class Release:
     gguf: Path  # the model GGUF: the merged/quantized release, or the base for the adapter route
     lora: Path | None  # the GGUF LoRA of the adapter route
     reference: str  # how Docker names it: registry/ns/model:variant, or model:variant when no registry is set
+    mmproj: Path | None = None  # a vision model's projector, shipped beside every release of its text model
 
 
 def gguf_facts(path: Path) -> tuple[dict, str | None]:
@@ -62,10 +63,15 @@ def gguf_facts(path: Path) -> tuple[dict, str | None]:
 def _readme(release: Release, files: dict[str, str], context_size: int, has_license: bool) -> str:
     name = release.reference.rsplit("/", 1)[-1]
     model_file = files["model"]
-    lora = files.get("lora")
+    lora, mmproj = files.get("lora"), files.get("mmproj")
     llama = f"llama-cli -m {model_file}" + (f" --lora {lora}" if lora else "") + " -cnv"
+    if mmproj:  # llama.cpp's multimodal tools load the projector beside the text model
+        llama = (f"llama-mtmd-cli -m {model_file} --mmproj {mmproj}" + (f" --lora {lora}" if lora else "")
+                 + " --image picture.png -p \"Describe the image.\"\n"
+                 + f"llama-server -m {model_file} --mmproj {mmproj}" + (f" --lora {lora}" if lora else ""))
     docker_local = (
-        f"docker model package --gguf \"$PWD/{model_file}\"" + (" --license LICENSE" if has_license else "")
+        f"docker model package --gguf \"$PWD/{model_file}\"" + (f" --mmproj \"$PWD/{mmproj}\"" if mmproj else "")
+        + (" --license LICENSE" if has_license else "")
         + f" --context-size {context_size} {name}\ndocker model run {name} \"Hello\""
     )
     return f"""# {release.model} · {release.variant}
@@ -116,8 +122,9 @@ docker compose -f compose.yaml up
 
 def run(*, release: Release, options: PackageSpec, out_dir: Path, source_date_epoch: int) -> None:
     facts, chat_template = gguf_facts(release.gguf)
-    if release.lora:
-        gguf_facts(release.lora)  # a damaged adapter is refused here, not by the user's runtime
+    for extra in (release.lora, release.mmproj):
+        if extra:
+            gguf_facts(extra)  # a damaged adapter or projector is refused here, not by the user's runtime
     context_size = options.context_size or min(int(facts.get(f"{facts['architecture']}.context_length",
                                                               DEFAULT_CONTEXT)), DEFAULT_CONTEXT)
     license_text = options.license.read_text(encoding="utf-8") if options.license else None
@@ -129,6 +136,10 @@ def run(*, release: Release, options: PackageSpec, out_dir: Path, source_date_ep
             files["lora"] = release.lora.name
             link_or_copy(release.lora, tmp / release.lora.name)
             layer_files.append((tmp / release.lora.name, oci.GGUF_LORA))
+        if release.mmproj:
+            files["mmproj"] = release.mmproj.name
+            link_or_copy(release.mmproj, tmp / release.mmproj.name)
+            layer_files.append((tmp / release.mmproj.name, oci.MMPROJ))
         if license_text is not None:
             (tmp / "LICENSE").write_text(license_text, encoding="utf-8")
             layer_files.append((tmp / "LICENSE", oci.LICENSE))
@@ -149,7 +160,7 @@ def run(*, release: Release, options: PackageSpec, out_dir: Path, source_date_ep
         (tmp / "Modelfile").write_text(modelfile.modelfile(
             header=f"{release.model} {release.variant}, built by modelmake {__version__}\n"
                    f"ollama create {release.model}-{release.variant.lower()} -f Modelfile",
-            from_file=files["model"], adapter_file=files.get("lora"),
+            from_file=files["model"], adapter_file=files.get("lora"), projector_file=files.get("mmproj"),
             family=modelfile.chat_family(chat_template),
             system=options.system or modelfile.default_system(chat_template),
             parameters={"num_ctx": context_size} | options.parameters, license_text=license_text,
@@ -174,11 +185,11 @@ def releases(build: ModelBuild) -> list[Release]:
     adapter route too: base GGUF + GGUF LoRA, for Ollama's ADAPTER and llama.cpp --lora."""
     model, paths = build.model, build.paths
     found = [Release(model.name, variant, paths.gguf(build.release, variant), None,
-                     docker_reference(build.spec, model.name, variant))
+                     docker_reference(build.spec, model.name, variant), build.mmproj)
              for variant in model.quantize or [model.outtype.upper()]]
     if build.lora_gguf:
         found.append(Release(model.name, "lora", paths.gguf(model.name, model.outtype.upper()), build.lora_gguf,
-                             docker_reference(build.spec, model.name, "lora")))
+                             docker_reference(build.spec, model.name, "lora"), build.mmproj))
     return found
 
 
@@ -196,7 +207,7 @@ def tasks(build: ModelBuild) -> list[Task]:
             {"variant": release.variant, "reference": release.reference, "source_date_epoch": source_date_epoch,
              **options.model_dump(mode="json", exclude={"license"}),
              **({"gate": gate.model_dump(exclude_none=True)} if gate else {})},
-            inputs=[release.gguf] + ([release.lora] if release.lora else []) + ([options.license] if options.license else []),
+            inputs=[release.gguf] + [p for p in (release.lora, release.mmproj, options.license) if p],
             outputs=[folder], targets=[folder / INDEX],
             after=[f"eval:{evaluate.task_name(build, release.variant)}"],
             checks=[(evaluate.check_gate, {"result_path": build.paths.eval(release.variant),

@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .formats import dataset as datasets
-from .formats import lora
+from .formats import hf, lora
 from .ground.atomic import atomic_dir
 from .ground.device import pick_device
 from .ground.errors import BuildError
@@ -144,10 +144,11 @@ def share(items: list, ranks: Ranks) -> list[tuple]:
 
 
 def linear_module_names(model) -> list[str]:
+    """The last part of the name of each of the language model's linear layers (a vision tower's are no targets)."""
     import torch
 
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and name})
+                   if isinstance(module, torch.nn.Linear) and name and not hf.is_vision(name)})
 
 
 def lora_targets(spec: TrainSpec, available: list[str], moe: bool, base_dir: Path) -> list[str]:
@@ -305,8 +306,11 @@ def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device, dtype, c
     targets = lora_targets(spec, linear_module_names(model), moe, base_dir)
     if spec.resume and (out_dir / lora.WEIGHTS).is_file():
         return PeftModel.from_pretrained(model, out_dir, is_trainable=True), True
+    # A vision tower has layers of the same names (q_proj, …); a LoRA trained on text leaves them alone.
+    vision = any(hf.is_vision(name) for name, _ in model.named_modules())
     config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                        target_modules=targets, use_rslora=spec.lora.rslora, task_type="CAUSAL_LM")
+                        target_modules=targets, use_rslora=spec.lora.rslora, task_type="CAUSAL_LM",
+                        exclude_modules=rf".*\b({'|'.join(hf.VISION_PARTS)})\b.*" if vision else None)
     return get_peft_model(model, config), False
 
 

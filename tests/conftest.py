@@ -24,6 +24,13 @@ for _arch in TINY_ARCHS:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3_vision(tmp_path_factory, smollm_tokenizer):
+    from helpers import make_tiny_gemma3_vision
+
+    return make_tiny_gemma3_vision(tmp_path_factory.mktemp("tiny-gemma3-vision"), smollm_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def registry(tmp_path_factory):
     from helpers import Registry
 

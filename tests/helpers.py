@@ -155,6 +155,37 @@ def make_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0,
     return folder
 
 
+def make_tiny_gemma3_vision(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny random Gemma 3 with its vision tower (`Gemma3ForConditionalGeneration`, as Gemma 3 4B and
+    larger ship), saved under the names the hub's checkpoints use: transformers 5 writes the SigLIP
+    tower as `vision_tower.…`, the hub (and llama.cpp's converter) as `vision_tower.vision_model.…`."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    text = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "sliding_window": 4,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 64, "patch_size": 16, "vision_use_head": False}  # 16 patches, pooled to 4 tokens
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=49149, eoi_token_index=49150, image_token_index=49151)
+    torch.manual_seed(seed)
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({name.replace("vision_tower.", "vision_tower.vision_model.", 1): tensor for name, tensor in weights.items()},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "preprocessor_config.json").write_text(json.dumps({  # Gemma 3's, at this tower's image size
+        "image_processor_type": "Gemma3ImageProcessor", "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "size": {"height": 64, "width": 64}, "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+        "resample": 2}))
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
 def leftovers(folder: Path) -> list[str]:
     """Files an interrupted or failed stage must never leave: temp siblings and GGUFs."""
     return sorted(str(p) for p in folder.rglob("*") if ".tmp-" in p.name or p.suffix == ".gguf")

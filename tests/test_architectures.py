@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -223,3 +224,81 @@ def test_rslora_is_refused_for_llama_cpps_lora_converter(tiny_smollm3, tmp_path)
     with pytest.raises(BuildError, match=r"rsLoRA \(use_rslora\) cannot be written by llama.cpp's LoRA converter"):
         adapter.run_pinned(lora, tiny_smollm3, tmp_path / "m.lora.gguf", "f16", "m")
     assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.slow
+def test_a_vision_language_model_ships_with_its_mmproj(tiny_gemma3_vision, registry, tmp_path):
+    """Gemma3ForConditionalGeneration (as Gemma 3 4B and larger ship): the LoRA trains on the language
+    model only, the text GGUF is merged and quantized, the projector (mmproj) is converted once and
+    shipped beside every release: an artifact in the manifest, the OCI artifact's projector layer (read
+    back from a real registry after `doit push`), the Modelfile's second FROM; and llama.cpp's own
+    multimodal tool, built from the pinned source, answers a prompt about an image with both files."""
+    from PIL import Image
+
+    spec = finetune_workspace(tmp_path, tiny_gemma3_vision, SPEC + f'\n[package]\nregistry = "{registry.host}/vision"\n')
+    ran = doit(spec).ran
+    assert ran.index("import:m.preflight") < ran.index("train:m") and "convert:m.mmproj" in ran
+    cache = tmp_path / "cache/m"
+    assert json.loads((cache / "preflight.json").read_text())["vision_projector"] == "Gemma3ForConditionalGeneration"
+    adapted = json.loads((cache / "adapter/adapter_config.json").read_text())
+    assert adapted["exclude_modules"], "the vision tower's q_proj, … are left alone"
+    from safetensors import safe_open
+    with safe_open(cache / "adapter/adapter_model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+    assert names and all("language_model" in name and "vision" not in name for name in names), names[:3]
+
+    mmproj = cache / "gguf/m.mmproj.F32.gguf"
+    projector = fields(mmproj)
+    assert projector["general.type"] == "mmproj" and projector["clip.projector_type"] == "gemma3"
+    manifest = {a["path"]: a for a in json.loads((cache / "manifest.json").read_text())["artifacts"]}
+    assert manifest["gguf/m.mmproj.F32.gguf"]["task"] == "convert:m.mmproj"
+
+    ids = prompt_ids(tiny_gemma3_vision)
+    merged = cache / "gguf/m-merged.F32.gguf"
+    expected = transformers_logits(cache / "merged", ids)
+    got = llama_cpp_logits(merged, ids)
+    scale = np.abs(expected).max()
+    print(f"gemma3 vision: merged text GGUF max |Δ| / scale = {np.abs(got - expected).max() / scale:.1e}")
+    assert np.abs(got - expected).max() <= 2e-3 * scale  # the six-layer Gemma 3's tolerance among the native families
+
+    pushed = doit(spec, "push").output
+    for variant in ("Q8_0", "Q4_K_M", "lora"):
+        package = cache / f"package/{variant}"
+        assert (package / mmproj.name).read_bytes() == mmproj.read_bytes()
+        assert f"FROM ./{mmproj.name}\n" in (package / "Modelfile").read_text()
+        ref = f"{registry.host}/vision/m:{variant}"
+        assert f"{registry.host}/vision/m@sha256:" in pushed
+        served = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+                                           capture_output=True, check=True).stdout)
+        layers = {layer["mediaType"]: layer["annotations"]["org.opencontainers.image.title"] for layer in served["layers"]}
+        assert layers["application/vnd.docker.ai.mmproj"] == mmproj.name
+
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(picture)
+    answered = subprocess.run([str(llamacpp.find().path("llama-mtmd-cli")), "-m", str(cache / "gguf/m-merged.Q8_0.gguf"),
+                               "--mmproj", str(mmproj), "--image", str(picture), "-p", "What colour is this?",
+                               "-n", "8", "--temp", "0", "-t", "2"], capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+    log = answered.stdout + answered.stderr
+    assert answered.returncode == 0, log[-2000:]
+    # The prompt is text, the image, text: the image's chunk goes through the vision encoder and projector.
+    assert re.search(r"encoding mtmd batch, n_chunks = 1 \(done = 1, total = 3\)", log), log[-2000:]
+    assert "mtmd batch encoding done" in log and answered.stdout.strip(), log[-2000:]
+
+
+def test_an_adapter_finds_its_weights_under_the_checkpoints_own_names(tmp_path):
+    """PEFT names a vision-language model's weights as transformers loads them
+    (`model.language_model.layers.…`); the hub's checkpoint saves them as `language_model.model.layers.…`.
+    The merge finds each by the name without those wrappers, and never in the vision tower."""
+    import torch
+
+    from stages.formats import lora
+
+    q = "self_attn.q_proj.weight"
+    base = {f"language_model.model.layers.0.{q}": (4, 4), f"vision_tower.vision_model.encoder.layers.0.{q}": (4, 4)}
+    pair = (torch.zeros(1, 4), torch.zeros(4, 1))
+    adapter = lora.Adapter({f"model.language_model.layers.0.{q}": pair}, alpha=1.0, rank=1, rslora=False, source=tmp_path)
+    assert list(lora.fit(adapter, base, tmp_path).pairs) == [f"language_model.model.layers.0.{q}"]
+    tower = lora.Adapter({f"model.vision_tower.encoder.layers.0.{q}": pair}, alpha=1.0, rank=1, rslora=False, source=tmp_path)
+    with pytest.raises(BuildError, match=f"model.vision_tower.encoder.layers.0.{q} does not exist in the base"):
+        lora.fit(tower, base, tmp_path)

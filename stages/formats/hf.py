@@ -9,6 +9,15 @@ from pathlib import Path
 
 from ..ground.errors import BuildError
 
+# The parts of a vision-language model that are not its language model, as transformers and the hub
+# name them (Gemma 3, Qwen2.5-VL, Mistral 3, SmolVLM, LLaVA): a LoRA trained on text adapts none of them.
+VISION_PARTS = ("vision_tower", "visual", "vision_model", "multi_modal_projector")
+
+
+def is_vision(name: str) -> bool:
+    """Whether a module or weight name belongs to a vision tower or its projector."""
+    return any(part in VISION_PARTS for part in name.split("."))
+
 
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"

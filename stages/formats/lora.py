@@ -116,17 +116,35 @@ def load(folder: Path, allow_pickle: bool = False) -> Adapter:
                    rslora=bool(config.get("use_rslora")), source=folder)
 
 
-def check_fits(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]], base_dir: Path) -> None:
-    """Refuse an adapter made for another base before anything is written."""
-    problems = []
+def bare_name(name: str) -> str:
+    """A weight's name without the wrappers around a language model, which transformers and the hub's
+    checkpoints nest in different orders: a vision-language model's LoRA names
+    `model.language_model.layers.0…` (as loaded) the weight its checkpoint saves as
+    `language_model.model.layers.0…`. A vision tower's names keep their own words, so they never meet."""
+    return ".".join(part for part in name.split(".") if part not in ("model", "language_model"))
+
+
+def fit(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]], base_dir: Path) -> Adapter:
+    """The adapter keyed by the base checkpoint's own weight names (the name PEFT gives, or the one
+    weight whose bare name it shares); an adapter made for another base is refused before anything
+    is written."""
+    by_bare: dict[str, list[str]] = {}
+    for name in base_shapes:
+        by_bare.setdefault(bare_name(name), []).append(name)
+    pairs, problems = {}, []
     for name, (a, b) in adapter.pairs.items():
-        shape = base_shapes.get(name)
-        if shape is None:
-            problems.append(f"{name} does not exist in the base")
-        elif (b.shape[0], a.shape[1]) != tuple(shape):
-            problems.append(f"{name} is {tuple(shape)} in the base but the adapter changes a "
+        candidates = [name] if name in base_shapes else by_bare.get(bare_name(name), [])
+        if len(candidates) != 1:
+            problems.append(f"{name} does not exist in the base" if not candidates else
+                            f"{name} could be any of {', '.join(candidates)} in the base")
+        elif (b.shape[0], a.shape[1]) != tuple(base_shapes[candidates[0]]):
+            problems.append(f"{name} is {tuple(base_shapes[candidates[0]])} in the base but the adapter changes a "
                             f"{(b.shape[0], a.shape[1])} matrix")
+        else:
+            pairs[candidates[0]] = (a, b)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise BuildError(f"{adapter.source} does not fit the base {base_dir}: {shown}. "
                          "Was it trained on another model?")
+    return Adapter(pairs=dict(sorted(pairs.items())), alpha=adapter.alpha, rank=adapter.rank, rslora=adapter.rslora,
+                   source=adapter.source)

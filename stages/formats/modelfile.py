@@ -110,10 +110,14 @@ def parameter_value(value) -> str:
 
 
 def modelfile(*, header: str, from_file: str, adapter_file: str | None, family: ChatFamily | None,
-              system: str | None, parameters: dict, license_text: str | None) -> str:
-    """The Modelfile text. Files are named `./<name>` so `ollama create` finds them beside it."""
+              system: str | None, parameters: dict, license_text: str | None, projector_file: str | None = None) -> str:
+    """The Modelfile text. Files are named `./<name>` so `ollama create` finds them beside it. A vision
+    model's projector is a second FROM: Ollama takes every FROM file and stores a GGUF whose
+    general.type is "mmproj" (llama.cpp's converter writes it so) as the model's projector layer."""
     lines = [f"# {line}" for line in header.splitlines()]
     lines.append(f"FROM ./{from_file}")
+    if projector_file:
+        lines.append(f"FROM ./{projector_file}")
     if adapter_file:
         lines.append(f"ADAPTER ./{adapter_file}")
     if family:

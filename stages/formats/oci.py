@@ -28,6 +28,10 @@ GGUF = "application/vnd.docker.ai.gguf.v3"
 GGUF_LORA = "application/vnd.docker.ai.gguf.v3.lora"
 LICENSE = "application/vnd.docker.ai.license"
 CHAT_TEMPLATE = "application/vnd.docker.ai.chat.template.jinja"
+# A vision model's projector GGUF, as Docker's model-runner code names it (`MediaTypeMultimodalProjector`)
+# and passes it to llama.cpp's --mmproj; model-spec's text spells it application/vnd.docker.ai.gguf.v3.mmproj,
+# which no client reads yet.
+MMPROJ = "application/vnd.docker.ai.mmproj"
 
 TITLE = "org.opencontainers.image.title"  # the file name a layer is written back to
 REF_NAME = "org.opencontainers.image.ref.name"  # the tag inside an OCI layout's index.json

@@ -1,11 +1,11 @@
-"""llama.cpp's own command-line tools, `llama-imatrix` and `llama-quantize`, built from the source
-that the installed llama-cpp-python vendors (its PyPI source distribution ships
+"""llama.cpp's own command-line tools, `llama-imatrix`, `llama-quantize` and `llama-mtmd-cli`, built
+from the source that the installed llama-cpp-python vendors (its PyPI source distribution ships
 `vendor/llama.cpp/tools/`), so the tools and the library the other stages call cannot drift apart;
 and llama.cpp's own converters (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`, with the
 `conversion/` package and the `gguf-py/` of the same tree), staged beside them and run only with
 that gguf-py, for every architecture modelmake's own converter has no plan for.
 
-`doit tools` builds them once per llama-cpp-python version (about 5 minutes on 2 cores) into
+`doit tools` builds them once per llama-cpp-python version (about 6 minutes on 2 cores) into
 ~/.cache/modelmake/llama.cpp/<version>/, or $MODELMAKE_TOOLS_DIR; later builds find them there.
 The source distribution comes from PyPI through pip, or from $MODELMAKE_LLAMA_CPP_SDIST (a path to
 llama_cpp_python-<version>.tar.gz) on a machine without PyPI. CMAKE_ARGS is passed on as
@@ -30,7 +30,9 @@ from pathlib import Path
 
 from .errors import BuildError
 
-TOOLS = ("llama-imatrix", "llama-quantize")
+# llama-mtmd-cli: llama.cpp's multimodal runner, which checks that a vision model's text GGUF and its
+# mmproj answer a prompt about an image.
+TOOLS = ("llama-imatrix", "llama-quantize", "llama-mtmd-cli")
 STAMP = "modelmake-tools.json"
 # What the converters need of the tree: the scripts, the model classes they register, and their own
 # gguf-py (the scripts put it first on sys.path unless NO_LOCAL_GGUF is set, which `convert` clears).

@@ -116,6 +116,17 @@ class ModelBuild:
         return "vision_config" in self.base_config
 
     @property
+    def mmproj(self) -> Path | None:
+        """A vision model's vision tower and projector as llama.cpp loads them (`--mmproj`), shipped
+        beside every release of its text model. A LoRA trained on text leaves it as the base has it."""
+        return self.paths.gguf(f"{self.model.name}.mmproj", self.mmproj_outtype.upper()) if self.vision else None
+
+    @property
+    def mmproj_outtype(self) -> str:
+        # What llama.cpp's vision encoders run on every backend: f16 (f32 for an f32 build); never quantized.
+        return "f32" if self.model.outtype == "f32" else "f16"
+
+    @property
     def adapter_options(self) -> AdapterSpec:
         return self.model.adapter or AdapterSpec()
 
