@@ -61,10 +61,12 @@ def copy_seconds(shards: list[Path], into: Path) -> float:
     return time.perf_counter() - started
 
 
-def gguf_tensors(path: Path) -> dict[str, bytes]:
+def gguf_tensors(path: Path) -> dict[str, tuple[str, str]]:
+    """Each tensor's type and the blake3 of its bytes (read from the memory-mapped file one at a time)."""
+    import blake3
     from gguf import GGUFReader
 
-    return {t.name: (t.tensor_type.name, bytes(t.data)) for t in GGUFReader(path).tensors}
+    return {t.name: (t.tensor_type.name, blake3.blake3(t.data.tobytes()).hexdigest()) for t in GGUFReader(path).tensors}
 
 
 def dense(work: Path, size: str) -> None:

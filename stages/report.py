@@ -408,6 +408,11 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
 
     manifest = _read_json(model.root / "manifest.json")
     listed = [a for a in manifest["artifacts"] if "/oci/blobs/" not in a["path"]]
+    projectors = [a["path"] for a in listed if a["task"] == f"convert:{model.name}.mmproj"]
+    if projectors:  # a vision-language model: its text GGUFs above run with this beside them
+        blocks.append(Text(f"Vision: every release ships with the projector `{projectors[0]}` (llama.cpp's `--mmproj`), "
+                           "in its package folder, as the OCI artifact's `application/vnd.docker.ai.mmproj` layer "
+                           "and as the Modelfile's second `FROM`."))
     blocks += [Heading(3, "Artifacts"),
                Text(f"From `{model.name}/manifest.json` and `{model.name}/SHA256SUMS`, which also list the OCI "
                     f"blobs (each named by its sha256); `doit verify` re-hashes them all."),

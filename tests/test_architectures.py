@@ -183,21 +183,6 @@ def test_the_lock_names_the_pinned_converter_version(tiny_smollm3, tmp_path):
     assert f"llama.cpp converter version llama-cpp-python 0.3.0 sdist → {here}" in result.output, result.output[-2000:]
 
 
-def test_a_vision_language_checkpoint_is_refused_before_anything_runs(tiny_llama, tmp_path):
-    """Gemma 3 4B and larger, Qwen2.5-VL and Mistral 3 ship text and vision in one checkpoint; until
-    their mmproj ships beside the text model, such a base is refused when the graph is made."""
-    shutil.copytree(tiny_llama, tmp_path / "tiny")
-    config = json.loads((tmp_path / "tiny/config.json").read_text())
-    (tmp_path / "tiny/config.json").write_text(json.dumps(config | {
-        "architectures": ["Gemma3ForConditionalGeneration"], "vision_config": {"model_type": "siglip_vision_model"}}))
-    spec = write_spec(tmp_path, '[[models]]\nname = "m"\nbase = "tiny"\nquantize = ["Q8_0"]\n')
-    result = doit(spec, command="list", check=False)
-    assert result.returncode != 0 and "Traceback" not in result.output
-    assert "model m: tiny is a vision-language checkpoint (Gemma3ForConditionalGeneration); modelmake does not yet " \
-        "ship one whole (its text model with the vision projector, mmproj, beside it)" in result.output
-    assert not (tmp_path / "cache/m").exists()
-
-
 def test_lora_targets_of_a_mixture_of_experts(tmp_path):
     """Left at their default, the targets a MoE lacks (its experts are fused tensors in transformers) are
     dropped; named by the user, they are an error that says why."""
@@ -252,6 +237,8 @@ def test_a_vision_language_model_ships_with_its_mmproj(tiny_gemma3_vision, regis
     assert projector["general.type"] == "mmproj" and projector["clip.projector_type"] == "gemma3"
     manifest = {a["path"]: a for a in json.loads((cache / "manifest.json").read_text())["artifacts"]}
     assert manifest["gguf/m.mmproj.F32.gguf"]["task"] == "convert:m.mmproj"
+    assert "Vision: every release ships with the projector `gguf/m.mmproj.F32.gguf`" in \
+        (tmp_path / "cache/report/REPORT.md").read_text()
 
     ids = prompt_ids(tiny_gemma3_vision)
     merged = cache / "gguf/m-merged.F32.gguf"
