@@ -34,9 +34,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from convert_throughput import write_llama_folder  # noqa: E402
-from scale import SHAPES, TOKENIZER, VOCAB, write_model, write_safetensors  # noqa: E402
+from scale import SHAPES, TOKENIZER, VOCAB, write_model, write_random_bf16, write_safetensors  # noqa: E402
 
-from stages.formats import hf  # noqa: E402
 
 MOE = {"hidden": 2048, "experts": 128, "routed": 8, "moe_ffn": 768, "heads": 32, "kv_heads": 4, "head_dim": 128}
 
@@ -109,21 +108,7 @@ def moe_shapes(layers: int) -> dict[str, tuple[int, ...]]:
 
 
 def write_moe(folder: Path, layers: int) -> None:
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-
-    def make(name, shape):
-        if len(shape) == 1:
-            return torch.ones(shape, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
-        return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
-
-    shapes = moe_shapes(layers)
-    shards = hf.plan_shards(shapes, "BF16")
-    folder.mkdir(parents=True)
-    for shard_name, names in shards.items():
-        write_safetensors(folder / shard_name, {name: shapes[name] for name in names}, "BF16", make)
-    (folder / "model.safetensors.index.json").write_text(json.dumps(hf.shard_index(shards, shapes, "BF16")))
+    write_random_bf16(folder, moe_shapes(layers))
     write_llama_folder(folder, TOKENIZER, MOE["hidden"], MOE["moe_ffn"], layers, MOE["heads"], MOE["kv_heads"], VOCAB,
                        rope_theta=1000000.0)
     config = json.loads((folder / "config.json").read_text())

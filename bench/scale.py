@@ -74,10 +74,10 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str
             f.write(make(name, shapes[name]))
 
 
-def write_model(folder: Path, size: str) -> None:
+def write_random_bf16(folder: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Random bf16 weights (seed 0; 1-D ones, as norms start) in hub-style shards with their index."""
     import torch
 
-    hidden, ffn, layers, heads, kv_heads = SHAPES[size]
     gen = torch.Generator().manual_seed(0)
 
     def make(name, shape):
@@ -85,12 +85,16 @@ def write_model(folder: Path, size: str) -> None:
             return torch.ones(shape, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
         return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
 
-    shapes = tensor_shapes(size)
     shards = hf.plan_shards(shapes, "BF16")  # as transformers fills them: in name order, up to 5 GB
     folder.mkdir(parents=True, exist_ok=True)
     for shard_name, names in shards.items():
         write_safetensors(folder / shard_name, {name: shapes[name] for name in names}, "BF16", make)
     (folder / "model.safetensors.index.json").write_text(json.dumps(hf.shard_index(shards, shapes, "BF16")))
+
+
+def write_model(folder: Path, size: str) -> None:
+    hidden, ffn, layers, heads, kv_heads = SHAPES[size]
+    write_random_bf16(folder, tensor_shapes(size))
     write_llama_folder(folder, TOKENIZER, hidden, ffn, layers, heads, kv_heads, VOCAB, rope_theta=500000.0)
 
 
