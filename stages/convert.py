@@ -209,6 +209,7 @@ def run_pinned(model_dir: Path, out_path: Path, outtype: str, name: str, mmproj:
     """llama.cpp's convert_hf_to_gguf.py from the pinned source, with its own gguf-py, into a temporary
     file that must read back as a GGUF before it is renamed into place. `mmproj`: the vision tower and
     projector of a vision-language model instead of its language model."""
+    out_path = Path(out_path)
     with atomic_file(out_path) as tmp:
         args = [str(Path(model_dir).absolute()), "--outfile", str(tmp.absolute()), "--outtype", outtype,
                 "--model-name", name, *(["--mmproj"] if mmproj else [])]
