@@ -224,14 +224,14 @@ def run_pinned(model_dir: Path, out_path: Path, outtype: str, name: str, mmproj:
 def tasks(build: ModelBuild) -> list[Task]:
     """The base's GGUF, and with an adapter the merged model's: the release route starts from it,
     converted from the merge stage's folder, or with the LoRA folded in here when none is kept."""
+    if build.converter == "llama.cpp":
+        return pinned_tasks(build)
     model, paths = build.model, build.paths
     sources = [(model.name, paths.base, paths.base_files(), None)]
     if build.keeps_merged_hf:
         sources.append((build.release, paths.merged, [paths.merged / INDEX], None))
     elif paths.adapter:
         sources.append((build.release, paths.base, paths.adapter_files() + paths.base_files(), paths.adapter))
-    if build.converter == "llama.cpp":
-        return pinned_tasks(build)
     found = []
     for stem, folder, folder_files, adapter_dir in sources:
         out = paths.gguf(stem, model.outtype.upper())
