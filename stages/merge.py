@@ -18,6 +18,7 @@ from .formats import hf, lora
 from .ground.atomic import atomic_dir
 from .ground.errors import BuildError
 from .ground.hashing import INDEX, HashingWriter, remember, tree_files, write_index
+from .ground.progress import bar
 from .ground.task import ModelBuild, Task
 
 REVISION = 2
@@ -85,8 +86,6 @@ def merge_shard(source: Path, header: dict, target: Path, adapter: lora.Adapter)
 
 
 def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = False) -> None:
-    from tqdm import tqdm
-
     adapter = lora.load(adapter_dir, allow_pickle)
     shard_headers = hf.headers(base_dir)
     adapter = lora.fit(adapter, hf.tensor_shapes(shard_headers), base_dir)
@@ -97,7 +96,7 @@ def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = F
                 target = tmp / source.relative_to(base_dir)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
-        for shard, header in tqdm(shard_headers.items(), desc="merge", unit="shard", leave=False):
+        for shard, header in bar(shard_headers.items(), desc="merge", unit="shard"):
             merged += merge_shard(shard, header, tmp / shard.name, adapter)
         write_index(tmp)
     print(f"merged {merged} weights of {Path(adapter_dir).name} into {out_dir}")

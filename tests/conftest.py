@@ -53,7 +53,8 @@ def default_build(tmp_path_factory, registry):
     spec = folder / "models.toml"
     spec.write_text((REPO / "models.toml").read_text() + f'\n[cache]\nremote = "{registry.host}/modelmake-cache"\n'
                     'push = true\n')
-    return {"folder": folder, "spec": spec, "ran": doit(spec).ran, "cache": folder / "cache/smollm2-demo"}
+    build = doit(spec)
+    return {"folder": folder, "spec": spec, "ran": build.ran, "output": build.output, "cache": folder / "cache/smollm2-demo"}
 
 
 @pytest.fixture(scope="session")

@@ -329,3 +329,12 @@ def test_default_spec_fine_tunes_and_every_route_carries_it(default_build):
     val = [row["val_loss"] for row in log if "val_loss" in row]
     assert val[-1] < 0.3 * val[0]
     subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=tmp_path / "cache/smollm2-demo", check=True)
+
+
+def test_the_default_build_in_a_log_prints_lines_not_redraws(default_build):
+    """doit's output captured (as CI and `| tee` capture it): progress bars print a line now and then,
+    not a carriage-return redraw per step, so the whole default build reads in a few hundred lines."""
+    output = default_build["output"]
+    assert "\r" not in output
+    assert len(output.splitlines()) < 300, len(output.splitlines())
+    assert "train smollm2-demo:" in output  # the training bar is there, as lines
