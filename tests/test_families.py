@@ -219,3 +219,26 @@ def test_sentencepiece_style_tokenizer_without_its_model_is_refused(sentencepiec
     assert "tokenizer.json: a BPE with byte fallback (SentencePiece-style) tokenizer needs the SentencePiece model" \
         in str(err.value) and "copy tokenizer.model from the model's source" in str(err.value)
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.slow
+def test_readme_command_one_alone_imports_a_sentencepiece_gguf(tmp_path):
+    """`pip install -e .` (README command 1, no test extras) must be enough for every documented path:
+    the doit here sees only the runtime dependencies' closure (tests/runtime_only/sitecustomize.py),
+    and imports a GGUF whose vocabulary is SentencePiece's (transformers builds its tokenizer with protobuf)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO, doit, write_spec
+
+    model_dir = make_tiny_model(tmp_path / "model", "llama", make_sentencepiece_tokenizer(tmp_path / "tok", "llama2"),
+                                vocab_size=1024)
+    convert.run(model_dir, tmp_path / "spm.gguf", "f16", "tiny")
+    spec = write_spec(tmp_path, '[[models]]\nname = "m"\nbase = "spm.gguf"\n')
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests/runtime_only")}
+    blocked = subprocess.run([sys.executable, "-c", "import pytest"], env=env, capture_output=True, text=True)
+    assert "No module named 'pytest' (not a runtime dependency of modelmake)" in blocked.stderr  # the blocker works
+    result = doit(spec, "import", env=env, check=False)
+    assert result.returncode == 0, result.output[-3000:]
+    assert (tmp_path / "cache/m/base/tokenizer.json").is_file()
