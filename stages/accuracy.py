@@ -68,7 +68,7 @@ def answer_rows(prompts: list[Prompt], answers: list[str]) -> list[dict]:
 def read_prompts_file(path: Path) -> list[tuple[tuple[dict, ...], str]]:
     """(conversation so far, expected answer) per record of a {"prompt" | "messages", "answer"} .jsonl."""
     found = []
-    for where, record in dataset.records(path, path.read_text(encoding="utf-8-sig").splitlines()):
+    for where, record in dataset.records(path, dataset.read_lines(path, "prompts file")):
         if not isinstance(record, dict) or not isinstance(record.get("answer"), str):
             raise BuildError(f"{where}: the record has no \"answer\" string: each prompt needs the answer it is "
                              "scored against")

@@ -40,13 +40,22 @@ def to_messages(record: object, where: str) -> tuple[dict, ...]:
     return ({"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]})
 
 
-def read_jsonl(path: Path) -> list[Example]:
+def read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file the spec names; a missing, unreadable or non-UTF-8 file is a BuildError."""
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark some editors write
+        return path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark some editors write
     except FileNotFoundError:
-        raise BuildError(f"dataset {path} not found") from None
+        raise BuildError(f"{what} {path} not found") from None
     except UnicodeDecodeError as err:
-        raise BuildError(f"{path}: not UTF-8 text ({err})") from None
+        line = err.object[:err.start].count(b"\n") + 1
+        raise BuildError(f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x}): save the {what} as "
+                         "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+    except OSError as err:
+        raise BuildError(f"{what} {path}: cannot be read ({err.strerror})") from None
+
+
+def read_jsonl(path: Path) -> list[Example]:
+    lines = read_lines(path, "dataset")
     examples = [Example(to_messages(record, where), where) for where, record in records(path, lines)]
     if not examples:
         raise BuildError(f"dataset {path} is empty: add JSONL records, one per line")

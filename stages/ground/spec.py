@@ -71,10 +71,15 @@ def _spec_path(text: str | Path, spec_dir: Path) -> Path:
     return (path if path.is_absolute() else spec_dir / path).resolve()
 
 
-def _resolve_file(value, info, what: str) -> Path:
+def _resolve_file(value, info, what: str, folder: bool = False) -> Path:
+    """A file (or with `folder`, a folder) the spec names, which must be there and of that kind."""
     path = _spec_path(value, _spec_dir(info))
     if not path.exists():
         raise ValueError(f"{what} {path} does not exist (relative paths start at the spec's folder)")
+    if folder and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder: give the folder that holds it")
+    if not folder and not path.is_file():
+        raise ValueError(f"{what} {path} is a folder, not a file: give the path of the file itself")
     return path
 
 
@@ -82,10 +87,7 @@ def _switch_or_file(value, info, what: str) -> bool | Path:
     """A setting that is true, false, or a file of the user's (relative to the spec)."""
     if isinstance(value, bool):
         return value
-    path = _resolve_file(value, info, what)
-    if not path.is_file():
-        raise ValueError(f"{what} {path} is not a file")
-    return path
+    return _resolve_file(value, info, what)
 
 
 def _auto_device() -> str:
@@ -211,7 +213,7 @@ class AdapterSpec(Strict):
     @field_validator("path", mode="before")
     @classmethod
     def _folder_exists(cls, value, info):
-        return None if value is None else _resolve_file(value, info, "adapter folder")
+        return None if value is None else _resolve_file(value, info, "adapter folder", folder=True)
 
 
 class PackageSpec(Strict):
@@ -590,12 +592,33 @@ class Spec(Strict):
             data = {**data, "cache": table.get("dir", "cache"), "cache_options": table}
         return data
 
+    @field_validator("threads")
+    @classmethod
+    def _threads_this_machine_has(cls, threads: int) -> int:
+        """More threads than cores only slows llama.cpp down, and tens of thousands abort it."""
+        import os
+        import sys
+
+        cores = os.cpu_count() or 1
+        if threads > cores:
+            print(f"modelmake: note: threads = {threads} is more than this machine's {cores} cores; using {cores}",
+                  file=sys.stderr)
+            return cores
+        return threads
+
     @model_validator(mode="after")
     def _unique_names(self):
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        # A model's name is its folder in the cache: on macOS and Windows, whose file systems fold case,
+        # "Demo" and "demo" would be one folder and the two builds would overwrite each other.
+        folded = {}
+        for name in names:
+            if (other := folded.setdefault(name.casefold(), name)) != name:
+                raise ValueError(f"model names {other!r} and {name!r} differ only in case: they would share one cache "
+                                 "folder on macOS and Windows, whose file systems ignore case; rename one")
         return self
 
 
@@ -695,6 +718,14 @@ def load_spec(path: str | Path) -> Spec:
         data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: some editors start with a BOM
     except FileNotFoundError:
         raise BuildError(f"spec file {path} not found: create it or pass another with `doit spec=PATH`") from None
+    except IsADirectoryError:
+        raise BuildError(f"spec file {path} is a folder: pass the models.toml inside it, `doit spec={path / 'models.toml'}`") from None
+    except UnicodeDecodeError as err:
+        line = err.object[:err.start].count(b"\n") + 1
+        raise BuildError(f"{path}: not UTF-8 text (line {line}: byte 0x{err.object[err.start]:02x} at offset {err.start}): "
+                         "TOML files are UTF-8; save the spec as UTF-8 in your editor") from None
+    except OSError as err:
+        raise BuildError(f"spec file {path}: cannot be read ({err.strerror})") from None
     except tomllib.TOMLDecodeError as err:
         raise BuildError(f"{path}: invalid TOML: {err}. Fix the syntax at that line and column.") from None
     for internal in ("source", "cache_options"):
@@ -706,8 +737,12 @@ def load_spec(path: str | Path) -> Spec:
         problems = "; ".join(_describe(e) for e in err.errors())
         raise BuildError(f"{path}: {problems}") from None
     cache = (spec.cache if spec.cache.is_absolute() else path.parent / spec.cache).resolve()
+    key = "cache.dir" if isinstance(data.get("cache"), dict) else "cache"
+    existing = next(folder for folder in (cache, *cache.parents) if folder.exists())
+    if not existing.is_dir():
+        raise BuildError(f"{path}: {key} = {str(spec.cache)!r} needs a folder at {existing}, and that is a file: "
+                         "move the file away or give the cache another folder")
     if path.parent.is_relative_to(cache):
-        key = "cache.dir" if isinstance(data.get("cache"), dict) else "cache"
         raise BuildError(f"{path}: {key} = {str(spec.cache)!r} is the spec's own folder{'' if cache == path.parent else ' or above it'}: "
                          "modelmake writes a folder per model there and `doit clean` removes them, which could "
                          "delete your own folders of the same name; give the cache a folder of its own, "
