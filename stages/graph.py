@@ -11,6 +11,7 @@ outputs are restored instead of the stage running; after a run they are recorded
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -63,7 +64,22 @@ def run_stage(func, kwargs: dict, outputs: list[Path], cache: Path, task: str, r
             action_cache.record(recipe, key, run)
     except BuildError as err:
         return TaskFailed(str(err))
+    except OSError as err:  # the file system said no; the stage's temporary files are already gone
+        return TaskFailed(file_system_refused(task, err))
     return {"outputs": recorded}
+
+
+def file_system_refused(task: str, err: OSError) -> str:
+    """A stage's OSError (a full disk, a read-only or forbidden folder) as a one-paragraph failure."""
+    where = f" on {err.filename}" if err.filename else ""
+    way_out = {errno.ENOSPC: "free space on that disk, or give the cache a folder on a larger one "
+                             "(`cache = \"...\"` in the spec), and run doit again",
+               errno.EDQUOT: "free space within your quota, or give the cache a folder elsewhere",
+               errno.EROFS: "that file system is read-only: give the cache a writable folder",
+               errno.EACCES: "modelmake may not write there: fix the folder's permissions or move the cache",
+               errno.EPERM: "modelmake may not write there: fix the folder's permissions or move the cache"}
+    return (f"{task} failed: {err.strerror or err}{where}. Its unfinished files were removed and nothing was "
+            f"recorded; {way_out.get(err.errno, 'fix the cause and run doit again')}.")
 
 
 def remove(paths: list[Path]) -> None:
@@ -80,6 +96,8 @@ def run_action(func, kwargs: dict):
         print(func(**kwargs))
     except BuildError as err:
         return TaskFailed(str(err))
+    except OSError as err:
+        return TaskFailed(file_system_refused(func.__name__, err))
 
 
 def run_check(func, kwargs: dict):

@@ -23,6 +23,8 @@ from pathlib import Path
 from doit.exceptions import InvalidTask
 from doit.reporter import ConsoleReporter
 
+from . import atomic
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; builds there are not guarded
@@ -98,6 +100,9 @@ def reporter(cache: Path, wait: bool) -> type[ConsoleReporter]:
                     self.lock = acquire(cache, wait)
                 except CacheBusy as err:
                     raise InvalidTask(f"modelmake: {err}") from None
+                swept = atomic.sweep(cache)  # what a killed build left half-written
+                if swept:
+                    self.write(f"modelmake: removed {len(swept)} unfinished file(s) a killed build left in {cache}\n")
 
         def complete_run(self):
             if getattr(self, "lock", None):

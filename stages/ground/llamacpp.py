@@ -20,6 +20,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -100,13 +101,23 @@ def converter_versions() -> dict[str, str]:
     return {"llama.cpp converter": f"llama-cpp-python {installed_version()} sdist"}
 
 
+def exit_words(returncode: int) -> str:
+    """A process's exit status in words: a negative one is the signal that ended it (a crash)."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    try:
+        return f"it crashed: {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"it was ended by signal {-returncode}"
+
+
 def run(tool: str, args: list[str], cwd: Path, what: str) -> str:
     """Run one tool; its output, or a BuildError with the end of it."""
     done = subprocess.run([str(find().path(tool)), *args], cwd=cwd, capture_output=True, text=True,
                           errors="replace")
     if done.returncode:
         tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-6:])
-        raise BuildError(f"{tool} could not {what} (exit {done.returncode}): {tail}")
+        raise BuildError(f"{tool} could not {what} ({exit_words(done.returncode)}): {tail}")
     return done.stdout + done.stderr
 
 
@@ -125,7 +136,7 @@ def convert(script: str, args: list[str], what: str) -> str:
         lines = [line for line in log.strip().splitlines() if line.strip()]
         tail = " | ".join(line.strip() for line in lines[-4:])
         raise BuildError(f"llama.cpp's {script} (llama-cpp-python {installed_version()}) could not {what} "
-                         f"(exit {done.returncode}): {tail}")
+                         f"({exit_words(done.returncode)}): {tail}")
     return log
 
 
