@@ -21,7 +21,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from tqdm import tqdm
 
 from .formats import arch as arches
 from .formats import ggufheader, hf, lora, tokenizer
@@ -29,6 +28,7 @@ from .ground import llamacpp
 from .ground.atomic import atomic_file
 from .ground.errors import BuildError
 from .ground.hashing import INDEX
+from .ground.progress import bar
 from .ground.task import ModelBuild, Task
 from .merge import merged_weight
 
@@ -116,21 +116,21 @@ def add_model_metadata(writer: gguf.GGUFWriter, config: dict, architecture: arch
     architecture.add_metadata(writer, config)
 
 
-def _open_shards(model_dir: Path, stack) -> dict[str, object]:
-    """tensor name → open safetensors handle."""
+def _open_shards(model_dir: Path, stack) -> dict[str, tuple[Path, object]]:
+    """tensor name → (its shard, the shard's open safetensors handle)."""
     from safetensors import safe_open
 
     handles = {}
     for shard in hf.headers(model_dir):
         handle = stack.enter_context(safe_open(shard, framework="pt"))
-        handles.update(dict.fromkeys(handle.keys(), handle))
+        handles.update(dict.fromkeys(handle.keys(), (shard, handle)))
     return handles
 
 
-def _tensor_bytes(plan: TensorPlan, handle, adapter: lora.Adapter | None) -> np.ndarray:
+def _tensor_bytes(plan: TensorPlan, data, adapter: lora.Adapter | None) -> np.ndarray:
+    """The GGUF bytes of one weight (`data`, the checkpoint's tensor) at the plan's type."""
     import torch
 
-    data = handle.get_tensor(plan.hf_name)
     if adapter and plan.hf_name in adapter.pairs:
         if not data.is_floating_point():
             raise BuildError(f"{plan.hf_name} is {data.dtype}; LoRA merges into float weights only")
@@ -160,7 +160,7 @@ def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: 
     adapter = lora.load(Path(adapter_dir), allow_pickle) if adapter_dir else None
     with contextlib.ExitStack() as stack:
         handles = _open_shards(model_dir, stack)
-        shapes = {k: tuple(handles[k].get_slice(k).get_shape()) for k in sorted(handles)}
+        shapes = {k: tuple(handles[k][1].get_slice(k).get_shape()) for k in sorted(handles)}
         if adapter:
             adapter = lora.fit(adapter, shapes, model_dir)
         plans = plan_tensors(shapes, config, architecture, outtype, str(model_dir))
@@ -179,8 +179,11 @@ def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: 
             writer.write_ti_data_to_file()
             for values in extra.values():
                 writer.write_tensor_data(values)
-            for plan in tqdm(plans, desc=f"convert {name}", unit="tensor", leave=False):
-                writer.write_tensor_data(_tensor_bytes(plan, handles[plan.hf_name], adapter))
+            for plan in bar(plans, desc=f"convert {name}", unit="tensor"):
+                shard, handle = handles[plan.hf_name]
+                data = handle.get_tensor(plan.hf_name)
+                hf.refuse_non_finite(data, plan.hf_name, shard, "use an intact copy of the model")
+                writer.write_tensor_data(_tensor_bytes(plan, data, adapter))
             writer.close()
 
 
@@ -196,7 +199,7 @@ def run_external(command: list[str], model_dir: Path, out_path: Path, outtype: s
                              "check [models.convert] command") from None
         if proc.returncode != 0:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise BuildError(f"the external converter failed (exit {proc.returncode}) on {model_dir}: {tail}")
+            raise BuildError(f"the external converter failed ({llamacpp.exit_words(proc.returncode)}) on {model_dir}: {tail}")
         if not tmp.is_file():
             raise BuildError(f"the external converter exited 0 but wrote nothing to {{out}}; check [models.convert] "
                              f"command (it ran: {' '.join(argv)})")

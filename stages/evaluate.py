@@ -477,6 +477,8 @@ def tasks(build: ModelBuild) -> list[Task]:
             inputs=paths.base_files() + model.train.data_files, outputs=[text], artifact=False))
 
     prompts = paths.root / "eval" / "prompts.jsonl" if model.eval.answers_prompts(model.train) else None
+    if isinstance(model.eval.prompts, Path):
+        accuracy.read_prompts_file(model.eval.prompts)  # a bad record fails `doit` before training, not after it
     if prompts:
         source_files = [model.eval.prompts] if isinstance(model.eval.prompts, Path) else model.train.data_files
         split = model.train.split_params() if model.train else {}
@@ -495,14 +497,15 @@ def tasks(build: ModelBuild) -> list[Task]:
     if build.lora_gguf:
         base = paths.gguf(model.name, outtype)
         subjects |= {"base": (Subject(base), None), "lora": (Subject(base, build.lora_gguf), yardstick)}
-    options = model.eval.model_dump(mode="json", exclude={"text", "gate", "prompts", "max_prompts"})
+    eval_spec = model.eval.model_copy(update={"context": build.context(model.eval.context)})
+    options = eval_spec.model_dump(mode="json", exclude={"text", "gate", "prompts", "max_prompts"})
     for variant, (subject, reference) in subjects.items():
         reference_result = paths.eval(outtype) if prompts and reference else None
         job = Job(model.name, variant, subject, reference, text, source or "", prompts, reference_result)
         compared = f", against {reference.model.name}" if reference else ""
         found.append(Task(
             task_name(build, variant), f"perplexity, KL, {'answers, ' if prompts else ''}speed with llama.cpp{compared}", run,
-            {"job": job, "spec": model.eval, "out_path": paths.eval(variant), "model_root": paths.root,
+            {"job": job, "spec": eval_spec, "out_path": paths.eval(variant), "model_root": paths.root,
              "threads": build.spec.threads},
             {"variant": variant, "text": source, "threads": build.spec.threads, **options},
             inputs=subject.files() + (reference.files() if reference else []) + text_deps

@@ -36,6 +36,7 @@ from .ground import llamacpp
 from .ground.atomic import atomic_dir, atomic_file
 from .ground.errors import BuildError
 from .ground.hashing import INDEX, HashingWriter, remember, tree_files, write_index
+from .ground.progress import bar
 from .ground.spec import BaseRef
 from .ground.task import ModelBuild, Task
 
@@ -175,29 +176,32 @@ def weight_plans(config, architecture: arch.Architecture, tensors: dict, where: 
     return plans
 
 
+INTACT = "download the GGUF again or use an intact copy"
+
+
 def _write_tensor(out: HashingWriter, plan: convert.TensorPlan, gguf_file: ggufheader.Mapped,
                   tensor: ggufheader.TensorPlace) -> None:
     if plan.permute_heads:  # whole: its rows move between heads (q and k are small)
         values = dequantized(gguf_file, tensor).reshape(plan.shape)
+        hf.refuse_non_finite(values, tensor.name, gguf_file.path, INTACT)
         out.write(np.ascontiguousarray(arch.unpermute_rotary(values, plan.permute_heads)).view(np.uint8))
         return
     rows = gguf_file.rows(tensor).shape[0]
     step = max(1, CHUNK_BYTES // (4 * tensor.dims[0]))
     for start in range(0, rows, step):
         values = dequantized(gguf_file, tensor, slice(start, start + step))
+        hf.refuse_non_finite(values, tensor.name, gguf_file.path, INTACT)
         if plan.offset:  # Gemma's stored 1 + w; exact in float32 for the values norms take
             values = np.subtract(values, np.float32(plan.offset), dtype=np.float32)
         out.write(np.ascontiguousarray(values).view(np.uint8))
 
 
 def write_weights(plans: list[convert.TensorPlan], gguf_file: ggufheader.Mapped, out_dir: Path) -> None:
-    from tqdm import tqdm
-
     tensors = {t.name: t for t in gguf_file.header.tensors}
     by_name = {plan.hf_name: plan for plan in plans}
     shapes = {name: plan.shape for name, plan in by_name.items()}
     shards = hf.plan_shards(shapes, "F32")
-    progress = tqdm(total=len(plans), desc="import", unit="tensor", leave=False)
+    progress = bar(total=len(plans), desc="import", unit="tensor")
     for shard, names in shards.items():
         with open(out_dir / shard, "wb") as f:
             out = HashingWriter(f)
@@ -358,8 +362,27 @@ def preflight_tasks(build: ModelBuild) -> list[Task]:
                  after=["tools"], versions=llamacpp.converter_versions())]
 
 
+def refuse_contexts_beyond(build: ModelBuild) -> None:
+    """Context settings longer than the base was trained for, refused when the spec loads: llama.cpp
+    and transformers would otherwise run past the trained positions (quietly worse numbers) or abort.
+    Left at their defaults, eval's and the imatrix's windows shrink to fit instead (ModelBuild.context)."""
+    model, trained = build.model, build.trained_context
+    if trained is None:
+        return
+    settings = {"[models.eval] context": (model.eval, "context"),
+                "[models.quantize] imatrix_context": (model.quantize_options, "imatrix_context"),
+                "[models.package] context_size": (model.package, "context_size"),
+                "[models.train] max_seq_len": (model.train, "max_seq_len")}
+    for setting, (table, field) in settings.items():
+        tokens = getattr(table, field) if table is not None and field in table.model_fields_set else None
+        if tokens is not None and tokens > trained:
+            raise BuildError(f"model {model.name!r}: {setting} = {tokens} is longer than the {trained} tokens its "
+                             f"base {model.base.text} was trained on; use at most {trained}")
+
+
 def tasks(build: ModelBuild) -> list[Task]:
     base, paths = build.model.base, build.paths
+    refuse_contexts_beyond(build)
     if not paths.imported:  # a Hugging Face folder is read where it is
         return preflight_tasks(build)
     return [Task(build.model.name, f"{base.text} → Hugging Face folder", run,

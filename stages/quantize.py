@@ -136,8 +136,8 @@ def tasks(build: ModelBuild) -> list[Task]:
         found.append(Task(
             f"{release}.imatrix", f"importance matrix of {converted.name} over {calibration.name} (llama-imatrix)",
             make_imatrix, {"model_path": converted, "calibration": calibration, "out_path": imatrix,
-                           "context": options.imatrix_context, "threads": build.spec.threads},
-            {"context": options.imatrix_context, **llamacpp.fingerprint_versions()},
+                           "context": build.context(options.imatrix_context), "threads": build.spec.threads},
+            {"context": build.context(options.imatrix_context), **llamacpp.fingerprint_versions()},
             inputs=[converted, calibration], outputs=[imatrix], after=after))
     for quant in model.quantize:
         out = paths.gguf(release, quant)

@@ -26,14 +26,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from .formats import dataset as datasets
 from .formats import hf, lora
 from .ground.atomic import atomic_dir
 from .ground.device import pick_device
 from .ground.errors import BuildError
 from .ground.hashing import canonical_json, file_blake3, tool_versions
+from .ground.progress import bar
 from .ground.spec import TrainSpec
 from .ground.task import ModelBuild, Task
 from .ground.units import parse_size
@@ -300,6 +299,8 @@ def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device, dtype, c
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
+        for weight_name, weight in model.named_parameters():  # refused here, not as a NaN loss at step 1
+            hf.refuse_non_finite(weight.detach(), weight_name, base_dir, "use an intact copy of the base model")
         if checkpointing:  # recompute each layer in backward instead of keeping its activations
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     moe = any(name.endswith(".experts") for name, _ in model.named_modules())
@@ -374,6 +375,21 @@ def _restore(state: dict, model, optimizer, scheduler, ranks: Ranks) -> Progress
     return Progress(state["step"], data_order, state["pending"], state["log"])
 
 
+def diverged(name: str, step: int, steps: int, loss: float, learning_rate: float, spec: TrainSpec) -> str:
+    """Why training stopped at a NaN or infinite loss, and what to try: going on would only write an
+    adapter of NaNs, which llama.cpp's quantizer rejects hours later."""
+    where = f"train {name}: the loss is {loss} at step {step} of {steps}"
+    if step == 1:  # no update has happened yet: the LoRA starts as zero, so this is the base or the data
+        return (f"{where}, before any update: the base model's weights or the training data give it; check the "
+                "base (does it answer sensibly on its own?) and the data's records")
+    hints = [f"lower learning_rate in [models.train] (now {spec.learning_rate:g}; the step used {learning_rate:g})"]
+    if spec.warmup_steps == 0:
+        hints.append("add warmup_steps")
+    if spec.dtype == "float16":
+        hints.append('use dtype = "bfloat16" or "float32" (float16 overflows easily)')
+    return f"{where}: training diverged, and going on would write broken weights; {', or '.join(hints)}"
+
+
 def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, spec: TrainSpec, steps: int,
          pad_id: int, device, name: str, ranks: Ranks, checkpoints: Path | None) -> list[dict]:
     """The training loop from `progress` on; returns the log, one row per step plus the validation losses."""
@@ -381,9 +397,9 @@ def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, 
     cadence = checkpoint.Cadence(spec.checkpoint_every if checkpoints else 0)
     log = progress.log
     model.train()
-    progress_bar = tqdm(range(progress.step + 1, steps + 1), desc=f"train {name}", unit="step",
-                        initial=progress.step, total=steps, disable=not ranks.main,
-                        file=sys.stdout if ranks.distributed else None)  # the launcher passes on the main rank's stdout
+    progress_bar = bar(range(progress.step + 1, steps + 1), desc=f"train {name}", unit="step",
+                       initial=progress.step, total=steps, disable=not ranks.main,
+                       file=sys.stdout if ranks.distributed else None)  # the launcher passes on the main rank's stdout
     for step in progress_bar:
         started, tokens, loss_sum = time.perf_counter(), 0, 0.0
         for _ in range(spec.grad_accum):
@@ -395,11 +411,14 @@ def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, 
             loss.backward()  # DDP and FSDP exchange the gradients inside backward
             loss_sum += loss.item()
             tokens += int(tensors["attention_mask"].sum()) * weight
+        if ranks.distributed:
+            loss_sum, tokens = ranks.total(loss_sum / ranks.world, tokens)
+        if not math.isfinite(loss_sum):  # every rank sees the same total, so all stop together
+            progress_bar.close()
+            raise BuildError(diverged(name, step, steps, loss_sum, scheduler.get_last_lr()[0], spec))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-        if ranks.distributed:
-            loss_sum, tokens = ranks.total(loss_sum / ranks.world, tokens)
         row = {"step": step, "epoch": round(step * spec.grad_accum / batches_per_epoch, 3),
                "train_loss": round(loss_sum, 6), "learning_rate": scheduler.get_last_lr()[0],
                "step_s": round(time.perf_counter() - started, 4),
@@ -580,6 +599,7 @@ def tasks(build: ModelBuild) -> list[Task]:
     model, paths = build.model, build.paths
     if not model.train:
         return []
+    split_examples(model.train)  # a bad record fails `doit` before anything runs, not hours into the build
     inputs = paths.base_files() + model.train.data_files
     return [Task(model.name, "LoRA fine-tune (PyTorch + PEFT)", run,
                  {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,

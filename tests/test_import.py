@@ -84,7 +84,8 @@ def llama_cpp_dequantized(path, out):
     return out
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+# The fast tier round-trips one family (Gemma 3: its stored 1 + w norms take the most care); the rest are slow.
+@pytest.fixture(scope="module", params=[f if f == "gemma3" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def round_trip(request, tmp_path_factory, smollm_tokenizer):
     """A wide tiny model of one family, its GGUFs of every type, and each imported back."""
     family = request.param
@@ -240,6 +241,7 @@ def test_sentencepiece_vocabulary_round_trip(style, family, tmp_path):
     assert hf_tokenizer.chat_template is None and not (imported / "chat_template.jinja").exists()
 
 
+@pytest.mark.slow
 def test_llama3_rope_factors_come_back_as_its_parameters(smollm_tokenizer, tmp_path):
     """Llama 3.1's rope is stored as a factor per frequency; import solves for the parameters that
     give them (the original context is fixed by Llama 3's low_freq_factor = 1, as here)."""
@@ -264,6 +266,7 @@ def test_llama3_rope_factors_come_back_as_its_parameters(smollm_tokenizer, tmp_p
         arches.llama3_rope_parameters(factors ** 0.5, config | {"rope_parameters": {"rope_theta": 500000.0}})
 
 
+@pytest.mark.slow
 def test_phi3_longrope_factors_come_back_into_the_config(smollm_tokenizer, monkeypatch, tmp_path):
     """Phi-3 128k's LongRoPE factors are tensors in the GGUF; import puts them back in rope_parameters,
     and a file whose factors the config would not give back is refused (with the map released)."""
@@ -291,6 +294,7 @@ def test_phi3_longrope_factors_come_back_into_the_config(smollm_tokenizer, monke
     assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gemma3", "qwen3"])
 def test_b1_a_lora_trained_on_an_imported_gguf_runs_on_that_very_file(family, smollm_tokenizer, tmp_path):
     """Route B1 on the user's own GGUF: train on its import, then llama.cpp runs the user's file with
@@ -390,6 +394,7 @@ def test_float32_safetensors_header_is_safetensors_own(tmp_path):
     assert shards == {"model-00001-of-00002.safetensors": ["a", "b"], "model-00002-of-00002.safetensors": ["c"]}
 
 
+@pytest.mark.slow
 def test_a_sharded_import_loads_in_transformers(tiny_llama, monkeypatch, tmp_path):
     """Above the shard size the weights are split as the hub splits them, with an index."""
     from transformers import AutoModelForCausalLM
@@ -403,3 +408,17 @@ def test_a_sharded_import_loads_in_transformers(tiny_llama, monkeypatch, tmp_pat
     model = AutoModelForCausalLM.from_pretrained(out)
     for name, values in whole.items():
         assert np.array_equal(model.state_dict()[name].numpy(), values), name
+
+
+def test_a_gguf_base_holding_nan_is_refused_naming_the_tensor(tiny_llama, tmp_path):
+    path = convert.run(tiny_llama, tmp_path / "m.gguf", "f32", "tiny") or tmp_path / "m.gguf"
+    with ggufheader.Mapped(path) as gguf_file:
+        norm = next(t for t in gguf_file.header.tensors if t.name == "blk.0.ffn_norm.weight")
+        start = gguf_file.header.data_offset + norm.offset
+    with open(path, "r+b") as f:  # one float32 of the norm becomes NaN
+        f.seek(start + 4 * 3)
+        f.write(np.float32("nan").tobytes())
+    with pytest.raises(BuildError) as err:
+        import_gguf(path, tmp_path / "out")
+    assert f"{path}: tensor 'blk.0.ffn_norm.weight' holds NaN or infinite values" in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -1,5 +1,7 @@
 """models.toml validation: each bad input is one clear sentence naming file and field."""
 
+import os
+import re
 
 import pytest
 from helpers import REPO, SMOLLM_GGUF, doit, write_spec
@@ -48,6 +50,8 @@ def test_quant_names_are_normalised_and_paths_resolved_from_the_spec_folder(tmp_
     ('[[models]]\nname = "m"\nbase = "x.gguf"\nouttype = "q4"\n', "models[0].outtype: Input should be 'f32', 'f16'"),
     ('[[models]]\nname = "m"\nbase = "x.gguf"\n[[models]]\nname = "m"\nbase = "x.gguf"\n', "repeated: m"),
     ('models = []\n', "models: List should have at least 1 item"),
+    ('[[models]]\nname = "Demo"\nbase = "x.gguf"\n[[models]]\nname = "demo"\nbase = "x.gguf"\n',
+     "model names 'Demo' and 'demo' differ only in case: they would share one cache folder on macOS and Windows"),
     ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.convert]\nengine = "llamacpp"\n',
      "models[0].convert.engine: Input should be 'auto', 'native' or 'llama.cpp'"),
     ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.convert]\nengine = "llama.cpp"\ncommand = ["c", "{out}"]\n',
@@ -159,3 +163,93 @@ def test_a_spec_and_a_dataset_that_start_with_a_byte_order_mark_are_read(tmp_pat
     (tmp_path / "x.gguf").write_bytes(b"")
     spec = write_spec(tmp_path, '\ufeffcache = "out"\n[[models]]\nname = "m"\nbase = "x.gguf"\n')
     assert load_spec(spec).cache == tmp_path / "out"
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ('[models.train]\ndataset = "folder"\n', "models[0].train.dataset: dataset {d}/folder is a folder, not a file"),
+    ('[models.package]\nlicense = "folder"\n', "license file {d}/folder is a folder, not a file"),
+    ('[models.eval]\nprompts = "folder"\n', "eval prompts file {d}/folder is a folder, not a file"),
+    ('[models.adapter]\npath = "x.gguf"\n', "adapter folder {d}/x.gguf is a file, not a folder"),
+])
+def test_a_file_where_a_folder_is_expected_and_the_reverse_are_named(tmp_path, setting, expected):
+    (tmp_path / "x.gguf").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    path = write_spec(tmp_path, f'[[models]]\nname = "m"\nbase = "x.gguf"\n{setting}')
+    with pytest.raises(BuildError, match=re.escape(expected.format(d=tmp_path))):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("cache", ["taken.txt", "taken.txt/below"])
+def test_a_cache_folder_that_is_a_file_is_refused_before_anything_runs(tmp_path, cache):
+    (tmp_path / "x.gguf").write_bytes(b"")
+    (tmp_path / "taken.txt").write_text("mine")
+    path = write_spec(tmp_path, f'cache = "{cache}"\n[[models]]\nname = "m"\nbase = "x.gguf"\n')
+    result = doit(path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.output
+    assert f"cache = '{cache}' needs a folder at {tmp_path / 'taken.txt'}, and that is a file" in result.output
+    assert (tmp_path / "taken.txt").read_text() == "mine"
+
+
+def test_a_spec_that_is_not_utf8_or_is_a_folder_is_named(tmp_path):
+    path = tmp_path / "models.toml"
+    path.write_bytes('[[models]]\nname = "café"\nbase = "x.gguf"\n'.encode("latin-1"))
+    result = doit(path, command="list", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.output
+    assert f"{path}: not UTF-8 text (line 2: byte 0xe9 at offset 22): TOML files are UTF-8" in result.output
+    with pytest.raises(BuildError, match="is a folder: pass the models.toml inside it"):
+        load_spec(tmp_path)
+
+
+def test_more_threads_than_cores_are_clamped_with_a_note(tmp_path, capsys):
+    (tmp_path / "x.gguf").write_bytes(b"")
+    path = write_spec(tmp_path, 'threads = 100000\n[[models]]\nname = "m"\nbase = "x.gguf"\n')
+    assert load_spec(path).threads == os.cpu_count()
+    assert f"threads = 100000 is more than this machine's {os.cpu_count()} cores; using {os.cpu_count()}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, setting, content, expected", [
+    ("data.jsonl", '[models.train]\ndataset = "data.jsonl"\n',
+     b'{"instruction": "Say 1.", "output": "1"}\n{"instruction": "Say 2.", "output": \n', "data.jsonl:2: not valid JSON"),
+    ("data.jsonl", '[models.train]\ndataset = "data.jsonl"\n',
+     '{"instruction": "Say 1.", "output": "1"}\n{"instruction": "Dis «2».", "output": "2"}\n'.encode("latin-1"),
+     "data.jsonl:2: not UTF-8 text (byte 0xab): save the dataset as UTF-8"),
+    ("prompts.jsonl", '[models.eval]\nprompts = "prompts.jsonl"\n',
+     b'{"prompt": "Hi?", "answer": "Hello."}\n{"prompt": "Where?"}\n', "prompts.jsonl:2: the record has no \"answer\" string"),
+])
+def test_a_bad_record_in_a_file_the_spec_names_fails_before_anything_runs(tmp_path, name, setting, content, expected):
+    """Found when doit reads the spec, not after the hours of training and quantizing before the stage that reads it."""
+    (tmp_path / name).write_bytes(content)
+    path = write_spec(tmp_path, f'[[models]]\nname = "m"\nbase = "{SMOLLM_GGUF}"\n{setting}')
+    result = doit(path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.output
+    assert f"modelmake: {tmp_path / expected}" in result.output
+    assert not (tmp_path / "cache/m").exists()
+
+
+@pytest.mark.parametrize("setting, table_key", [
+    ("[models.eval]\ncontext = 16384\n", "[models.eval] context = 16384"),
+    ('[models.quantize]\ntypes = ["Q4_K_M"]\nimatrix_context = 9000\n', "[models.quantize] imatrix_context = 9000"),
+    ("[models.package]\ncontext_size = 100000\n", "[models.package] context_size = 100000"),
+    ('[models.train]\ndataset = "data.jsonl"\nmax_seq_len = 8193\n', "[models.train] max_seq_len = 8193"),
+])
+def test_a_context_longer_than_the_base_was_trained_on_is_refused_when_the_spec_loads(tmp_path, setting, table_key):
+    """SmolLM2 was trained on 8192 tokens: a longer window would run llama.cpp and transformers past
+    the positions it knows. Refused before anything runs, naming the setting and the limit."""
+    (tmp_path / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 4)
+    path = write_spec(tmp_path, f'[[models]]\nname = "m"\nbase = "{SMOLLM_GGUF}"\n{setting}')
+    result = doit(path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.output
+    assert f"model 'm': {table_key} is longer than the 8192 tokens its base {SMOLLM_GGUF} was trained on; " \
+           "use at most 8192" in result.output, result.output[-2000:]
+    assert not (tmp_path / "cache/m").exists()
+
+
+def test_default_windows_shrink_to_a_short_trained_context(tiny_llama):
+    """The default eval and imatrix windows (512) are cut to a base trained on 256 tokens, not refused."""
+    from stages.ground.spec import Spec
+    from stages.ground.task import ModelBuild
+
+    spec = Spec.model_validate({"models": [{"name": "t", "base": str(tiny_llama)}]}, context={"spec_dir": tiny_llama})
+    build = ModelBuild.of(spec, spec.models[0])
+    assert build.trained_context == 256
+    assert build.context(spec.models[0].eval.context) == 256 and build.context(128) == 128

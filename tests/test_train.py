@@ -113,9 +113,10 @@ GOOD = "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"
     ('{"instruction": "a", "output": "b"}\n{"instruction": "Say hi."}\n', "", "data.jsonl:2: missing 'output' (a string)"),
     ('{"messages": [{"role": "user", "content": "hi"}]}\n', "", "data.jsonl:1: the last message must be the assistant's answer"),
     ("\n\n", "", "data.jsonl is empty: add JSONL records"),
-    (GOOD, "max_seq_len = 8\n", "every training record is longer than max_seq_len = 8 tokens"),
-    (GOOD, '[models.train.lora]\ntarget_modules = ["q_proj", "qkv_proj"]\n',
-     "lora.target_modules qkv_proj are not in"),
+    pytest.param(GOOD, "max_seq_len = 8\n", "every training record is longer than max_seq_len = 8 tokens",
+                 marks=pytest.mark.slow),  # found once training has loaded the model
+    pytest.param(GOOD, '[models.train.lora]\ntarget_modules = ["q_proj", "qkv_proj"]\n',
+                 "lora.target_modules qkv_proj are not in", marks=pytest.mark.slow),
 ])
 def test_bad_training_input_fails_cleanly(tiny_llama, tmp_path, data, extra, expected):
     result = doit(workspace(tmp_path, tiny_llama, data, extra), check=False)
@@ -125,12 +126,14 @@ def test_bad_training_input_fails_cleanly(tiny_llama, tmp_path, data, extra, exp
     assert not (tmp_path / "cache/m/adapter").exists() and leftovers(tmp_path / "cache") == []
 
 
+@pytest.mark.slow
 def test_unknown_target_module_lists_the_real_ones(tiny_llama, tmp_path):
     spec = workspace(tmp_path, tiny_llama, GOOD, '[models.train.lora]\ntarget_modules = ["qkv_proj"]\n')
     output = doit(spec, check=False).output
     assert "its linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in output
 
 
+@pytest.mark.slow
 def test_changing_lora_settings_reruns_train_and_what_follows_only(tiny_llama, tmp_path):
     spec = workspace(tmp_path, tiny_llama, GOOD)
     assert doit(spec).ran == ["train:m", "adapter:m", "merge:m", "convert:m", "convert:m-merged",
@@ -157,3 +160,56 @@ def test_device_and_dtype_choice():
     assert train.pick_dtype("auto", "cpu") is torch.float32
     assert train.pick_dtype("auto", "mps") is torch.float16
     assert train.pick_dtype("bfloat16", "cpu") is torch.bfloat16
+
+
+def test_a_diverging_run_stops_at_that_step_with_the_loss_and_what_to_try(tiny_llama, tmp_path):
+    """An absurd learning rate blows the loss up within a few steps: training stops there, naming the
+    step, the loss and the setting to change, instead of writing an adapter of NaNs that llama.cpp's
+    quantizer would reject at the end of the build."""
+    from stages.ground.errors import BuildError
+
+    with pytest.raises(BuildError) as err:
+        train.run(tiny_llama, tmp_path / "adapter", train_spec(max_steps=20, batch_size=4, learning_rate=1e30), "tiny",
+                  threads=2)
+    message = str(err.value)
+    assert message.startswith("train tiny: the loss is ") and "training diverged" in message, message
+    step = int(message.split(" at step ")[1].split(" ")[0])
+    assert 1 < step < 20 and "lower learning_rate in [models.train] (now 1e+30" in message
+    assert "add warmup_steps" in message
+    assert not (tmp_path / "adapter").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_base_or_adapter_holding_nan_is_refused_where_it_enters(tiny_llama, tmp_path):
+    """Broken weights are named (file and tensor) by the stage that first reads them: train and convert
+    for a base, every stage that loads an adapter for an adapter."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from stages import convert
+    from stages.ground.errors import BuildError
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    weights = load_file(base / "model.safetensors")
+    poisoned = "model.layers.1.mlp.up_proj.weight"
+    weights[poisoned][3, 5] = float("nan")
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BuildError) as err:
+        train.run(base, tmp_path / "adapter", train_spec(max_steps=1), "tiny", threads=2)
+    assert f"{base}: tensor '{poisoned}' holds NaN or infinite values" in str(err.value)
+    with pytest.raises(BuildError) as err:
+        convert.run(base, tmp_path / "m.gguf", "f16", "tiny")
+    assert f"{base / 'model.safetensors'}: tensor '{poisoned}' holds NaN or infinite values" in str(err.value)
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "adapter").exists()
+
+    adapter = tmp_path / "good-adapter"
+    train.run(tiny_llama, adapter, train_spec(max_steps=1), "tiny", threads=2)
+    tensors = load_file(adapter / lora.WEIGHTS)
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, adapter / lora.WEIGHTS)
+    with pytest.raises(BuildError) as err:
+        lora.load(adapter)
+    assert f"{adapter}: tensor '{name}' holds NaN or infinite values" in str(err.value)
+    assert "train it again with a lower learning rate" in str(err.value)
+    assert torch.isinf(load_file(adapter / lora.WEIGHTS)[name]).any()  # refused, not repaired

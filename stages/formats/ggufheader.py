@@ -178,3 +178,14 @@ class Mapped:
         start = self.header.data_offset + tensor.offset
         data = np.frombuffer(self._map, dtype=np.uint8, count=tensor.nbytes, offset=start)
         return data.reshape(math.prod(tensor.dims[1:]), -1)
+
+
+def context_length(path: Path) -> int | None:
+    """The context length a GGUF's model was trained for, from its header; None for a file that is
+    not a readable model GGUF (the stage that imports it says what is wrong)."""
+    try:
+        with Mapped(path) as gguf_file:
+            found = gguf_file.value(f"{gguf_file.value('general.architecture')}.context_length")
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        return None
+    return int(found) if isinstance(found, int) else None

@@ -19,6 +19,23 @@ def is_vision(name: str) -> bool:
     return any(part in VISION_PARTS for part in name.split("."))
 
 
+def refuse_non_finite(values, tensor: str, source, what: str) -> None:
+    """A weight holding NaN or infinity is refused where it enters the build: llama.cpp would quantize
+    it without a word and the released model would answer garbage (or crash its quantizer much later).
+    `values`: a torch tensor or numpy array; `source`: the file it came from; `what`: the way out."""
+    import numpy as np
+
+    if hasattr(values, "is_floating_point"):  # torch
+        import torch
+
+        finite = not values.is_floating_point() or bool(torch.isfinite(values).all())
+    else:
+        finite = not np.issubdtype(values.dtype, np.floating) or bool(np.isfinite(values).all())
+    if not finite:
+        raise BuildError(f"{source}: tensor {tensor!r} holds NaN or infinite values: the weights are broken, and "
+                         f"nothing built from them would work; {what}")
+
+
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..ground.errors import BuildError
+from .hf import refuse_non_finite
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"  # what PEFT's save_pretrained writes
@@ -100,6 +101,8 @@ def load(folder: Path, allow_pickle: bool = False) -> Adapter:
     config = _read_adapter_config(folder)
     halves: dict[str, dict] = {}
     for key, tensor in _load_tensors(folder, allow_pickle).items():
+        refuse_non_finite(tensor, key, folder, "a training run whose loss blew up writes such an adapter: "
+                          "train it again with a lower learning rate")
         parsed = base_weight_name(key)
         if parsed is None:
             raise BuildError(f"{folder}: tensor {key!r} is not a LoRA A or B matrix; only plain LoRA adapters are supported")

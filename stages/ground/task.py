@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from ..formats import arch
+from ..formats import arch, ggufheader
 from ..formats.lora import ADAPTER_FILES
 from .hashing import INDEX, tree_files
 from .spec import AdapterSpec, ModelSpec, Spec, base_config
@@ -84,6 +84,20 @@ class ModelBuild:
     def base_config(self) -> dict:
         """The base's config.json as far as it is here when the graph is made ({} when it is not yet)."""
         return base_config(self.model.base)
+
+    @cached_property
+    def trained_context(self) -> int | None:
+        """How many tokens the base was trained to attend over, from its config or GGUF header (no
+        weights read); None where that is not known when the graph is made (a hub base not fetched)."""
+        config = self.base_config
+        found = config.get("text_config", config).get("max_position_embeddings") or config.get("max_position_embeddings")
+        if found is None and self.model.base.kind == "gguf":
+            found = ggufheader.context_length(self.model.base.path)
+        return found if isinstance(found, int) else None
+
+    def context(self, tokens: int) -> int:
+        """A window of `tokens` (a default setting), no longer than the base was trained for."""
+        return min(tokens, self.trained_context or tokens)
 
     @cached_property
     def converter(self) -> str:
