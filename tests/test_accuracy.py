@@ -90,6 +90,7 @@ min_exact_match = {limit}
 """
 
 
+@pytest.mark.slow
 def test_an_answer_gate_fails_the_build_naming_variant_value_and_limit(tmp_path, tiny_llama):
     shutil.copytree(tiny_llama, tmp_path / "tiny")
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say {w}.", "answer": w}) + "\n"

@@ -99,7 +99,7 @@ def test_doit_ships_an_architecture_modelmake_has_no_plan_for(arch, request, tmp
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3"])
+@pytest.mark.parametrize("arch", ["mistral", *(pytest.param(a, marks=pytest.mark.slow) for a in ("llama", "gemma3"))])
 def test_the_pinned_converter_writes_the_native_tensors(arch, request, tmp_path):
     """`engine = "llama.cpp"` on a native family: every tensor the same name, type and bytes. The
     metadata differs only where the two write different but equivalent facts. (The tiny models carry
@@ -128,6 +128,7 @@ def test_the_pinned_converter_writes_the_native_tensors(arch, request, tmp_path)
     assert theirs["general.type"] == "model"
 
 
+@pytest.mark.slow
 def test_the_pinned_converter_uses_only_its_own_gguf_py(tiny_llama, tmp_path, monkeypatch):
     """Another gguf package on PYTHONPATH and NO_LOCAL_GGUF set (which would make the script use the
     installed gguf) change nothing: the pinned tree's gguf-py is the one that runs."""
@@ -153,6 +154,7 @@ def _unknown_architecture(model_dir):
     # its probe hash is in none of llama.cpp's tables (modelmake's own converter needs pretokenizer = …).
     ("qwen2", None, '\n[models.convert]\nengine = "llama.cpp"\n', "BPE pre-tokenizer was not recognized"),
 ])
+@pytest.mark.slow
 def test_preflight_refuses_before_any_training(arch, mutate, engine, reason, request, tmp_path):
     spec = finetune_workspace(tmp_path, request.getfixturevalue(f"tiny_{arch}"), SPEC + engine)
     if mutate:
@@ -169,6 +171,7 @@ def test_preflight_refuses_before_any_training(arch, mutate, engine, reason, req
     assert leftovers(tmp_path / "cache") == []
 
 
+@pytest.mark.slow
 def test_the_lock_names_the_pinned_converter_version(tiny_smollm3, tmp_path):
     """The converter's version is in every fingerprint and the lock: a lock made with another
     llama-cpp-python is named by `doit check` (here the lock is edited; the bytes are the same)."""

@@ -32,6 +32,7 @@ def ran(output: str) -> list[str]:
     return [line[3:].strip() for line in output.splitlines() if line.startswith(".  ")]
 
 
+@pytest.mark.slow
 def test_two_builds_started_together_run_each_task_once(spec, tmp_path):
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
     handles = [open(log, "w") for log in logs]
@@ -48,6 +49,7 @@ def test_two_builds_started_together_run_each_task_once(spec, tmp_path):
     assert "1 artifacts match" not in doit(spec, "verify").output  # verify passes (raises otherwise)
 
 
+@pytest.mark.slow
 def test_wait_no_fails_at_once_and_reading_needs_no_lock(spec, tmp_path):
     doit(spec)
     cache = tmp_path / "cache"
@@ -83,6 +85,7 @@ def test_wait_no_fails_at_once_and_reading_needs_no_lock(spec, tmp_path):
     assert bad.returncode != 0 and "wait=maybe: say wait=no" in bad.output
 
 
+@pytest.mark.slow
 def test_a_killed_build_leaves_the_cache_unlocked(spec, tmp_path):
     """The lock is the kernel's (flock): it goes with its process, however that process dies."""
     log = tmp_path / "killed.log"

@@ -117,6 +117,7 @@ def switched(tmp_path_factory, tiny_llama):
             "third_restored": restored(spec, third.output), "third_records": records(spec)}
 
 
+@pytest.mark.slow
 def test_switching_back_restores_instead_of_building(switched):
     assert set(ACTIONS) <= set(switched["first"].ran) and set(ACTIONS) <= set(switched["second"].ran)
     assert set(ACTIONS) <= switched["third_restored"], switched["third"].output[-3000:]
@@ -127,17 +128,20 @@ def test_switching_back_restores_instead_of_building(switched):
     assert "train m: device" not in switched["third"].output, "the train stage itself did not run"
 
 
+@pytest.mark.slow
 def test_a_restored_build_satisfies_the_lock(switched):
     result = doit(switched["spec"], "check")
     assert "reproduced byte for byte" in result.output
 
 
+@pytest.mark.slow
 def test_doit_info_prints_the_action_key(switched):
     result = doit(switched["spec"], "train:m", command="info")
     key = switched["third_records"]["train:m"]["action_key"]
     assert "action key" in result.output and key in result.output
 
 
+@pytest.mark.slow
 def test_the_report_says_what_was_restored_and_how_large_the_store_is(switched):
     doit(switched["spec"], "report")
     text = (switched["spec"].parent / "cache/report/REPORT.md").read_text()
@@ -145,6 +149,7 @@ def test_the_report_says_what_was_restored_and_how_large_the_store_is(switched):
     assert "The action cache holds " in text and "entries" in text
 
 
+@pytest.mark.slow
 def test_a_damaged_store_entry_is_discarded_and_the_task_built(switched):
     spec = switched["spec"]
     store = Store(spec.parent / "cache/.store")
@@ -164,6 +169,7 @@ def test_a_damaged_store_entry_is_discarded_and_the_task_built(switched):
     assert store_is_whole(store.root) > 0
 
 
+@pytest.mark.slow
 def test_cache_off_builds_and_records_nothing(switched, tmp_path):
     spec = finetune_workspace(tmp_path, Path(switched["spec"].parent / "tiny"))
     result = doit(spec, "cache=off")
@@ -171,6 +177,7 @@ def test_cache_off_builds_and_records_nothing(switched, tmp_path):
     assert sums(spec) == switched["first_sums"]
 
 
+@pytest.mark.slow
 def test_cache_gc_keeps_the_current_build_and_drops_the_rest(switched):
     spec = switched["spec"]
     store = spec.parent / "cache/.store"
@@ -202,6 +209,7 @@ def pushed(tmp_path_factory, tiny_llama):
         yield {"folder": folder, "spec": spec, "registry": running, "output": result.output, "sums": sums(spec)}
 
 
+@pytest.mark.slow
 def test_a_second_machine_restores_everything_from_the_registry(pushed, tmp_path):
     assert pushed["output"].count("pushed ") >= len(ACTIONS)
     spec = fresh_clone(pushed["folder"], tmp_path / "second")
@@ -214,6 +222,7 @@ def test_a_second_machine_restores_everything_from_the_registry(pushed, tmp_path
     assert "restored from registry" in (spec.parent / "cache/report/REPORT.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_tampered_remote_blob_is_refused_and_the_task_built(pushed, tmp_path):
     quantized = next(line.split()[0] for line in pushed["sums"].splitlines() if line.endswith("m-merged.Q8_0.gguf"))
     blob = pushed["registry"].blob_data(f"sha256:{quantized}")
@@ -231,6 +240,7 @@ def test_a_tampered_remote_blob_is_refused_and_the_task_built(pushed, tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_registry_that_is_down_costs_one_warning(pushed, tmp_path):
     import socket
 
@@ -244,6 +254,7 @@ def test_a_registry_that_is_down_costs_one_warning(pushed, tmp_path):
     assert sums(spec) == pushed["sums"] and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_wrong_password_costs_one_warning(tmp_path, tiny_llama):
     with Registry(tmp_path / "auth-registry", users={"ci": "right"}) as running:
         spec = finetune_workspace(tmp_path / "w", tiny_llama, remote_spec(running.host))
@@ -279,6 +290,7 @@ def _doit_command(spec: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "doit", "run", "-f", str(REPO / "dodo.py"), *args, f"spec={spec}"]
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_restore_leaves_no_half_entry(pushed, tmp_path):
     spec = fresh_clone(pushed["folder"], tmp_path / "killed")
     store = spec.parent / "cache/.store"
@@ -290,6 +302,7 @@ def test_kill_9_during_a_restore_leaves_no_half_entry(pushed, tmp_path):
     assert store_is_whole(store) > 0 and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_cache_push_leaves_no_half_entry(pushed, tmp_path):
     with Registry(tmp_path / "fresh-registry") as fresh:
         spec = fresh_clone(pushed["folder"], tmp_path / "pusher", remote_spec(fresh.host, push=False))
@@ -318,6 +331,7 @@ def test_bad_cache_tables_are_clear_errors(tmp_path, tiny_llama, table, expected
     assert result.returncode != 0 and expected in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_checkouts_on_one_machine_share_a_store(tmp_path, tiny_llama):
     """[cache] store names one folder for several checkouts; [cache] dir names the output folder."""
     text = ('[[models]]\nname = "m"\nbase = "tiny"\nquantize = ["Q8_0"]\n\n[cache]\ndir = "out"\n'

@@ -156,6 +156,7 @@ max_kl = {limit}
 """
 
 
+@pytest.mark.slow
 def test_a_variant_over_its_gate_fails_the_build_and_is_not_packaged(tmp_path, tiny_llama):
     import shutil
 

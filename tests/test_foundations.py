@@ -152,6 +152,7 @@ def _populate_hub_cache(hub: os.PathLike, repo_id: str, model_dir, commit: str) 
     shutil.copytree(model_dir, repo / "snapshots" / commit)
 
 
+@pytest.mark.slow
 def test_hub_base_imports_from_the_hub_cache(tmp_path, tiny_llama):
     hub = tmp_path / "hub"
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -41,6 +41,7 @@ def test_the_default_build_quantizes_with_an_imatrix_over_the_training_set(defau
     assert "imatrix/smollm2-demo-merged.imatrix.gguf" in {a["path"] for a in manifest["artifacts"]}
 
 
+@pytest.mark.slow
 def test_an_iq_type_without_a_matrix_is_llama_quantizes_bytes_too(tmp_path, smollm_tokenizer):
     """IQ4_XS needs no matrix. Rows of 256 (the real model's width is covered by the cases below) are
     wide enough that llama.cpp quantizes the weights as IQ4_XS instead of falling back to another type."""
@@ -171,6 +172,7 @@ def test_built_tools_name_their_source():
     assert len(tools.stamp["sdist_sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_changed_calibration_text_recomputes_the_matrix_and_quantizes_again(tmp_path, tiny_llama):
     import shutil
 

@@ -21,6 +21,7 @@ def locked(tmp_path_factory, tiny_llama):
             "text": (folder / "models.lock").read_text()}
 
 
+@pytest.mark.slow
 def test_lock_records_every_artifact_task_with_its_facts_and_no_host_paths(locked):
     data = json.loads(locked["text"])
     assert data["format"] == lock.FORMAT and data["spec"] == "models.toml"
@@ -43,6 +44,7 @@ def test_lock_records_every_artifact_task_with_its_facts_and_no_host_paths(locke
     assert str(locked["folder"]) not in locked["text"] and os.environ.get("USER", "root") not in locked["text"]
 
 
+@pytest.mark.slow
 def test_a_clean_clone_passes_check(locked, tmp_path):
     spec = fresh_clone(locked["folder"], tmp_path / "clone")
     result = doit(spec, "check")
@@ -50,6 +52,7 @@ def test_a_clean_clone_passes_check(locked, tmp_path):
     assert "reproduced byte for byte" in result.output and "models.lock" in result.output
 
 
+@pytest.mark.slow
 def test_lock_twice_is_byte_identical_and_spec_comments_and_order_do_not_matter(locked, tmp_path):
     result = doit(locked["spec"], "lock")
     assert result.ran == ["lock"] and "unchanged" in result.output
@@ -64,6 +67,7 @@ def test_lock_twice_is_byte_identical_and_spec_comments_and_order_do_not_matter(
     assert (reordered / "models.lock").read_text() == locked["text"]
 
 
+@pytest.mark.slow
 def test_a_changed_parameter_names_train_as_the_first_difference(locked, tmp_path):
     spec = fresh_clone(locked["folder"], tmp_path / "clone")
     spec.write_text(FINETUNE_SPEC.replace("r = 8", "r = 16"))
@@ -80,6 +84,7 @@ def test_a_changed_parameter_names_train_as_the_first_difference(locked, tmp_pat
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_different_tool_version_names_the_tool_and_both_versions(locked, tmp_path):
     spec = fresh_clone(locked["folder"], tmp_path / "clone")
     data = json.loads((spec.parent / "models.lock").read_text())
@@ -95,6 +100,7 @@ def test_a_different_tool_version_names_the_tool_and_both_versions(locked, tmp_p
             in result.output)
 
 
+@pytest.mark.slow
 def test_nondeterministic_bytes_are_named_with_both_digests(locked, tmp_path):
     """A package built with another SOURCE_DATE_EPOCH while the lock records the same inputs: the bytes
     differ though nothing recorded does."""
@@ -116,6 +122,7 @@ def test_nondeterministic_bytes_are_named_with_both_digests(locked, tmp_path):
     assert locked_sha != now_sha and f"{locked_sha}" in result.output and now_sha in result.output
 
 
+@pytest.mark.slow
 def test_training_on_another_platform_is_not_compared_and_says_so(locked, tmp_path):
     spec = fresh_clone(locked["folder"], tmp_path / "clone")
     data = json.loads((spec.parent / "models.lock").read_text())
@@ -137,6 +144,7 @@ def test_training_on_another_platform_is_not_compared_and_says_so(locked, tmp_pa
     (lambda text: text.replace('"spec": "models.toml"', '"spec": "other.toml"'), "is the lock of other.toml"),
     (None, "does not exist: run `doit lock`"),
 ])
+@pytest.mark.slow
 def test_bad_locks_are_clear_errors(locked, tmp_path, mangle, expected):
     spec = fresh_clone(locked["folder"], tmp_path / "clone")
     if mangle:

@@ -172,6 +172,7 @@ def test_adapter_for_another_base_is_refused_before_writing(tiny_llama, smollm_t
     assert not (tmp_path / "out/merged").exists()
 
 
+@pytest.mark.slow
 def test_pickle_only_adapter_needs_explicit_consent(tiny_llama, tmp_path):
     lora_dir = make_peft_adapter(tmp_path / "adapter", tiny_llama)
     tensors = load_file(lora_dir / "adapter_model.safetensors")
