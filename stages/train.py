@@ -66,6 +66,13 @@ def pick_dtype(requested: str, device: str):
     return torch.float32  # bf16 on CPU is slow and loses the run's determinism guarantees
 
 
+def no_chat_template(base: str) -> str:
+    """Why a base without a chat template cannot train on template = "chat", and the choices."""
+    return (f"{base} has no chat template, and [models.train] template = \"chat\" (the "
+            "default) formats the training data with the base's own; set template = \"alpaca\" in [models.train] "
+            "to train on the Alpaca format instead, or start from a base that has a chat template (an -Instruct model)")
+
+
 def prompt_and_answer(messages: tuple[dict, ...], tokenizer, template: str, system: str | None) -> tuple[str, str]:
     """The text before the answer and the answer itself, as the template writes them."""
     turns = list(messages)
@@ -74,6 +81,8 @@ def prompt_and_answer(messages: tuple[dict, ...], tokenizer, template: str, syst
     if template == "alpaca":
         user = "\n\n".join(t["content"] for t in turns[:-1] if t["role"] != "assistant")
         return f"### Instruction:\n{user}\n\n### Response:\n", turns[-1]["content"] + tokenizer.eos_token
+    if not tokenizer.chat_template:  # the graph refuses this first where it can see the base's files
+        raise BuildError(no_chat_template(f"the base {tokenizer.name_or_path}"))
     prompt = tokenizer.apply_chat_template(turns[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(turns, tokenize=False)
     if not full.startswith(prompt):
@@ -600,6 +609,8 @@ def tasks(build: ModelBuild) -> list[Task]:
     if not model.train:
         return []
     split_examples(model.train)  # a bad record fails `doit` before anything runs, not hours into the build
+    if model.train.template == "chat" and build.base_has_chat_template is False:
+        raise BuildError(no_chat_template(f"model {model.name!r}: its base {model.base.text}"))
     inputs = paths.base_files() + model.train.data_files
     return [Task(model.name, "LoRA fine-tune (PyTorch + PEFT)", run,
                  {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,

@@ -213,3 +213,35 @@ def test_a_base_or_adapter_holding_nan_is_refused_where_it_enters(tiny_llama, tm
     assert f"{adapter}: tensor '{name}' holds NaN or infinite values" in str(err.value)
     assert "train it again with a lower learning rate" in str(err.value)
     assert torch.isinf(load_file(adapter / lora.WEIGHTS)[name]).any()  # refused, not repaired
+
+
+def test_a_base_without_a_chat_template_gets_a_clear_choice(tiny_llama, tmp_path):
+    """A GGUF from outside (a Gemma 3 270M, say) may bring no chat template: template = "chat" is refused
+    when the spec loads, naming the way out, and template = "alpaca" makes a graph that trains."""
+    from transformers import AutoTokenizer
+
+    from stages import convert
+    from stages.ground.errors import BuildError
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_llama, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    convert.run(bare, tmp_path / "bare.gguf", "f16", "bare")
+    (tmp_path / "data.jsonl").write_text(GOOD)
+    spec = '[[models]]\nname = "m"\nbase = "bare.gguf"\n[models.train]\ndataset = "data.jsonl"\nmax_steps = 1\n'
+    refused = doit(write_spec(tmp_path, spec), command="list", check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.output
+    assert f"model 'm': its base bare.gguf has no chat template, and [models.train] template = \"chat\"" in refused.output
+    assert 'set template = "alpaca" in [models.train]' in refused.output
+    assert "train:m" in doit(write_spec(tmp_path, spec + 'template = "alpaca"\n'), command="list").output
+
+    tokenizer = AutoTokenizer.from_pretrained(bare)  # the same refusal where the graph could not look (a hub base)
+    example = GOOD.splitlines()[0]
+    from stages.formats.dataset import Example, to_messages
+
+    with pytest.raises(BuildError) as err:
+        train.encode(Example(to_messages(json.loads(example), "x:1"), "x:1"), tokenizer, "chat", None)
+    assert "has no chat template" in str(err.value)

@@ -180,12 +180,18 @@ class Mapped:
         return data.reshape(math.prod(tensor.dims[1:]), -1)
 
 
-def context_length(path: Path) -> int | None:
-    """The context length a GGUF's model was trained for, from its header; None for a file that is
-    not a readable model GGUF (the stage that imports it says what is wrong)."""
+def scalars(path: Path) -> dict:
+    """A GGUF's scalar metadata (strings and numbers, not arrays), or {} for a file that is not a
+    readable GGUF (the stage that imports it says what is wrong)."""
     try:
         with Mapped(path) as gguf_file:
-            found = gguf_file.value(f"{gguf_file.value('general.architecture')}.context_length")
+            return dict(gguf_file.header.scalars)
     except (OSError, ValueError, struct.error, UnicodeDecodeError):
-        return None
+        return {}
+
+
+def context_length(path: Path) -> int | None:
+    """The context length a GGUF's model was trained for, from its header; None where it does not say."""
+    found = scalars(path)
+    found = found.get(f"{found.get('general.architecture')}.context_length")
     return int(found) if isinstance(found, int) else None

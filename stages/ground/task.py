@@ -95,6 +95,18 @@ class ModelBuild:
             found = ggufheader.context_length(self.model.base.path)
         return found if isinstance(found, int) else None
 
+    @cached_property
+    def base_has_chat_template(self) -> bool | None:
+        """Whether the base brings a chat template (tokenizer_config.json, chat_template.jinja or the
+        GGUF's tokenizer.chat_template); None where that is not known when the graph is made."""
+        base = self.model.base
+        if base.kind == "gguf":
+            return "tokenizer.chat_template" in ggufheader.scalars(base.path) if base.path.is_file() else None
+        if base.kind == "hf_dir":
+            return (base.path / "chat_template.jinja").is_file() or (base.path / "chat_template.json").is_file() or \
+                "chat_template" in _json_or_empty(base.path / "tokenizer_config.json")
+        return None
+
     def context(self, tokens: int) -> int:
         """A window of `tokens` (a default setting), no longer than the base was trained for."""
         return min(tokens, self.trained_context or tokens)
@@ -197,3 +209,13 @@ class Task:
     def written(self) -> list[Path]:
         """Everything the task writes: what `doit clean` removes and the action cache keeps."""
         return self.clean or self.outputs
+
+
+def _json_or_empty(path: Path) -> dict:
+    import json
+
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
