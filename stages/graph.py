@@ -24,6 +24,7 @@ from .ground import llamacpp, lock, registry, runlog
 from .ground.cache import ActionCache, ActionKey, Recipe
 from .ground.errors import BuildError
 from .ground.hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions
+from .ground.progress import quiet_library_bars
 from .ground.remote import Remote
 from .ground.spec import ModelSpec, Spec
 from .ground.store import Store, collect_garbage, measure
@@ -49,6 +50,7 @@ def run_stage(func, kwargs: dict, outputs: list[Path], cache: Path, task: str, r
               action_cache: ActionCache | None):
     """doit python-action: restore the task's outputs from the action cache, or run the stage and
     record them there; timed for the report. A BuildError becomes a one-paragraph failure."""
+    quiet_library_bars()
     try:
         with runlog.measured(cache, task) as run:
             key = recipe.key() if action_cache else None

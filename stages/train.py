@@ -32,7 +32,7 @@ from .ground.atomic import atomic_dir
 from .ground.device import pick_device
 from .ground.errors import BuildError
 from .ground.hashing import canonical_json, file_blake3, tool_versions
-from .ground.progress import bar
+from .ground.progress import bar, quiet_library_bars
 from .ground.spec import TrainSpec
 from .ground.task import ModelBuild, Task
 from .ground.units import parse_size
@@ -467,6 +467,7 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
     import torch
     from transformers import AutoTokenizer, get_scheduler
 
+    quiet_library_bars()  # each process of a multi-process run loads the weights too
     device = pick_device(spec.device)
     dtype = torch.bfloat16 if spec.qlora else pick_dtype(spec.dtype, device)
     if threads:

@@ -34,9 +34,10 @@ class DoitRun:
 def doit(spec: Path, *args: str, command: str = "run", check: bool = True, env: dict | None = None) -> DoitRun:
     proc = subprocess.run(
         [sys.executable, "-m", "doit", command, "-f", str(REPO / "dodo.py"), *args, f"spec={spec}"],
-        capture_output=True, text=True, cwd=REPO, env=env,
+        capture_output=True, cwd=REPO, env=env,
     )
-    result = DoitRun(proc.returncode, proc.stdout + proc.stderr)
+    # Decoded by hand: text=True would turn a progress bar's carriage returns into newlines unseen.
+    result = DoitRun(proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace"))
     if check and proc.returncode != 0:
         raise AssertionError(f"doit {command} failed ({proc.returncode}):\n{result.output[-4000:]}")
     return result

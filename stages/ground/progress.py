@@ -40,3 +40,15 @@ def bar(iterable: Iterable | None = None, *, desc: str, unit: str, total: int | 
                     leave=False)
     return tqdm(iterable, desc=desc, unit=unit, total=total, initial=initial, disable=disable, file=_Lines(stream),
                 mininterval=LOG_INTERVAL, ascii=True, ncols=80)
+
+
+def quiet_library_bars(stream: TextIO | None = None) -> None:
+    """In a log, turn off the bars transformers and huggingface_hub draw themselves (loading weights,
+    downloads): they redraw with carriage returns, and modelmake's own bars already say where a stage is."""
+    if getattr(stream or sys.stderr, "isatty", lambda: False)():
+        return
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    disable_progress_bars()
+    logging.disable_progress_bar()
