@@ -38,7 +38,7 @@ from .ground.hashing import tool_versions
 from .ground.spec import EvalSpec, GateSpec, TrainSpec
 from .ground.task import ModelBuild, Task
 
-REVISION = 1
+REVISION = 2
 TOOLS = ("llama-cpp-python", "numpy", "transformers", "tokenizers", "sacrebleu")
 
 ROWS_PER_CHUNK = 64  # next-token distributions turned to float64 at a time: bounds memory at any vocabulary
@@ -178,6 +178,9 @@ def _accuracy_failures(scores: dict | None, gate: GateSpec) -> list[str]:
                             f"{scores['reference_exact_match']:.2%} (max_exact_match_drop = {gate.max_exact_match_drop})")
     if gate.min_chrf is not None and scores["chrf"] < gate.min_chrf:
         failures.append(f"chrF {scores['chrf']:.2f} is under min_chrf = {gate.min_chrf}")
+    if gate.min_terminated is not None and scores["terminated"] < gate.min_terminated:
+        failures.append(f"{scores['terminated']:.2%} of the answers end their turn before max_new_tokens, under "
+                        f"min_terminated = {gate.min_terminated}: the served model would talk on until cut off")
     return failures
 
 
@@ -189,7 +192,7 @@ def _llama(subject: Subject, context: int, threads: int, logits_all: bool):
     until the garbage collector finds it, while the next task loads another."""
     import llama_cpp
 
-    from .quantize import captured_llama_log
+    from .ground.llamacpp import captured_llama_log
 
     with captured_llama_log() as log:
         llm = None
@@ -256,7 +259,7 @@ def _vocabulary(model: Path):
     """The GGUF's tokenizer alone (no weights loaded), freed on leaving."""
     import llama_cpp
 
-    from .quantize import captured_llama_log
+    from .ground.llamacpp import captured_llama_log
 
     with captured_llama_log():
         vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
@@ -348,15 +351,17 @@ def answer_accuracy(job: Job, spec: EvalSpec, threads: int) -> dict:
     with _vocabulary(job.subject.model) as vocab:
         tokenized = [vocab.tokenize(p.text.encode("utf-8"), add_bos=True, special=True) for p in prompts]
     with _llama(job.subject, max(map(len, tokenized)) + spec.max_new_tokens, threads, logits_all=False) as llm:
-        answers = accuracy.answer_all(llm, tokenized, spec.max_new_tokens)
+        answers, ended = accuracy.answer_all(llm, tokenized, spec.max_new_tokens)
     reference = None
     if job.reference_result:
         reference = (json.loads(job.reference_result.read_text(encoding="utf-8")).get("accuracy") or {})
     reference_answers = [a["answer"] for a in reference["answers"]] if reference else None
     result = accuracy.scores(answers, [p.answer for p in prompts], reference_answers)
+    # The termination probe: a served model that never emits its end of turn talks until max_tokens.
+    result["terminated"] = sum(ended) / len(ended)
     if reference:
         result["reference_exact_match"] = reference["exact_match"]
-    return result | {"max_new_tokens": spec.max_new_tokens, "answers": accuracy.answer_rows(prompts, answers)}
+    return result | {"max_new_tokens": spec.max_new_tokens, "answers": accuracy.answer_rows(prompts, answers, ended)}
 
 
 def _rounded(value):

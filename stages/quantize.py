@@ -14,8 +14,6 @@ a host path would make the bytes differ between machines.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 from pathlib import Path
 
@@ -29,32 +27,13 @@ REVISION = 1
 TOOLS = ("llama-cpp-python", "transformers", "tokenizers")  # the last two format the calibration text
 
 
-@contextlib.contextmanager
-def captured_llama_log():
-    """Collect llama.cpp's log (a line per tensor) instead of printing it; yields the lines."""
-    import llama_cpp
-    import llama_cpp._logger
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):
-        lines.append(text.decode("utf-8", errors="replace"))
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
-
-
 def run(in_path: Path, out_path: Path, quant_type: str, threads: int = 0) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[quant_type]
     params.nthread = threads  # 0: llama.cpp uses every core
-    with atomic_file(out_path) as tmp, captured_llama_log() as log:
+    with atomic_file(out_path) as tmp, llamacpp.captured_llama_log() as log:
         status = llama_cpp.llama_model_quantize(str(in_path).encode(), str(tmp).encode(), params)
         if status != 0:
             tail = "".join(log[-5:]).strip().replace("\n", " | ")

@@ -23,6 +23,7 @@ from test_families import SPM_TEXTS
 from stages import adapter, convert, import_, quantize
 from stages.formats import arch as arches
 from stages.formats import ggufheader
+from stages.ground import llamacpp
 from stages.ground.errors import BuildError
 from stages.ground.spec import BaseRef
 
@@ -79,7 +80,7 @@ def llama_cpp_dequantized(path, out):
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.allow_requantize = 0, True  # LLAMA_FTYPE_ALL_F32
-    with quantize.captured_llama_log():
+    with llamacpp.captured_llama_log():
         assert llama_cpp.llama_model_quantize(str(path).encode(), str(out).encode(), params) == 0
     return out
 

@@ -1,6 +1,7 @@
-"""llama.cpp's own command-line tools, `llama-imatrix`, `llama-quantize` and `llama-mtmd-cli`, built
-from the source that the installed llama-cpp-python vendors (its PyPI source distribution ships
-`vendor/llama.cpp/tools/`), so the tools and the library the other stages call cannot drift apart;
+"""llama.cpp's own command-line tools, `llama-imatrix`, `llama-quantize`, `llama-mtmd-cli` and
+`llama-server`, built from the source that the installed llama-cpp-python vendors (its PyPI source
+distribution ships `vendor/llama.cpp/tools/`), so the tools and the library the other stages call
+cannot drift apart;
 and llama.cpp's own converters (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`, with the
 `conversion/` package and the `gguf-py/` of the same tree), staged beside them and run only with
 that gguf-py, for every architecture modelmake's own converter has no plan for.
@@ -14,6 +15,8 @@ llama-cpp-python's own build takes it, so a CUDA or Metal install gets tools bui
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -25,6 +28,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,8 +38,9 @@ from pathlib import Path
 from .errors import BuildError
 
 # llama-mtmd-cli: llama.cpp's multimodal runner, which checks that a vision model's text GGUF and its
-# mmproj answer a prompt about an image.
-TOOLS = ("llama-imatrix", "llama-quantize", "llama-mtmd-cli")
+# mmproj answer a prompt about an image. llama-server: the engine Docker Model Runner runs; the parity
+# check renders chat templates with its Jinja engine and `doit serve` serves a release with it.
+TOOLS = ("llama-imatrix", "llama-quantize", "llama-mtmd-cli", "llama-server")
 STAMP = "modelmake-tools.json"
 # What the converters need of the tree: the scripts, the model classes they register, and their own
 # gguf-py (the scripts put it first on sys.path unless NO_LOCAL_GGUF is set, which `convert` clears).
@@ -42,7 +49,7 @@ CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversi
 # As llama-cpp-python configures llama.cpp, less what only a shared library needs; static binaries
 # can be moved into the cache folder whole.
 CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
-                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
 
 
 def installed_version() -> str:
@@ -138,6 +145,126 @@ def convert(script: str, args: list[str], what: str) -> str:
         raise BuildError(f"llama.cpp's {script} (llama-cpp-python {installed_version()}) could not {what} "
                          f"({exit_words(done.returncode)}): {tail}")
     return log
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running llama-server: its base URL and the two calls the parity check and `doit serve` make."""
+
+    url: str
+
+    def post(self, path: str, body: dict) -> dict:
+        request = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read())
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The prompt a chat completion of `messages` starts from: the chat template through llama.cpp's
+        Jinja engine, with the generation prompt (llama-server's /apply-template)."""
+        return self.post("/apply-template", {"messages": messages})["prompt"]
+
+    def tokenize(self, text: str) -> list[int]:
+        """As a chat completion tokenizes its prompt: special tokens parsed, BOS added where the GGUF says."""
+        return self.post("/tokenize", {"content": text, "add_special": True, "parse_special": True})["tokens"]
+
+
+def server_command(model: Path, *, lora: Path | None = None, chat_template: Path | None = None,
+                   mmproj: Path | None = None, port: int, host: str = "127.0.0.1", context: int = 4096,
+                   threads: int = 0) -> list[str]:
+    """llama-server as Docker Model Runner runs it: the Jinja template engine, the GGUF's own chat
+    template unless the package brings one (DMR passes the artifact's template layer the same way)."""
+    command = [str(find().path("llama-server")), "--model", str(model), "--host", host, "--port", str(port),
+               "--ctx-size", str(context), "--jinja", "--no-webui"]
+    if threads:
+        command += ["--threads", str(threads)]
+    for flag, path in (("--lora", lora), ("--chat-template-file", chat_template), ("--mmproj", mmproj)):
+        if path:
+            command += [flag, str(path)]
+    return command
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
+    """Until llama-server answers /health with 200 (the model is loaded); a BuildError with the end
+    of its log when it exits first or takes longer than `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = " | ".join(log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-4:])
+            raise BuildError(f"llama-server stopped before it was ready ({exit_words(process.returncode)}): {tail}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise BuildError(f"llama-server did not load its model within {timeout:.0f} s (log: {log})")
+
+
+@contextlib.contextmanager
+def serving(model: Path, *, lora: Path | None = None, chat_template: Path | None = None, threads: int = 0,
+            context: int = 4096):
+    """A llama-server on a free loopback port for the length of the `with`, stopped after it."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="modelmake-server-") as work:
+        log = Path(work) / "llama-server.log"
+        with log.open("w", encoding="utf-8") as out:
+            process = subprocess.Popen(server_command(model, lora=lora, chat_template=chat_template, port=port,
+                                                      threads=threads, context=context),
+                                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until_ready(process, url, log)
+            yield Server(url)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
+def captured_llama_log():
+    """Collect llama.cpp's log (a line per tensor) instead of printing it; yields the lines."""
+    import llama_cpp
+    import llama_cpp._logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def end_of_generation(model: Path) -> dict[int, str]:
+    """The tokens llama.cpp ends generation at (its EOG set: EOS, EOT and the end-of-turn tokens it
+    knows by name), as {id: text}, read from the GGUF's vocabulary alone."""
+    import llama_cpp
+
+    with captured_llama_log():
+        llm = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+    try:
+        vocab = llm._model.vocab
+        return {token: llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", errors="replace")
+                for token in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, token)}
+    finally:
+        llm.close()
 
 
 def _sdist(version: str, into: Path) -> Path:
