@@ -151,9 +151,10 @@ def _tensor_bytes(plan: TensorPlan, data, adapter: lora.Adapter | None) -> np.nd
 
 
 def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: str | None = None,
-        adapter_dir: Path | None = None, allow_pickle: bool = False) -> None:
+        adapter_dir: Path | None = None, allow_pickle: bool = False, chat_template: str | None = None) -> None:
     """Write `out_path` (GGUF at `outtype`) from the Hugging Face model in `model_dir`, with the
-    PEFT adapter in `adapter_dir` merged in if one is given."""
+    PEFT adapter in `adapter_dir` merged in if one is given, and `chat_template` (the format it was
+    trained on) in place of the folder's own if one is given."""
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = hf.read_config(model_dir)
     architecture = arches.from_hf_config(config, str(model_dir / "config.json"))
@@ -167,7 +168,8 @@ def run(model_dir: Path, out_path: Path, outtype: str, name: str, pretokenizer: 
         with atomic_file(out_path) as tmp:
             writer = gguf.GGUFWriter(tmp, architecture.gguf_name)
             add_model_metadata(writer, config, architecture, name, outtype)
-            tokenizer.add_to_gguf(writer, model_dir, config["vocab_size"], pretokenizer, architecture.add_space_prefix)
+            tokenizer.add_to_gguf(writer, model_dir, config["vocab_size"], pretokenizer, architecture.add_space_prefix,
+                                  chat_template)
             extra = architecture.computed_tensors(config)
             for tensor_name, values in extra.items():
                 writer.add_tensor_info(tensor_name, values.shape, values.dtype, values.nbytes)
@@ -248,6 +250,8 @@ def tasks(build: ModelBuild) -> list[Task]:
                 inputs=folder_files + model.convert.input_files(spec_dir), outputs=[out]))
             continue
         params = {"outtype": model.outtype, "pretokenizer": model.pretokenizer}
+        if stem == build.release and build.training_template:  # the release carries the format it was trained on
+            params["chat_template"] = build.training_template
         merging = {"adapter_dir": adapter_dir, "allow_pickle": build.adapter_options.allow_pickle} if adapter_dir else {}
         found.append(Task(stem, f"Hugging Face → GGUF {model.outtype}" + (", LoRA merged on the way" if adapter_dir else ""),
                           run, {"model_dir": folder, "out_path": out, "name": stem, **params, **merging},

@@ -11,6 +11,7 @@ is never read back for its digests. Config, tokenizer and chat template are copi
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def merge_shard(source: Path, header: dict, target: Path, adapter: lora.Adapter)
     return merged
 
 
-def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = False) -> None:
+def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = False,
+        chat_template: str | None = None) -> None:
     adapter = lora.load(adapter_dir, allow_pickle)
     shard_headers = hf.headers(base_dir)
     adapter = lora.fit(adapter, hf.tensor_shapes(shard_headers), base_dir)
@@ -96,10 +98,24 @@ def run(adapter_dir: Path, base_dir: Path, out_dir: Path, allow_pickle: bool = F
                 target = tmp / source.relative_to(base_dir)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
+        if chat_template is not None:  # the format it was trained on, for every converter that reads the folder
+            with_template(tmp, chat_template)
         for shard, header in bar(shard_headers.items(), desc="merge", unit="shard"):
             merged += merge_shard(shard, header, tmp / shard.name, adapter)
         write_index(tmp)
     print(f"merged {merged} weights of {Path(adapter_dir).name} into {out_dir}")
+
+
+def with_template(folder: Path, chat_template: str) -> None:
+    """Make `chat_template` the folder's chat template: chat_template.jinja, which transformers and
+    gguf-py read, and none left in tokenizer_config.json to compete with it."""
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config.pop("chat_template", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    (folder / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
 
 
 def tasks(build: ModelBuild) -> list[Task]:
@@ -108,6 +124,6 @@ def tasks(build: ModelBuild) -> list[Task]:
         return []
     return [Task(build.model.name, "LoRA folded into the base weights → Hugging Face folder", run,
                  {"adapter_dir": paths.adapter, "base_dir": paths.base, "out_dir": paths.merged,
-                  "allow_pickle": build.adapter_options.allow_pickle},
-                 {}, inputs=paths.adapter_files() + paths.base_files(), outputs=[paths.merged],
+                  "allow_pickle": build.adapter_options.allow_pickle, "chat_template": build.training_template},
+                 {"chat_template": build.training_template} if build.training_template else {}, inputs=paths.adapter_files() + paths.base_files(), outputs=[paths.merged],
                  targets=[paths.merged / INDEX])]

@@ -21,14 +21,14 @@ import gguf
 
 from . import __version__, evaluate
 from .formats import ggufheader, modelfile, oci
-from .ground import registry
+from .ground import llamacpp, registry
 from .ground.atomic import atomic_dir, link_or_copy
 from .ground.hashing import INDEX, HashingWriter, file_sha256, remember, tree_files, write_index
 from .ground.spec import PackageSpec, Spec
 from .ground.task import ModelBuild, Task
 
 REVISION = 1
-TOOLS = ("gguf",)
+TOOLS = ("gguf", "llama-cpp-python")
 DEFAULT_CONTEXT = 4096
 
 
@@ -42,6 +42,7 @@ class Release:
     lora: Path | None  # the GGUF LoRA of the adapter route
     reference: str  # how Docker names it: registry/ns/model:variant, or model:variant when no registry is set
     mmproj: Path | None = None  # a vision model's projector, shipped beside every release of its text model
+    chat_template: str | None = None  # the format it was trained on, where the GGUF does not embed it (adapter route)
 
 
 def gguf_facts(path: Path) -> tuple[dict, str | None]:
@@ -120,8 +121,10 @@ docker compose -f compose.yaml up
 """
 
 
-def run(*, release: Release, options: PackageSpec, out_dir: Path, source_date_epoch: int) -> None:
+def run(*, release: Release, options: PackageSpec, out_dir: Path, source_date_epoch: int,
+        train_system: str | None = None) -> None:
     facts, chat_template = gguf_facts(release.gguf)
+    chat_template = release.chat_template or chat_template
     for extra in (release.lora, release.mmproj):
         if extra:
             gguf_facts(extra)  # a damaged adapter or projector is refused here, not by the user's runtime
@@ -162,7 +165,9 @@ def run(*, release: Release, options: PackageSpec, out_dir: Path, source_date_ep
                    f"ollama create {release.model}-{release.variant.lower()} -f Modelfile",
             from_file=files["model"], adapter_file=files.get("lora"), projector_file=files.get("mmproj"),
             family=modelfile.chat_family(chat_template),
-            system=options.system or modelfile.default_system(chat_template),
+            system=modelfile.served_system(options.system, train_system, chat_template),
+            stop=modelfile.stop_words(list(llamacpp.end_of_generation(release.gguf).values()),
+                                      modelfile.chat_family(chat_template)),
             parameters={"num_ctx": context_size} | options.parameters, license_text=license_text,
         ), encoding="utf-8")
         (tmp / "compose.yaml").write_text(modelfile.compose(
@@ -189,7 +194,7 @@ def releases(build: ModelBuild) -> list[Release]:
              for variant in model.quantize or [model.outtype.upper()]]
     if build.lora_gguf:
         found.append(Release(model.name, "lora", paths.gguf(model.name, model.outtype.upper()), build.lora_gguf,
-                             docker_reference(build.spec, model.name, "lora"), build.mmproj))
+                             docker_reference(build.spec, model.name, "lora"), build.mmproj, build.training_template))
     return found
 
 
@@ -197,19 +202,22 @@ def tasks(build: ModelBuild) -> list[Task]:
     """A package per release, measured before it ships: a variant that misses its gate is not packaged."""
     options = build.model.package
     source_date_epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or "0")
+    train_system = build.model.train.system if build.model.train else None
     found = []
     for release in releases(build):
         folder = build.paths.package(release.variant)
         gate = build.model.eval.gate.get(release.variant)
         found.append(Task(
             f"{release.model}-{release.variant}", f"{release.variant} → OCI artifact, Modelfile, compose.yaml", run,
-            {"release": release, "options": options, "out_dir": folder, "source_date_epoch": source_date_epoch},
+            {"release": release, "options": options, "out_dir": folder, "source_date_epoch": source_date_epoch,
+             "train_system": train_system},
             {"variant": release.variant, "reference": release.reference, "source_date_epoch": source_date_epoch,
+             "train_system": train_system, "chat_template": release.chat_template,
              **options.model_dump(mode="json", exclude={"license"}),
              **({"gate": gate.model_dump(exclude_none=True)} if gate else {})},
             inputs=[release.gguf] + [p for p in (release.lora, release.mmproj, options.license) if p],
             outputs=[folder], targets=[folder / INDEX],
-            after=[f"eval:{evaluate.task_name(build, release.variant)}"],
+            after=[f"eval:{evaluate.task_name(build, release.variant)}", f"parity:{release.model}-{release.variant}"],
             checks=[(evaluate.check_gate, {"result_path": build.paths.eval(release.variant),
                                            "variant": release.variant, "gate": gate})] if gate else []))
     return found

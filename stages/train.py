@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .formats import dataset as datasets
-from .formats import hf, lora
+from .formats import chat, hf, lora
 from .ground.atomic import atomic_dir
 from .ground.device import pick_device
 from .ground.errors import BuildError
@@ -79,8 +79,7 @@ def prompt_and_answer(messages: tuple[dict, ...], tokenizer, template: str, syst
     if system and turns[0]["role"] != "system":
         turns.insert(0, {"role": "system", "content": system})
     if template == "alpaca":
-        user = "\n\n".join(t["content"] for t in turns[:-1] if t["role"] != "assistant")
-        return f"### Instruction:\n{user}\n\n### Response:\n", turns[-1]["content"] + tokenizer.eos_token
+        return chat.alpaca_prompt(turns[:-1]), turns[-1]["content"] + tokenizer.eos_token
     if not tokenizer.chat_template:  # the graph refuses this first where it can see the base's files
         raise BuildError(no_chat_template(f"the base {tokenizer.name_or_path}"))
     prompt = tokenizer.apply_chat_template(turns[:-1], tokenize=False, add_generation_prompt=True)
@@ -436,7 +435,9 @@ def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, 
         if val_rows and (step % spec.eval_every == 0 or step == steps):
             row["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device, ranks), 6)
         log.append(row)
-        progress_bar.set_postfix(loss=f"{loss_sum:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+        # refresh=False: the loss shows with the bar's next draw, so a log gets no line per step
+        progress_bar.set_postfix(refresh=False, loss=f"{loss_sum:.3f}",
+                                 **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
         progress.step = step
         if step < steps and ranks.any(cadence.due(step)):
             started = time.perf_counter()

@@ -16,6 +16,7 @@ import yaml
 from helpers import REPO, Registry, doit, parse_modelfile, write_spec
 
 from stages.formats import modelfile, oci
+from stages.ground import ollama
 from stages.ground.errors import BuildError
 
 GOLDEN = Path(__file__).parent / "golden/modelfile"
@@ -28,17 +29,11 @@ TWO_TURNS = [
 
 
 @pytest.fixture(scope="session")
-def go_render(tmp_path_factory):
-    """Ollama's template engine: Go's text/template, built from tests/gotemplate."""
-    out = tmp_path_factory.mktemp("go") / "render"
-    env = os.environ | {"GOCACHE": str(out.parent / "cache"), "GOFLAGS": "-mod=mod", "GO111MODULE": "on"}
-    subprocess.run(["go", "build", "-o", str(out), "."], cwd=Path(__file__).parent / "gotemplate", env=env, check=True)
-
-    def render(template: str, messages: list[dict]) -> str:
-        (out.parent / "template").write_text(template)
-        return subprocess.run([str(out), str(out.parent / "template")], input=json.dumps(messages),
-                              capture_output=True, text=True, check=True).stdout
-    return render
+def go_render():
+    """Ollama's template engine: Go's text/template, built by stages.ground.ollama as the parity check builds it."""
+    binary = ollama.renderer_path()
+    assert binary, "Go is needed for these tests (apt-get install golang-go)"
+    return lambda template, messages: ollama.render(binary, template, messages)
 
 
 def jinja_render(template: str, messages: list[dict]) -> str:
@@ -49,23 +44,15 @@ def jinja_render(template: str, messages: list[dict]) -> str:
                                             eos_token="</s>")
 
 
-def ollama_messages(messages: list[dict], system: str | None) -> list[dict]:
-    """What Ollama puts in .Messages: the Modelfile's SYSTEM first when the request has no system message."""
-    if system and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system}] + messages
-    return messages
-
-
 @pytest.mark.parametrize("family", modelfile.FAMILIES, ids=lambda f: f.name)
 def test_template_family_matches_its_golden_files_and_renders_like_the_jinja(family, go_render):
     """Golden files per family: the Jinja chat template of a real model of it (chatml: SmolLM2's, from
     the embedded GGUF; llama3: Meta-Llama-3-Instruct; gemma: Gemma 3, text part; mistral: Mistral
-    Instruct v0.3), the TEMPLATE and stops, and the two-turn conversation both render to, which
+    Instruct v0.3; alpaca: modelmake's own), the TEMPLATE, and the two-turn conversation both render to, which
     was read by hand against the model card's prompt format."""
     jinja = (GOLDEN / f"{family.name}.jinja").read_text()
     assert modelfile.chat_family(jinja) is family
     assert family.template == (GOLDEN / f"{family.name}.gotmpl").read_text()
-    assert list(family.stop) == (GOLDEN / f"{family.name}.stop").read_text().splitlines()
 
     expected = (GOLDEN / f"{family.name}.conversation.txt").read_text()
     assert jinja_render(jinja, TWO_TURNS) == expected
@@ -73,8 +60,19 @@ def test_template_family_matches_its_golden_files_and_renders_like_the_jinja(fam
 
     # Without a system message: the template's own default (ChatML) comes through the Modelfile's SYSTEM.
     plain = TWO_TURNS[1:]
-    messages = ollama_messages(plain, modelfile.default_system(jinja))
+    messages = ollama.messages_as_ollama_sends(plain, modelfile.default_system(jinja))
     assert go_render(family.template, messages) == jinja_render(jinja, plain)
+
+
+def test_stop_words_are_the_ggufs_end_of_generation_tokens_and_the_turn_opener():
+    """Never typed per family: what llama.cpp stops at (read from the GGUF), plus the marker that opens the
+    next turn, so Ollama stops a model that runs past its end of turn."""
+    assert modelfile.stop_words(["<|im_end|>", "<|endoftext|>"], modelfile.CHATML) == [
+        "<|endoftext|>", "<|im_end|>", "<|im_start|>"]
+    assert modelfile.stop_words(["<|eot_id|>", "<|end_of_text|>"], modelfile.LLAMA3) == [
+        "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>"]
+    assert modelfile.stop_words(["<end_of_turn>", "<eos>"], modelfile.GEMMA) == ["<end_of_turn>", "<eos>", "<start_of_turn>"]
+    assert modelfile.stop_words(["</s>"], None) == ["</s>"]
 
 
 def test_unknown_chat_templates_get_no_template_and_ollama_infers_one():
@@ -83,7 +81,7 @@ def test_unknown_chat_templates_get_no_template_and_ollama_infers_one():
     assert modelfile.chat_family("{{ messages[0]['content'] }}") is None
     assert modelfile.chat_family(None) is None
     text = modelfile.modelfile(header="h", from_file="m.gguf", adapter_file=None, family=None, system=None,
-                               parameters={"num_ctx": 512}, license_text=None)
+                               stop=[], parameters={"num_ctx": 512}, license_text=None)
     assert parse_modelfile(text) == [("FROM", "./m.gguf"), ("PARAMETER", "num_ctx 512")]
     assert "# No TEMPLATE" in text
 
@@ -91,7 +89,7 @@ def test_unknown_chat_templates_get_no_template_and_ollama_infers_one():
 def test_modelfile_values_are_quoted_so_ollama_reads_them_back():
     system = 'Say "hi".\nThen stop.'
     text = modelfile.modelfile(header="two\nlines", from_file="m.gguf", adapter_file="a.gguf",
-                               family=modelfile.CHATML, system=system,
+                               family=modelfile.CHATML, system=system, stop=["<|im_end|>", "<|im_start|>"],
                                parameters={"temperature": 0.2, "stop": ["</answer>"], "mirostat": True},
                                license_text="MIT License\n\nCopyright")
     parsed = parse_modelfile(text)
@@ -99,10 +97,10 @@ def test_modelfile_values_are_quoted_so_ollama_reads_them_back():
     assert ("TEMPLATE", modelfile.CHATML.template) in parsed
     assert ("LICENSE", "MIT License\n\nCopyright") in parsed
     assert [v for c, v in parsed if c == "PARAMETER"] == [
-        "stop <|im_start|>", "stop <|im_end|>", "temperature 0.2", "stop </answer>", "mirostat true"]
+        "stop <|im_end|>", "stop <|im_start|>", "temperature 0.2", "stop </answer>", "mirostat true"]
     with pytest.raises(BuildError, match="package.system contains three double quotes"):
         modelfile.modelfile(header="", from_file="m.gguf", adapter_file=None, family=None,
-                            system='a """ b', parameters={}, license_text=None)
+                            system='a """ b', stop=[], parameters={}, license_text=None)
 
 
 def test_created_at_comes_from_source_date_epoch_never_the_clock():

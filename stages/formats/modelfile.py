@@ -25,23 +25,26 @@ class ChatFamily:
     name: str
     markers: tuple[str, ...]  # all present in a Jinja chat template of this family
     template: str  # Ollama's Go template
-    stop: tuple[str, ...]  # what ends an assistant turn, besides the GGUF's end-of-generation tokens
+
+    @property
+    def opener(self) -> str:
+        """The marker that opens a turn: a stop word, so a model that runs past its end of turn stops
+        before it writes the next one."""
+        return self.markers[0]
 
 
 CHATML = ChatFamily(
     "chatml", ("<|im_start|>", "<|im_end|>"),
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
     "{{ .Content }}<|im_end|>\n"
-    "{{ end }}<|im_start|>assistant\n",
-    ("<|im_start|>", "<|im_end|>"),
+    "{{ end }}<|im_start|>assistant\n"
 )
 
 LLAMA3 = ChatFamily(
     "llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
     "{{ .Content }}<|eot_id|>\n"
-    "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
-    ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
 
 # Gemma has no system turn: like Gemma 3's own template, the system text opens the first user turn.
@@ -55,8 +58,7 @@ GEMMA = ChatFamily(
     '{{ else if eq .Role "assistant" }}<start_of_turn>model\n'
     "{{ .Content }}<end_of_turn>\n"
     "{{ end }}\n"
-    "{{- end }}<start_of_turn>model\n",
-    ("<start_of_turn>", "<end_of_turn>"),
+    "{{- end }}<start_of_turn>model\n"
 )
 
 # Mistral Instruct v0.3: the system text goes into the last user turn; no generation header.
@@ -69,11 +71,19 @@ MISTRAL = ChatFamily(
     '{{- else if eq .Role "user" }}[INST] {{ if and $last $system }}{{ $system }}\n\n{{ end }}{{ .Content }}[/INST]\n'
     '{{- else if eq .Role "assistant" }} {{ .Content }}</s>\n'
     "{{- end }}\n"
-    "{{- end }}",
-    ("[INST]", "[/INST]"),
+    "{{- end }}"
 )
 
-FAMILIES = (LLAMA3, CHATML, GEMMA, MISTRAL)
+# modelmake's own Alpaca format (formats.chat), for a model trained with template = "alpaca": the
+# instruction is every system and user turn, joined by blank lines; earlier answers are not repeated.
+ALPACA = ChatFamily(
+    "alpaca", ("### Instruction:", "### Response:"),
+    "{{- $first := true }}### Instruction:\n"
+    '{{ range .Messages }}{{ if ne .Role "assistant" }}{{ if not $first }}\n\n{{ end }}'
+    "{{ .Content }}{{ $first = false }}{{ end }}{{ end }}\n\n### Response:\n"
+)
+
+FAMILIES = (LLAMA3, CHATML, GEMMA, MISTRAL, ALPACA)
 
 
 def chat_family(jinja_template: str | None) -> ChatFamily | None:
@@ -90,6 +100,17 @@ def default_system(jinja_template: str | None) -> str | None:
         return None
     found = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<\\]+)<\|im_end\|>", jinja_template)
     return found.group(1) if found else None
+
+
+def served_system(package_system: str | None, train_system: str | None, jinja_template: str | None) -> str | None:
+    """The Modelfile's SYSTEM: the spec's, else the one training inserted, else the template's own default."""
+    return package_system or train_system or default_system(jinja_template)
+
+
+def stop_words(end_of_generation: list[str], family: ChatFamily | None) -> list[str]:
+    """PARAMETER stop: the tokens llama.cpp ends generation at, read from the GGUF (the parity check has
+    made sure the trained end of turn is one of them), and the template's turn opener."""
+    return sorted(set(end_of_generation) | ({family.opener} if family else set()))
 
 
 def quoted(value: str, what: str) -> str:
@@ -110,7 +131,8 @@ def parameter_value(value) -> str:
 
 
 def modelfile(*, header: str, from_file: str, adapter_file: str | None, family: ChatFamily | None,
-              system: str | None, parameters: dict, license_text: str | None, projector_file: str | None = None) -> str:
+              system: str | None, stop: list[str], parameters: dict, license_text: str | None,
+              projector_file: str | None = None) -> str:
     """The Modelfile text. Files are named `./<name>` so `ollama create` finds them beside it. A vision
     model's projector is a second FROM: Ollama takes every FROM file and stores a GGUF whose
     general.type is "mmproj" (llama.cpp's converter writes it so) as the model's projector layer."""
@@ -127,8 +149,8 @@ def modelfile(*, header: str, from_file: str, adapter_file: str | None, family: 
                      "Ollama infers one from the GGUF.")
     if system:
         lines.append(f"SYSTEM {quoted(system, 'package.system')}")
-    for stop in family.stop if family else ():
-        lines.append(f"PARAMETER stop {quoted(stop, 'a stop token')}")
+    for word in stop:
+        lines.append(f"PARAMETER stop {quoted(word, 'a stop token')}")
     for name, value in parameters.items():
         for item in value if isinstance(value, list) else [value]:
             lines.append(f"PARAMETER {name} {parameter_value(item)}")

@@ -153,9 +153,10 @@ def tokenizer_kind(tokenizer, model_dir: Path) -> str:
 
 
 def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pretokenizer: str | None = None,
-                add_space_prefix: bool | None = None) -> None:
+                add_space_prefix: bool | None = None, chat_template: str | None = None) -> None:
     """`pretokenizer` overrides the BPE probe, for tokenizers llama.cpp knows but our table does not;
-    `add_space_prefix` is the architecture's fixed choice for SentencePiece vocabularies (Gemma: no)."""
+    `add_space_prefix` is the architecture's fixed choice for SentencePiece vocabularies (Gemma: no);
+    `chat_template` replaces the folder's own (the format a model was trained on, when it is not that)."""
     from transformers import AutoTokenizer
 
     try:
@@ -178,6 +179,8 @@ def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, preto
     if kind == "llama" and add_space_prefix is not None:
         writer.add_add_space_prefix(add_space_prefix)
     special = gguf.SpecialVocab(model_dir, load_merges=kind == "gpt2", n_vocab=len(tokens))
+    if chat_template is not None:
+        special.chat_template = chat_template
     if "bos" not in special.add_special_token:
         # Not in tokenizer_config: take what the tokenizer actually does.
         ids = tokenizer.encode("a")

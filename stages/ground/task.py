@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from ..formats import arch, ggufheader
+from ..formats import arch, chat, ggufheader
 from ..formats.lora import ADAPTER_FILES
 from .hashing import INDEX, tree_files
 from .spec import AdapterSpec, ModelSpec, Spec, base_config
@@ -106,6 +106,13 @@ class ModelBuild:
             return (base.path / "chat_template.jinja").is_file() or (base.path / "chat_template.json").is_file() or \
                 "chat_template" in _json_or_empty(base.path / "tokenizer_config.json")
         return None
+
+    @property
+    def training_template(self) -> str | None:
+        """The chat template a trained release must carry when it is not the base's own: the format the
+        train stage wrote (template = "alpaca"), so runtimes prompt the model as it was trained."""
+        train = self.model.train
+        return chat.ALPACA_JINJA if train and train.template == "alpaca" else None
 
     def context(self, tokens: int) -> int:
         """A window of `tokens` (a default setting), no longer than the base was trained for."""

@@ -1,6 +1,6 @@
 // Renders an Ollama TEMPLATE with Go's text/template, the engine Ollama itself uses, over the
 // data Ollama gives it: .Messages (Role, Content), .System, .Prompt.
-// Usage: go run render.go TEMPLATE_FILE < messages.json
+// Usage: render TEMPLATE_FILE < messages.json (stages/ground/ollama.py builds and runs it)
 package main
 
 import (
