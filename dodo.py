@@ -1,4 +1,5 @@
 """modelmake: `doit` builds every model of models.toml; `doit spec=PATH` builds another spec;
+`doit serve variant=Q4_K_M` serves a built release with llama-server;
 `doit cache=off` runs every stale task instead of restoring it from the action cache; `doit wait=no`
 fails at once, instead of waiting, when another build is using the same cache.
 
@@ -76,6 +77,11 @@ def task_eval():
     yield from TASKS["eval"]
 
 
+def task_parity():
+    """training format = served format: each release's prompt tokens through llama-server and Ollama's engine"""
+    yield from TASKS["parity"]
+
+
 def task_package():
     """released GGUF → OCI artifact (Docker Model Runner), Ollama Modelfile, compose.yaml"""
     yield from TASKS["package"]
@@ -111,8 +117,13 @@ def task_verify():
     yield from TASKS["verify"]
 
 
+def task_serve():
+    """doit serve variant=Q4_K_M [model=NAME port=8080]: serve a built release with llama-server until Ctrl-C"""
+    return graph.serve_task(SPEC, get_var("model"), get_var("variant"), get_var("port", "8080"))
+
+
 def task_tools():
-    """build llama.cpp's imatrix and quantize tools and stage its converters from llama-cpp-python's source, once"""
+    """build llama.cpp's imatrix, quantize and server tools and stage its converters from llama-cpp-python's source, once"""
     return graph.tools_task()
 
 

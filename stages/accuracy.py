@@ -56,11 +56,12 @@ def scores(answers: list[str], expected: list[str], reference_answers: list[str]
     return result
 
 
-def answer_rows(prompts: list[Prompt], answers: list[str]) -> list[dict]:
+def answer_rows(prompts: list[Prompt], answers: list[str], ended: list[bool]) -> list[dict]:
     import sacrebleu
 
     return [{"prompt": p.text, "expected": p.answer, "answer": a, "exact": normalize(a) == normalize(p.answer),
-             "chrf": sacrebleu.sentence_chrf(a, [p.answer]).score} for p, a in zip(prompts, answers)]
+             "chrf": sacrebleu.sentence_chrf(a, [p.answer]).score, "ended_turn": e}
+            for p, a, e in zip(prompts, answers, ended)]
 
 
 # ---- the prompts ----
@@ -118,9 +119,9 @@ def read_prompts(path: Path) -> list[Prompt]:
 
 # ---- llama.cpp ----
 
-def generate(llm, prompt: list[int], max_new_tokens: int) -> list[int]:
+def generate(llm, prompt: list[int], max_new_tokens: int) -> tuple[list[int], bool]:
     """Greedy: the most likely next token each step, until an end-of-generation token (end of turn,
-    EOS: the model's own list) or `max_new_tokens`."""
+    EOS: the model's own list) or `max_new_tokens`; the tokens, and whether the model ended its turn."""
     import llama_cpp
 
     llm.reset()
@@ -131,12 +132,17 @@ def generate(llm, prompt: list[int], max_new_tokens: int) -> list[int]:
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
         token = int(np.argmax(logits))
         if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-            break
+            return generated, True
         generated.append(token)
         llm.eval([token])
-    return generated
+    return generated, False
 
 
-def answer_all(llm, tokenized: list[list[int]], max_new_tokens: int) -> list[str]:
-    return [llm.detokenize(generate(llm, tokens, max_new_tokens)).decode("utf-8", errors="replace")
-            for tokens in tokenized]
+def answer_all(llm, tokenized: list[list[int]], max_new_tokens: int) -> tuple[list[str], list[bool]]:
+    """The answers, and for each whether it ended with the end of a turn before `max_new_tokens`."""
+    answers, ended = [], []
+    for tokens in tokenized:
+        generated, stopped = generate(llm, tokens, max_new_tokens)
+        answers.append(llm.detokenize(generated).decode("utf-8", errors="replace"))
+        ended.append(stopped)
+    return answers, ended

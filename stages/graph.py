@@ -19,7 +19,7 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from . import __version__, adapter, convert, evaluate, import_, manifest, merge, package, quantize, train
+from . import __version__, adapter, convert, evaluate, import_, manifest, merge, package, parity, quantize, serve, train
 from .ground import llamacpp, lock, registry, runlog
 from .ground.cache import ActionCache, ActionKey, Recipe
 from .ground.errors import BuildError
@@ -35,7 +35,7 @@ from .manifest import Producer
 # The lifecycle, in order: each module declares its tasks (`tasks(build)`), its `REVISION` (bumped
 # when its code changes the bytes it writes) and the `TOOLS` whose versions shape those bytes.
 STAGE_MODULES = {"import": import_, "train": train, "adapter": adapter, "merge": merge, "convert": convert,
-                 "quantize": quantize, "eval": evaluate, "package": package}
+                 "quantize": quantize, "eval": evaluate, "parity": parity, "package": package}
 STAGES = (*STAGE_MODULES, "manifest")  # what `doit` builds; push, pull and verify run only when named
 MANIFEST_REVISION = 1
 
@@ -251,8 +251,10 @@ def _report_task(spec: Spec, all_tasks: dict[str, list[dict]]) -> dict:
         models.append(report.ModelInputs(
             model.name, paths.root, model.variants,
             paths.adapter / "train_log.jsonl" if paths.trained else None, source,
-            {v: g.model_dump(exclude_none=True) for v, g in model.eval.gate.items()}))
+            {v: g.model_dump(exclude_none=True) for v, g in model.eval.gate.items()},
+            [r.variant for r in package.releases(build)]))
         file_dep += [paths.eval(v) for v in model.variants] + [paths.root / "manifest.json"]
+        file_dep += [paths.root / "parity" / f"{r.variant}.json" for r in package.releases(build)]
     nodes = report.graph_nodes(all_tasks, STAGES)
     out_dir = spec.cache / "report"
     outputs = [out_dir / "REPORT.md", out_dir / "report.html"]
@@ -336,10 +338,20 @@ def _tools_built() -> bool:
 def tools_task() -> dict:
     """Part of setup; the imatrix tasks wait for it, so a first `doit` builds the tools too."""
     return {
-        "doc": "build llama.cpp's llama-imatrix, llama-quantize and llama-mtmd-cli, stage its converters, from "
+        "doc": "build llama.cpp's llama-imatrix, llama-quantize, llama-mtmd-cli and llama-server, stage its converters, from "
                "llama-cpp-python's own source (once)",
         "actions": [(run_action, [llamacpp.build, {}])],
         "uptodate": [_tools_built],
+        "verbosity": 2,
+    }
+
+
+def serve_task(spec: Spec, model: str | None, variant: str | None, port: str) -> dict:
+    return {
+        "basename": "serve",
+        "doc": "serve a built release with llama-server, as Docker Model Runner does: doit serve variant=Q4_K_M",
+        "actions": [(run_action, [serve.serve, {"spec": spec, "model_name": model, "variant": variant, "port": port}])],
+        "uptodate": [False],
         "verbosity": 2,
     }
 

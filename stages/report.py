@@ -19,7 +19,7 @@ import html
 import json
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
@@ -276,12 +276,23 @@ def _accuracy_cells(scores: dict | None) -> list[str]:
             "—" if same is None else f"{same:.0%}"]
 
 
+def parity_rows(root: Path, releases: list[str], by_variant: dict[str, dict]) -> list[list[str]]:
+    rows = []
+    for variant in releases:
+        parity = _read_json(root / "parity" / f"{variant}.json")
+        terminated = ((by_variant.get(variant) or {}).get("accuracy") or {}).get("terminated")
+        rows.append([variant, str(parity["conversations"]), parity["llama_server"], parity["ollama"],
+                     f"`{parity['end_of_turn']}`" if parity["end_of_turn"] else "—",
+                     "—" if terminated is None else f"{terminated:.0%}"])
+    return rows
+
+
 def _gate_words(gate: dict | None) -> str:
     if not gate:
         return ""
     words = {"max_ppl_increase": "ppl ≤ +{:.1%}", "max_kl": "KL ≤ {}", "min_top1": "top-1 ≥ {:.0%}",
              "min_exact_match": "exact ≥ {:.0%}", "max_exact_match_drop": "exact drop ≤ {:.0%}",
-             "min_chrf": "chrF ≥ {}"}
+             "min_chrf": "chrF ≥ {}", "min_terminated": "ends turn ≥ {:.0%}"}
     return ", ".join(words[k].format(v) for k, v in gate.items() if v is not None)
 
 
@@ -313,6 +324,7 @@ class ModelInputs:
     train_log: Path | None
     text_source: str | None
     gates: dict[str, dict]
+    releases: list[str] = field(default_factory=list)  # the packaged variants, each checked for parity
 
 
 def _read_json(path: Path):
@@ -368,6 +380,17 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
     blocks.append(Table(["variant", "GGUF", "size", "bits/weight", "perplexity", "answer ppl", "Δ ppl",
                          "KL", "top-1", "exact match", "chrF", "BLEU", "same answers", "prompt t/s", "gen t/s",
                          "gate"], variant_rows(results, model.gates)))
+
+    if model.releases:
+        blocks += [Heading(3, "Served as trained"),
+                   Text("Each release's prompts, rendered as the train stage wrote them, by llama-server (llama.cpp's "
+                        "Jinja engine on the chat template the release ships: what Docker Model Runner runs) and by "
+                        "Ollama (the Modelfile TEMPLATE through Go's text/template), must be the same tokens; the "
+                        "token training answers end with must be one llama.cpp stops at (the Modelfile's stop words "
+                        "are those tokens). \"Ends its turn\": the share of greedy answers that stop by themselves "
+                        "before the token limit."),
+                   Table(["release", "conversations", "llama-server", "Ollama", "end of turn", "ends its turn"],
+                         parity_rows(model.root, model.releases, by_variant))]
 
     compared = imatrix_rows(by_variant)
     if compared:

@@ -22,7 +22,8 @@ def test_scores_are_sacrebleus_own():
     assert found["bleu"] == sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES]).score
     assert found["exact_match"] == 0.5  # Paris, and Athens after normalization
     assert found["same_as_reference"] == 0.75
-    rows = accuracy.answer_rows([accuracy.Prompt("q", r) for r in REFERENCES], HYPOTHESES)
+    rows = accuracy.answer_rows([accuracy.Prompt("q", r) for r in REFERENCES], HYPOTHESES, [True, True, False, True])
+    assert [r["ended_turn"] for r in rows] == [True, True, False, True]
     assert [r["chrf"] for r in rows] == [sacrebleu.sentence_chrf(h, [r]).score for h, r in zip(HYPOTHESES, REFERENCES)]
     assert [r["exact"] for r in rows] == [True, False, False, True]
 
@@ -41,6 +42,11 @@ def test_answer_gates_by_hand():
                         "exact match 50.00% is 30.00% under the reference's 80.00% (max_exact_match_drop = 0.2)",
                         "chrF 40.00 is under min_chrf = 41.0"]
     assert evaluate.gate_failures({"accuracy": None}, GateSpec(min_chrf=1)) == ["it answered no prompts to gate on"]
+    talkative = {"accuracy": {"exact_match": 1.0, "chrf": 90.0, "terminated": 0.75}}
+    assert evaluate.gate_failures(talkative, GateSpec(min_terminated=0.75)) == []
+    assert evaluate.gate_failures(talkative, GateSpec(min_terminated=0.8)) == [
+        "75.00% of the answers end their turn before max_new_tokens, under min_terminated = 0.8: the served model "
+        "would talk on until cut off"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -73,6 +79,10 @@ def test_the_fine_tune_answers_in_the_trained_style_and_beats_the_base(default_b
     assert results["Q8_0"]["accuracy"]["same_as_reference"] >= 0.8, "Q8_0 answers as F16 does, nearly always"
     report = (default_build["folder"] / "cache/report/REPORT.md").read_text()
     assert "| exact match | chrF | BLEU | same answers |" in report
+    # The termination probe: the fine-tune ends its turn by itself (every answer, measured), as trained to.
+    for variant in ("F16", "Q8_0", "Q4_K_M", "lora"):
+        assert results[variant]["accuracy"]["terminated"] >= 0.9, variant
+    assert "| release | conversations | llama-server | Ollama | end of turn | ends its turn |" in report
 
 
 GATED = """

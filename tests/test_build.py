@@ -56,7 +56,8 @@ def test_first_build_runs_every_stage(build):
     assert build["first"].ran == [
         "import:smollm2", "convert:smollm2", "convert:tiny", "quantize:smollm2-Q4_K_M", "quantize:smollm2-Q8_0",
         "quantize:tiny-Q8_0", "eval:smollm2-F16", "eval:smollm2-Q4_K_M", "eval:smollm2-Q8_0", "eval:tiny-F16",
-        "eval:tiny-Q8_0", "package:smollm2-Q4_K_M", "package:smollm2-Q8_0", "package:tiny-Q8_0",
+        "eval:tiny-Q8_0", "parity:smollm2-Q4_K_M", "parity:smollm2-Q8_0", "parity:tiny-Q8_0",
+        "package:smollm2-Q4_K_M", "package:smollm2-Q8_0", "package:tiny-Q8_0",
         "manifest:smollm2", "manifest:tiny", "report",
     ]
     assert [p for p in leftovers(build["folder"] / "cache") if "/package/" not in p] == sorted(
@@ -203,8 +204,8 @@ def test_rebuilds_exactly_what_changed(build):
     assert doit(spec).ran == [], "touching a file without changing its bytes rebuilds nothing"
 
     spec.write_text(SPEC.replace('quantize = ["Q4_K_M", "Q8_0"]', 'quantize = ["Q4_K_M", "Q8_0", "Q6_K"]'))
-    assert doit(spec).ran == ["quantize:smollm2-Q6_K", "eval:smollm2-Q6_K", "package:smollm2-Q6_K",
-                              "manifest:smollm2", "report"]
+    assert doit(spec).ran == ["quantize:smollm2-Q6_K", "eval:smollm2-Q6_K", "parity:smollm2-Q6_K",
+                              "package:smollm2-Q6_K", "manifest:smollm2", "report"]
 
     damaged = cache / "smollm2/gguf/smollm2.Q4_K_M.gguf"
     with open(damaged, "r+b") as f:
@@ -224,7 +225,8 @@ def test_rebuilds_exactly_what_changed(build):
         f.write(np.float32(float(norm.data[0]) + 0.5).tobytes())
     assert doit(spec).ran == ["import:smollm2", "convert:smollm2", "quantize:smollm2-Q4_K_M",
                               "quantize:smollm2-Q8_0", "quantize:smollm2-Q6_K", "eval:smollm2-F16",
-                              "eval:smollm2-Q4_K_M", "eval:smollm2-Q8_0", "eval:smollm2-Q6_K", "package:smollm2-Q4_K_M",
+                              "eval:smollm2-Q4_K_M", "eval:smollm2-Q8_0", "eval:smollm2-Q6_K", "parity:smollm2-Q4_K_M",
+                              "parity:smollm2-Q8_0", "parity:smollm2-Q6_K", "package:smollm2-Q4_K_M",
                               "package:smollm2-Q8_0", "package:smollm2-Q6_K", "manifest:smollm2", "report"]
 
 
@@ -261,14 +263,14 @@ def test_parallel_build_clean_and_forget(tmp_path, tiny_llama):
     spec = write_spec(tmp_path, '[[models]]\nname = "tiny"\nbase = "tiny"\nquantize = ["Q8_0", "Q4_0"]\n')
     assert sorted(doit(spec, "-n", "2").ran) == [
         "convert:tiny", "eval:tiny-F16", "eval:tiny-Q4_0", "eval:tiny-Q8_0", "manifest:tiny", "package:tiny-Q4_0",
-        "package:tiny-Q8_0", "quantize:tiny-Q4_0", "quantize:tiny-Q8_0", "report"]
+        "package:tiny-Q8_0", "parity:tiny-Q4_0", "parity:tiny-Q8_0", "quantize:tiny-Q4_0", "quantize:tiny-Q8_0", "report"]
     ggufs = sorted((tmp_path / "cache/tiny/gguf").glob("*.gguf"))
     assert [p.name for p in ggufs] == ["tiny.F16.gguf", "tiny.Q4_0.gguf", "tiny.Q8_0.gguf"]
 
     doit(spec, command="clean")
     assert list((tmp_path / "cache/tiny/gguf").glob("*.gguf")) == []
     assert (tmp_path / "tiny/model.safetensors").exists(), "clean never touches the user's base"
-    assert len(doit(spec).ran) == 10
+    assert len(doit(spec).ran) == 12
 
     doit(spec, "quantize:tiny-Q8_0", command="forget")
     assert doit(spec).ran == ["quantize:tiny-Q8_0", "report"]

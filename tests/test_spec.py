@@ -107,9 +107,10 @@ def test_doit_list_reads_like_the_lifecycle(tmp_path):
     listed = [line.split()[0] for line in doit(path, command="list").output.splitlines()]
     assert listed == ["import", "import:demo", "convert", "convert:demo", "quantize", "quantize:demo-Q4_K_M",
                       "quantize:demo-Q8_0", "eval", "eval:demo-F16", "eval:demo-Q4_K_M", "eval:demo-Q8_0",
+                      "parity", "parity:demo-Q4_K_M", "parity:demo-Q8_0",
                       "package", "package:demo-Q4_K_M", "package:demo-Q8_0", "manifest", "manifest:demo", "report",
-                      "lock", "check", "push", "push:no-registry", "verify", "verify:demo", "tools", "cache-push", "cache-gc",
-                      "pull"]
+                      "lock", "check", "push", "push:no-registry", "verify", "verify:demo", "serve", "tools", "cache-push",
+                      "cache-gc", "pull"]
     info = doit(path, "convert:demo", command="info", check=False).output  # exits 1: not built yet
     assert "demo.F16.gguf" in info and "files.b3" in info
     assert "'action key': (not yet known: input base/files.b3 is not built)" in info

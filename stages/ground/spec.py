@@ -328,6 +328,7 @@ class GateSpec(Strict):
     min_exact_match: float | None = Field(default=None, ge=0)  # share of answers equal to the expected one
     max_exact_match_drop: float | None = Field(default=None, ge=0)  # exact match at most this far under the reference's
     min_chrf: float | None = Field(default=None, ge=0)  # sacrebleu's corpus chrF, 0–100
+    min_terminated: float | None = Field(default=None, ge=0, le=1)  # share of answers that end their turn in time
 
     @property
     def needs_text(self) -> bool:
@@ -335,7 +336,8 @@ class GateSpec(Strict):
 
     @property
     def needs_answers(self) -> bool:
-        return any(v is not None for v in (self.min_exact_match, self.max_exact_match_drop, self.min_chrf))
+        return any(v is not None for v in (self.min_exact_match, self.max_exact_match_drop, self.min_chrf,
+                                           self.min_terminated))
 
 
 class EvalSpec(Strict):

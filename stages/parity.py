@@ -1,0 +1,219 @@
+"""parity: what was trained is what runs, checked token for token before a release is packaged.
+
+For each release (every quantized variant, and base + GGUF LoRA for the adapter route) a fixed set of
+conversations (a single turn, one with a system prompt, a multi-turn one, and held-out records of
+the dataset, with the spec's system prompt as training inserts it) is turned into the tokens of the
+prompt a model answers from, three ways:
+- as the train stage formats it (`train.prompt_and_answer`, tokenized without added specials: the
+  template writes BOS where the model wants one);
+- by llama-server, the engine Docker Model Runner runs: the release's own chat template through
+  llama.cpp's Jinja engine (/apply-template), tokenized as a chat completion is (/tokenize, BOS added
+  where the GGUF says so);
+- by Ollama: the Modelfile's TEMPLATE through Go's text/template, with the Modelfile's SYSTEM where a
+  conversation has none, tokenized with the GGUF's vocabulary as above (Ollama's llama.cpp runner
+  adds specials the same way). Without a Go toolchain this engine is reported as not checked.
+Every id must match; the first difference fails the build naming the release, the conversation, the
+position and both sides as text. And the token the training answers end with (the end of a turn)
+must be one llama.cpp ends generation at, so a served model stops where the trained one does.
+
+The result (parity/<variant>.json) is a report, not an artifact: whether Go was there to check
+Ollama's engine depends on the machine, not on the inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import package
+from .formats import ggufheader, modelfile
+from .ground import llamacpp, ollama
+from .ground.atomic import atomic_file
+from .ground.errors import BuildError
+from .ground.spec import TrainSpec
+from .ground.task import ModelBuild, Task
+from .package import Release
+
+REVISION = 1
+TOOLS = ("transformers", "tokenizers", "llama-cpp-python")
+MAX_HELD_OUT = 8  # held-out records rendered per release, besides the fixed conversations
+
+# Conversations every release is checked on, whatever its data: the shapes a runtime gets.
+FIXED = (
+    ("one turn", ({"role": "user", "content": "What is the capital of France?"},)),
+    ("with a system prompt", ({"role": "system", "content": "You answer in one short sentence."},
+                              {"role": "user", "content": "Name a primary colour."})),
+    ("two turns", ({"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+                   {"role": "user", "content": "Tell me one fact about the Moon."})),
+)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    name: str
+    messages: tuple[dict, ...]  # ending with a user turn: what a client sends to be answered
+
+
+# ---- pure ----
+
+def conversations(held_out: list[tuple[tuple[dict, ...], str]], system: str | None) -> list[Conversation]:
+    """The fixed conversations, held-out ones and a two-record chain of them; with the train stage's
+    system prompt inserted as training inserts it (a runtime gets it from the client or the Modelfile)."""
+    found = [Conversation(name, messages) for name, messages in FIXED]
+    found += [Conversation(f"held-out record {i + 1}", turns) for i, (turns, _) in enumerate(held_out[:MAX_HELD_OUT])]
+    if len(held_out) >= 2:
+        (first, answer), (second, _) = held_out[:2]
+        found.append(Conversation("held-out records 1 and 2 as two turns",
+                                  (*first, {"role": "assistant", "content": answer}, *second)))
+    if system:
+        found = [Conversation(c.name, c.messages if c.messages[0]["role"] == "system"
+                              else ({"role": "system", "content": system}, *c.messages)) for c in found]
+    return found
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ (a missing token counts); None when equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def end_of_turn(answer_ids: list[int], special_ids: set[int]) -> int | None:
+    """The last special token of a trained answer: the token the model learns to end its turn with."""
+    return next((token for token in reversed(answer_ids) if token in special_ids), None)
+
+
+def _shown(decode, ids: list[int], at: int) -> str:
+    before, after = decode(ids[max(0, at - 12):at]), decode(ids[at:at + 6])
+    token = f"token {ids[at]} {decode(ids[at:at + 1])!r}" if at < len(ids) else "the end"
+    return f"…{before!r} then {token}, then {after!r}"
+
+
+def mismatch(variant: str, conversation: Conversation, engine: str, trained: list[int], served: list[int],
+             decode) -> str:
+    at = first_difference(trained, served)
+    return (f"release {variant}: the conversation {conversation.name!r} becomes different tokens in {engine} than "
+            f"in training, from token {at} on.\n  trained: {_shown(decode, trained, at)}\n  served:  "
+            f"{_shown(decode, served, at)}\nA runtime would prompt the model in a format it was not trained on. "
+            "Ship the template the train stage used ([models.train] template) or train on the one you serve")
+
+
+# ---- I/O ----
+
+def trained_tokens(tokenizer, train: TrainSpec | None, messages: tuple[dict, ...]) -> tuple[list[int], list[int]]:
+    """(the prompt's ids, a placeholder answer's ids) as the train stage writes and tokenizes them."""
+    from .train import prompt_and_answer
+
+    template, system = (train.template, train.system) if train else ("chat", None)
+    prompt, answer = prompt_and_answer((*messages, {"role": "assistant", "content": "OK."}), tokenizer, template, system)
+    return (tokenizer(prompt, add_special_tokens=False)["input_ids"],
+            tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+
+def _held_out(train: TrainSpec | None) -> list[tuple[tuple[dict, ...], str]]:
+    if not train:
+        return []
+    from .train import split_examples
+
+    _, held_out = split_examples(train)
+    return [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out]
+
+
+def run(*, release: Release, train: TrainSpec | None, base_dir: Path, modelfile_system: str | None,
+        out_path: Path, threads: int = 0) -> dict:
+    with tempfile.TemporaryDirectory(prefix="modelmake-parity-") as work:
+        shipped = None
+        if release.chat_template:  # the adapter route ships its template beside the GGUFs, as DMR reads it
+            shipped = Path(work) / "chat_template.jinja"
+            shipped.write_text(release.chat_template, encoding="utf-8")
+        return _check(release, train, base_dir, modelfile_system, out_path, threads, shipped)
+
+
+def _check(release: Release, train: TrainSpec | None, base_dir: Path, modelfile_system: str | None, out_path: Path,
+           threads: int, shipped: Path | None) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    chat_template = release.chat_template or ggufheader.scalars(release.gguf).get("tokenizer.chat_template")
+    family = modelfile.chat_family(chat_template)
+    system = modelfile.served_system(modelfile_system, train.system if train else None, chat_template)
+    renderer = ollama.renderer_path() if family else None
+    decode = lambda ids: tokenizer.decode(ids)  # noqa: E731
+
+    stops = llamacpp.end_of_generation(release.gguf)
+    special = {int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    checked = []
+    with llamacpp.serving(release.gguf, lora=release.lora, chat_template=shipped, threads=threads) as server:
+        for conversation in conversations(_held_out(train), train.system if train else None):
+            try:
+                trained, answer = trained_tokens(tokenizer, train, conversation.messages)
+            except Exception as err:  # noqa: BLE001 - a template's own raise_exception, e.g. no system turn
+                if isinstance(err, BuildError):
+                    raise
+                checked.append({"conversation": conversation.name, "skipped": f"the chat template refuses it: {err}"})
+                continue
+            turn_end = end_of_turn(answer, special)
+            if turn_end is None or turn_end not in stops:
+                ending = "no special token" if turn_end is None else f"{decode([turn_end])!r} (id {turn_end})"
+                raise BuildError(
+                    f"release {release.variant}: training answers end with {ending}, which is not among the tokens "
+                    f"llama.cpp stops generating at ({', '.join(repr(t) for t in stops.values())}): a served model "
+                    "would run on past the end of its turn. Use a base whose GGUF marks its end-of-turn token "
+                    "(tokenizer.ggml.eos_token_id or eot_token_id)")
+            row = {"conversation": conversation.name, "tokens": len(trained)}
+            served = server.tokenize(server.chat_prompt(list(conversation.messages)))
+            if served != trained:
+                raise BuildError(mismatch(release.variant, conversation, "llama-server (llama.cpp's Jinja engine on "
+                                          "the release's chat template)", trained, served, decode))
+            if renderer:
+                text = ollama.render(renderer, family.template,
+                                     ollama.messages_as_ollama_sends(list(conversation.messages), system))
+                by_ollama = server.tokenize(text)
+                if by_ollama != trained:
+                    raise BuildError(mismatch(release.variant, conversation, "Ollama (the Modelfile TEMPLATE "
+                                              "through Go's text/template)", trained, by_ollama, decode))
+            checked.append(row)
+    compared = [row for row in checked if "tokens" in row]
+    result = {
+        "variant": release.variant,
+        "conversations": len(compared),
+        "skipped": [row for row in checked if "skipped" in row],
+        "llama_server": f"identical {len(compared)}/{len(compared)}",
+        "ollama": (f"identical {len(compared)}/{len(compared)}" if renderer else
+                   "not checked: the chat template is of no family modelmake writes an Ollama TEMPLATE for"
+                   if not family else "not checked: Go is not installed"),
+        "end_of_turn": decode([turn_end]) if compared else None,
+        "stop": sorted(stops.values()),
+        "rows": checked,
+    }
+    with atomic_file(out_path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"parity {release.variant}: {len(compared)} conversations, identical tokens in training, llama-server "
+          f"and {'Ollama' if renderer else 'not Ollama (' + result['ollama'] + ')'}; end of turn "
+          f"{result['end_of_turn']!r} stops llama.cpp")
+    return {"conversations": len(compared)}
+
+
+def task_name(build: ModelBuild, variant: str) -> str:
+    return f"{build.model.name}-{variant}"
+
+
+def tasks(build: ModelBuild) -> list[Task]:
+    """parity:<model>-<variant> for every release; its package waits for it."""
+    model, paths = build.model, build.paths
+    found = []
+    for release in package.releases(build):
+        out = paths.root / "parity" / f"{release.variant}.json"
+        found.append(Task(
+            task_name(build, release.variant), "training format = served format: tokens through llama-server and Ollama",
+            run, {"release": release, "train": model.train, "base_dir": paths.base,
+                  "modelfile_system": model.package.system, "out_path": out, "threads": build.spec.threads},
+            {"variant": release.variant, "system": model.package.system, "chat_template": release.chat_template,
+             **(model.train.split_params() if model.train else {})},
+            inputs=[p for p in (release.gguf, release.lora) if p] + paths.base_files()
+            + (model.train.data_files if model.train else []),
+            outputs=[out], artifact=False, versions=llamacpp.fingerprint_versions()))
+    return found

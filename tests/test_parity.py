@@ -1,0 +1,106 @@
+"""parity: the training format is the served format, checked with the runtimes' own engines: the
+real llama-server (llama.cpp's Jinja engine) and Go's text/template with the Modelfile TEMPLATE, on a
+tiny model carrying SmolLM2's real tokenizer and chat template."""
+
+import json
+
+import pytest
+
+from stages import convert, parity
+from stages.formats import chat, modelfile
+from stages.ground.errors import BuildError
+from stages.ground.spec import TrainSpec
+from stages.package import Release
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)}]}
+    for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (2, 2), (4, 4), (6, 1), (8, 3), (9, 9)]
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_release(tiny_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("parity")
+    gguf_path = folder / "tiny.F16.gguf"
+    convert.run(tiny_llama, gguf_path, "f16", "tiny")
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return {"model_dir": tiny_llama, "gguf": gguf_path, "data": data, "folder": folder}
+
+
+def release(tiny_release, chat_template: str | None = None) -> Release:
+    return Release("tiny", "F16", tiny_release["gguf"], None, "tiny:F16", None, chat_template)
+
+
+def check(tiny_release, tmp_path, train: TrainSpec | None, chat_template: str | None = None) -> dict:
+    out = tmp_path / "parity.json"
+    parity.run(release=release(tiny_release, chat_template), train=train, base_dir=tiny_release["model_dir"],
+               modelfile_system=None, out_path=out, threads=1)
+    return json.loads(out.read_text())
+
+
+def test_first_difference_and_end_of_turn_are_what_they_say():
+    assert parity.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert parity.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert parity.first_difference([1, 2], [1, 2, 3]) == 2  # a token missing at the end counts
+    assert parity.end_of_turn([10, 11, 2, 198], {1, 2}) == 2  # ChatML: <|im_end|> then a newline
+    assert parity.end_of_turn([10, 11], {1, 2}) is None
+
+
+def test_conversations_cover_system_multi_turn_and_held_out_and_insert_the_trained_system():
+    held_out = [(({"role": "user", "content": "a?"},), "A"), (({"role": "user", "content": "b?"},), "B")]
+    found = parity.conversations(held_out, None)
+    names = [c.name for c in found]
+    assert names[:3] == ["one turn", "with a system prompt", "two turns"]
+    assert "held-out record 2" in names and found[-1].messages[1] == {"role": "assistant", "content": "A"}
+    assert all(c.messages[-1]["role"] == "user" for c in found)
+    with_system = parity.conversations(held_out, "Be brief.")
+    assert all(c.messages[0]["role"] == "system" for c in with_system)
+    assert with_system[1].messages[0]["content"] == "You answer in one short sentence."  # its own is kept
+
+
+def test_a_chatml_release_renders_the_same_tokens_in_training_llama_server_and_ollama(tiny_release, tmp_path):
+    train = TrainSpec(dataset=tiny_release["data"], validation=0.3)
+    result = check(tiny_release, tmp_path, train)
+    assert result["conversations"] == 3 + 3 + 1  # fixed, held-out, two held-out records as two turns
+    assert result["llama_server"] == result["ollama"] == f"identical {result['conversations']}/{result['conversations']}"
+    assert result["end_of_turn"] == "<|im_end|>" and "<|im_end|>" in result["stop"]
+    assert not result["skipped"]
+
+
+def test_a_template_edited_after_training_fails_naming_release_conversation_and_token(tiny_release, tmp_path):
+    """The release ships a chat template other than the one training used (simulated: ChatML with the
+    assistant's role renamed): llama-server renders it, the gate names where the tokens part."""
+    from transformers import AutoTokenizer
+
+    trained = AutoTokenizer.from_pretrained(tiny_release["model_dir"]).chat_template
+    edited = trained.replace("<|im_start|>assistant\n", "<|im_start|>bot\n")
+    assert edited != trained
+    with pytest.raises(BuildError) as failed:
+        check(tiny_release, tmp_path, TrainSpec(dataset=tiny_release["data"]), chat_template=edited)
+    message = str(failed.value)
+    assert "release F16" in message and "'one turn'" in message and "llama-server" in message
+    assert "from token" in message and "trained:" in message and "served:" in message and "bot" in message
+    assert not (tmp_path / "parity.json").exists()
+
+
+def test_an_alpaca_trained_release_carries_alpaca_through_llama_server_and_ollama(tiny_release, tmp_path):
+    """template = "alpaca": the release's template is modelmake's Alpaca Jinja, which llama.cpp's engine
+    renders as training wrote it, and the Modelfile's Go translation too."""
+    assert modelfile.chat_family(chat.ALPACA_JINJA) is modelfile.ALPACA
+    train = TrainSpec(dataset=tiny_release["data"], template="alpaca")
+    result = check(tiny_release, tmp_path, train, chat_template=chat.ALPACA_JINJA)
+    assert result["llama_server"].startswith("identical") and result["ollama"].startswith("identical")
+    assert result["end_of_turn"] == "<|im_end|>"  # SmolLM2's EOS, which the Alpaca answers end with
+
+
+def test_the_end_of_turn_must_be_a_token_llama_cpp_stops_at(tiny_release, tmp_path, monkeypatch):
+    """A GGUF whose end-of-generation set lacks the trained end of turn (simulated: llama.cpp's list
+    for this GGUF with <|im_end|> taken out) fails before anything is compared."""
+    from stages.ground import llamacpp
+
+    real = llamacpp.end_of_generation
+    monkeypatch.setattr(llamacpp, "end_of_generation",
+                        lambda path: {i: t for i, t in real(path).items() if t != "<|im_end|>"})
+    with pytest.raises(BuildError, match=r"training answers end with '<\|im_end\|>' \(id 2\), which is not among"):
+        check(tiny_release, tmp_path, TrainSpec(dataset=tiny_release["data"]))
