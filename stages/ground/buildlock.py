@@ -31,7 +31,7 @@ except ImportError:  # Windows: no flock; builds there are not guarded
     fcntl = None
 
 LOCK_FILE = ".build.lock"
-READ_ONLY = frozenset({"verify", "push", "pull", "cache-push"})  # tasks that write nothing the build reads
+READ_ONLY = frozenset({"verify", "push", "pull", "cache-push", "serve"})  # tasks that write nothing the build reads
 
 
 class CacheBusy(Exception):

@@ -1,0 +1,105 @@
+"""`doit serve`: a built release, served the way Docker Model Runner serves it.
+
+llama-server from the pinned llama.cpp source loads the package's own files (the GGUF, the adapter
+route's GGUF LoRA and the chat template it ships) on 127.0.0.1, with the Jinja template engine, and
+answers OpenAI-compatible requests until Ctrl-C. `doit serve variant=Q4_K_M model=NAME port=8080`;
+by default the first model's first release on port 8080.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from . import package
+from .ground import llamacpp
+from .ground.errors import BuildError
+from .ground.hashing import INDEX
+from .ground.spec import Spec
+from .ground.task import ModelBuild
+
+
+def pick(spec: Spec, model_name: str | None, variant: str | None) -> tuple[package.Release, Path]:
+    """The release to serve and its package folder; a BuildError naming the choices when it is not built."""
+    names = [m.name for m in spec.models]
+    model = next((m for m in spec.models if m.name == model_name), None) if model_name else spec.models[0]
+    if model is None:
+        raise BuildError(f"model={model_name}: the spec has no such model; its models: {', '.join(names)}")
+    build = ModelBuild.of(spec, model)
+    releases = package.releases(build)
+    built = [r.variant for r in releases if (build.paths.package(r.variant) / INDEX).is_file()]
+    release = next((r for r in releases if r.variant == (variant or releases[0].variant)), None)
+    if release is None or release.variant not in built:
+        asked = variant or f"{releases[0].variant} (the first release)"
+        choices = f"built: {', '.join(built)}" if built else "none is built yet: run `doit` first"
+        raise BuildError(f"doit serve: {model.name} {asked} is not a built release of {spec.source or 'the spec'}; "
+                         f"{choices}. Say variant=NAME (and model=NAME)")
+    return release, build.paths.package(release.variant)
+
+
+def command(release: package.Release, folder: Path, port: int, threads: int) -> list[str]:
+    """llama-server on the package's files, as the package ships them."""
+    template = folder / "chat_template.jinja" if release.lora and (folder / "chat_template.jinja").is_file() else None
+    return llamacpp.server_command(folder / release.gguf.name, lora=folder / release.lora.name if release.lora else None,
+                                   chat_template=template, mmproj=folder / release.mmproj.name if release.mmproj else None,
+                                   port=port, threads=threads, context=release_context(folder))
+
+
+def release_context(folder: Path) -> int:
+    """The context the package's compose.yaml declares (what Docker Model Runner gives the model)."""
+    for line in (folder / "compose.yaml").read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith("context_size:"):
+            return int(line.split(":", 1)[1])
+    return package.DEFAULT_CONTEXT
+
+
+def serve(spec: Spec, model_name: str | None, variant: str | None, port: str) -> str:
+    release, folder = pick(spec, model_name, variant)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise BuildError(f"port={port}: give a TCP port number, e.g. port=8080")
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", int(port)))
+    except OSError:
+        raise BuildError(f"doit serve: port {port} on 127.0.0.1 is in use (another server, or another `doit serve`); "
+                         "stop it or say port=N for another") from None
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(command(release, folder, int(port), spec.threads), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+    stop = lambda *_: process.terminate()  # noqa: E731 - Ctrl-C stops the server; the wait below then ends
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    work = tempfile.TemporaryDirectory(prefix="modelmake-serve-")
+    try:
+        # llama-server's own output stays out of the terminal; its end is shown if it fails to start
+        log = _drained(process, Path(work.name) / "llama-server.log")
+        llamacpp.wait_until_ready(process, url, log)
+        print(f"serving {release.model} {release.variant} ({folder}) at {url}/v1 — Ctrl-C stops it\n"
+              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+              f"       -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'", flush=True)
+        process.wait()
+        return f"stopped serving {release.model} {release.variant}"
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        work.cleanup()
+
+
+def _drained(process: subprocess.Popen, log: Path) -> Path:
+    """Copy llama-server's output into `log` in the background, so its pipe never fills."""
+    def copy():
+        with log.open("a", encoding="utf-8") as out:
+            for line in process.stderr:
+                out.write(line)
+                out.flush()
+
+    log.touch()
+    threading.Thread(target=copy, daemon=True).start()
+    return log
