@@ -16,6 +16,10 @@ Every id must match; the first difference fails the build naming the release, th
 position and both sides as text. And the token the training answers end with (the end of a turn)
 must be one llama.cpp ends generation at, so a served model stops where the trained one does.
 
+Where the eval answers prompts, the same server then answers them as a client asks (greedy chat
+completions) and the answers are compared with the eval's in-process ones: the count and every
+difference, verbatim, go into the result and the report.
+
 The result (parity/<variant>.json) is a report, not an artifact: whether Go was there to check
 Ollama's engine depends on the machine, not on the inputs.
 """
@@ -27,16 +31,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import package
+from . import accuracy, evaluate, package
 from .formats import ggufheader, modelfile
 from .ground import llamacpp, ollama
 from .ground.atomic import atomic_file
 from .ground.errors import BuildError
-from .ground.spec import TrainSpec
+from .ground.spec import EvalSpec, TrainSpec
 from .ground.task import ModelBuild, Task
 from .package import Release
 
-REVISION = 1
+REVISION = 2
 TOOLS = ("transformers", "tokenizers", "llama-cpp-python")
 MAX_HELD_OUT = 8  # held-out records rendered per release, besides the fixed conversations
 
@@ -86,6 +90,13 @@ def end_of_turn(answer_ids: list[int], special_ids: set[int]) -> int | None:
     return next((token for token in reversed(answer_ids) if token in special_ids), None)
 
 
+def served_differences(questions: list[tuple[dict, ...]], in_process: list[str], served: list[str]) -> list[dict]:
+    """The answers llama-server gave otherwise than the eval's in-process greedy generation did (whitespace
+    at either end aside: the API strips it), verbatim."""
+    return [{"question": turns[-1]["content"], "in_process": mine, "served": theirs}
+            for turns, mine, theirs in zip(questions, in_process, served) if mine.strip() != theirs.strip()]
+
+
 def _shown(decode, ids: list[int], at: int) -> str:
     before, after = decode(ids[max(0, at - 12):at]), decode(ids[at:at + 6])
     token = f"token {ids[at]} {decode(ids[at:at + 1])!r}" if at < len(ids) else "the end"
@@ -123,21 +134,32 @@ def _held_out(train: TrainSpec | None) -> list[tuple[tuple[dict, ...], str]]:
 
 
 def run(*, release: Release, train: TrainSpec | None, base_dir: Path, modelfile_system: str | None,
-        out_path: Path, threads: int = 0) -> dict:
+        out_path: Path, threads: int = 0, eval_spec: EvalSpec | None = None, eval_result: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="modelmake-parity-") as work:
         shipped = None
         if release.chat_template:  # the adapter route ships its template beside the GGUFs, as DMR reads it
             shipped = Path(work) / "chat_template.jinja"
             shipped.write_text(release.chat_template, encoding="utf-8")
-        return _check(release, train, base_dir, modelfile_system, out_path, threads, shipped)
+        return _check(release, train, base_dir, modelfile_system, out_path, threads, shipped, eval_spec, eval_result)
 
 
 def _check(release: Release, train: TrainSpec | None, base_dir: Path, modelfile_system: str | None, out_path: Path,
-           threads: int, shipped: Path | None) -> dict:
+           threads: int, shipped: Path | None, eval_spec: EvalSpec | None, eval_result: Path | None) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     chat_template = release.chat_template or ggufheader.scalars(release.gguf).get("tokenizer.chat_template")
+    if not chat_template and not (train and train.template != "chat"):
+        # Nothing was trained on a chat format and the release names none (a base model, converted and
+        # quantized): there is no training format to hold the runtimes to. (Training on template = "chat"
+        # with no template is refused when the spec loads.)
+        result = {"variant": release.variant, "conversations": 0, "skipped": [], "rows": [], "end_of_turn": None,
+                  "llama_server": "not checked: no chat template", "ollama": "not checked: no chat template",
+                  "stop": sorted(llamacpp.end_of_generation(release.gguf).values())}
+        with atomic_file(out_path) as tmp:
+            tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"parity {release.variant}: not checked, the release has no chat template and was not trained on one")
+        return {"conversations": 0}
     family = modelfile.chat_family(chat_template)
     system = modelfile.served_system(modelfile_system, train.system if train else None, chat_template)
     renderer = ollama.renderer_path() if family else None
@@ -146,7 +168,11 @@ def _check(release: Release, train: TrainSpec | None, base_dir: Path, modelfile_
     stops = llamacpp.end_of_generation(release.gguf)
     special = {int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
     checked = []
-    with llamacpp.serving(release.gguf, lora=release.lora, chat_template=shipped, threads=threads) as server:
+    # Flash attention off: the attention kernel of the in-process eval, so a served answer that differs
+    # means a different prompt, tokens or sampling, not rounding (with llama-server's default, auto, the
+    # default spec's Q4_K_M greedy answers differ from the eval's in 3 of 27 for that reason alone).
+    with llamacpp.serving(release.gguf, lora=release.lora, chat_template=shipped, threads=threads,
+                          flash_attention=False) as server:
         for conversation in conversations(_held_out(train), train.system if train else None):
             try:
                 trained, answer = trained_tokens(tokenizer, train, conversation.messages)
@@ -164,18 +190,21 @@ def _check(release: Release, train: TrainSpec | None, base_dir: Path, modelfile_
                     "would run on past the end of its turn. Use a base whose GGUF marks its end-of-turn token "
                     "(tokenizer.ggml.eos_token_id or eot_token_id)")
             row = {"conversation": conversation.name, "tokens": len(trained)}
-            served = server.tokenize(server.chat_prompt(list(conversation.messages)))
-            if served != trained:
+            by_server = server.tokenize(server.chat_prompt(list(conversation.messages)))
+            if by_server != trained:
                 raise BuildError(mismatch(release.variant, conversation, "llama-server (llama.cpp's Jinja engine on "
-                                          "the release's chat template)", trained, served, decode))
+                                          "the release's chat template)", trained, by_server, decode))
             if renderer:
-                text = ollama.render(renderer, family.template,
-                                     ollama.messages_as_ollama_sends(list(conversation.messages), system))
-                by_ollama = server.tokenize(text)
-                if by_ollama != trained:
+                # Ollama gives a conversation without a system turn the Modelfile's SYSTEM (maybe the spec's
+                # own prompt): the format is checked on those messages, as training would write them.
+                sent = tuple(ollama.messages_as_ollama_sends(list(conversation.messages), system))
+                expected = trained if sent == conversation.messages else trained_tokens(tokenizer, train, sent)[0]
+                by_ollama = server.tokenize(ollama.render(renderer, family.template, list(sent)))
+                if by_ollama != expected:
                     raise BuildError(mismatch(release.variant, conversation, "Ollama (the Modelfile TEMPLATE "
-                                              "through Go's text/template)", trained, by_ollama, decode))
+                                              "through Go's text/template)", expected, by_ollama, decode))
             checked.append(row)
+        served = _served_answers(server, train, eval_spec, eval_result) if eval_result else None
     compared = [row for row in checked if "tokens" in row]
     result = {
         "variant": release.variant,
@@ -189,12 +218,29 @@ def _check(release: Release, train: TrainSpec | None, base_dir: Path, modelfile_
         "stop": sorted(stops.values()),
         "rows": checked,
     }
+    if served is not None:
+        result["served_answers"] = served
     with atomic_file(out_path) as tmp:
         tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"parity {release.variant}: {len(compared)} conversations, identical tokens in training, llama-server "
           f"and {'Ollama' if renderer else 'not Ollama (' + result['ollama'] + ')'}; end of turn "
           f"{result['end_of_turn']!r} stops llama.cpp")
+    if served is not None:
+        print(f"served answers {release.variant}: {served['identical']}/{served['answers']} identical to the eval's")
     return {"conversations": len(compared)}
+
+
+def _served_answers(server: llamacpp.Server, train: TrainSpec | None, eval_spec: EvalSpec, eval_result: Path) -> dict:
+    """The eval's prompts asked through llama-server's /v1/chat/completions as a client asks them
+    (greedy, the same token limit), against the answers the eval generated in process."""
+    evaluated = json.loads(eval_result.read_text(encoding="utf-8")).get("accuracy") or {}
+    in_process = [row["answer"] for row in evaluated.get("answers", [])]
+    system = train.system if train else None
+    questions = [turns if not system or turns[0]["role"] == "system" else ({"role": "system", "content": system}, *turns)
+                 for turns, _ in accuracy.conversations(eval_spec, train)[:len(in_process)]]
+    served = [server.chat(list(turns), evaluated["max_new_tokens"]) for turns in questions]
+    differences = served_differences(questions, in_process, served)
+    return {"identical": len(in_process) - len(differences), "answers": len(in_process), "differences": differences}
 
 
 def task_name(build: ModelBuild, variant: str) -> str:
@@ -205,15 +251,19 @@ def tasks(build: ModelBuild) -> list[Task]:
     """parity:<model>-<variant> for every release; its package waits for it."""
     model, paths = build.model, build.paths
     found = []
+    answers = model.eval.answers_prompts(model.train)
     for release in package.releases(build):
         out = paths.root / "parity" / f"{release.variant}.json"
+        eval_result = paths.eval(release.variant) if answers else None
         found.append(Task(
             task_name(build, release.variant), "training format = served format: tokens through llama-server and Ollama",
             run, {"release": release, "train": model.train, "base_dir": paths.base,
-                  "modelfile_system": model.package.system, "out_path": out, "threads": build.spec.threads},
+                  "modelfile_system": model.package.system, "out_path": out, "threads": build.spec.threads,
+                  "eval_spec": model.eval, "eval_result": eval_result},
             {"variant": release.variant, "system": model.package.system, "chat_template": release.chat_template,
              **(model.train.split_params() if model.train else {})},
-            inputs=[p for p in (release.gguf, release.lora) if p] + paths.base_files()
+            inputs=[p for p in (release.gguf, release.lora, eval_result) if p] + paths.base_files()
             + (model.train.data_files if model.train else []),
-            outputs=[out], artifact=False, versions=llamacpp.fingerprint_versions()))
+            outputs=[out], artifact=False, versions=llamacpp.fingerprint_versions(),
+            after=[f"eval:{evaluate.task_name(build, release.variant)}"] if answers else []))
     return found

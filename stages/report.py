@@ -283,8 +283,22 @@ def parity_rows(root: Path, releases: list[str], by_variant: dict[str, dict]) ->
         terminated = ((by_variant.get(variant) or {}).get("accuracy") or {}).get("terminated")
         rows.append([variant, str(parity["conversations"]), parity["llama_server"], parity["ollama"],
                      f"`{parity['end_of_turn']}`" if parity["end_of_turn"] else "—",
-                     "—" if terminated is None else f"{terminated:.0%}"])
+                     "—" if terminated is None else f"{terminated:.0%}", _served_words(parity.get("served_answers"))])
     return rows
+
+
+def _served_words(served: dict | None) -> str:
+    return "—" if served is None else f"identical {served['identical']}/{served['answers']}"
+
+
+def served_differences(root: Path, releases: list[str]) -> list[Block]:
+    """Every answer llama-server gave otherwise than the in-process eval, verbatim."""
+    rows = [[variant, d["question"], d["in_process"], d["served"]] for variant in releases
+            for d in (_read_json(root / "parity" / f"{variant}.json").get("served_answers") or {}).get("differences", [])]
+    if not rows:
+        return []
+    return [Text("Answers llama-server gave otherwise than the in-process eval:"),
+            Table(["release", "question", "in process", "served"], rows)]
 
 
 def _gate_words(gate: dict | None) -> str:
@@ -388,9 +402,11 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
                         "Ollama (the Modelfile TEMPLATE through Go's text/template), must be the same tokens; the "
                         "token training answers end with must be one llama.cpp stops at (the Modelfile's stop words "
                         "are those tokens). \"Ends its turn\": the share of greedy answers that stop by themselves "
-                        "before the token limit."),
-                   Table(["release", "conversations", "llama-server", "Ollama", "end of turn", "ends its turn"],
-                         parity_rows(model.root, model.releases, by_variant))]
+                        "before the token limit. \"Served answers\": the eval's prompts asked again through "
+                        "llama-server's `/v1/chat/completions` (greedy), against the answers generated in process."),
+                   Table(["release", "conversations", "llama-server", "Ollama", "end of turn", "ends its turn",
+                          "served answers"], parity_rows(model.root, model.releases, by_variant))]
+        blocks += served_differences(model.root, model.releases)
 
     compared = imatrix_rows(by_variant)
     if compared:

@@ -82,7 +82,13 @@ def test_the_fine_tune_answers_in_the_trained_style_and_beats_the_base(default_b
     # The termination probe: the fine-tune ends its turn by itself (every answer, measured), as trained to.
     for variant in ("F16", "Q8_0", "Q4_K_M", "lora"):
         assert results[variant]["accuracy"]["terminated"] >= 0.9, variant
-    assert "| release | conversations | llama-server | Ollama | end of turn | ends its turn |" in report
+    assert "| release | conversations | llama-server | Ollama | end of turn | ends its turn | served answers |" in report
+    # The same prompts through llama-server's /v1/chat/completions, as Docker Model Runner's clients ask
+    # them: the same greedy answers, every one (measured: 27/27 for each release).
+    for variant in ("Q4_K_M", "Q8_0", "lora"):
+        served = json.loads((cache / "parity" / f"{variant}.json").read_text())["served_answers"]
+        assert (served["identical"], served["answers"]) == (27, 27), (variant, served["differences"])
+    assert report.count("| identical 27/27 |") == 3
 
 
 GATED = """

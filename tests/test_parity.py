@@ -47,6 +47,13 @@ def test_first_difference_and_end_of_turn_are_what_they_say():
     assert parity.end_of_turn([10, 11], {1, 2}) is None
 
 
+def test_served_differences_are_kept_verbatim_whitespace_at_the_ends_aside():
+    questions = [({"role": "user", "content": "a?"},), ({"role": "user", "content": "b?"},)]
+    assert parity.served_differences(questions, ["Answer: A.", "B"], ["Answer: A.\n", "B"]) == []
+    assert parity.served_differences(questions, ["Answer: A.", "B"], ["Answer: A.", "C, then more"]) == [
+        {"question": "b?", "in_process": "B", "served": "C, then more"}]
+
+
 def test_conversations_cover_system_multi_turn_and_held_out_and_insert_the_trained_system():
     held_out = [(({"role": "user", "content": "a?"},), "A"), (({"role": "user", "content": "b?"},), "B")]
     found = parity.conversations(held_out, None)
@@ -104,3 +111,19 @@ def test_the_end_of_turn_must_be_a_token_llama_cpp_stops_at(tiny_release, tmp_pa
                         lambda path: {i: t for i, t in real(path).items() if t != "<|im_end|>"})
     with pytest.raises(BuildError, match=r"training answers end with '<\|im_end\|>' \(id 2\), which is not among"):
         check(tiny_release, tmp_path, TrainSpec(dataset=tiny_release["data"]))
+
+
+def test_a_release_with_no_chat_template_and_no_chat_training_is_not_checked_and_says_so(tiny_release, tmp_path):
+    """A base model converted and quantized as is (no chat template, nothing trained on one): there is no
+    training format to hold the runtimes to; the result says so instead of failing the build."""
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_release["model_dir"], plain)
+    (plain / "chat_template.jinja").unlink()
+    convert.run(plain, tmp_path / "plain.gguf", "f16", "plain")
+    out = tmp_path / "parity.json"
+    parity.run(release=Release("plain", "F16", tmp_path / "plain.gguf", None, "plain:F16"), train=None,
+               base_dir=plain, modelfile_system=None, out_path=out, threads=1)
+    result = json.loads(out.read_text())
+    assert result["conversations"] == 0 and result["llama_server"] == "not checked: no chat template"

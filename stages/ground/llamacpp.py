@@ -163,6 +163,11 @@ class Server:
         Jinja engine, with the generation prompt (llama-server's /apply-template)."""
         return self.post("/apply-template", {"messages": messages})["prompt"]
 
+    def chat(self, messages: list[dict], max_tokens: int) -> str:
+        """A greedy chat completion (temperature 0) through the OpenAI-compatible API, as clients call it."""
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 0}
+        return self.post("/v1/chat/completions", body)["choices"][0]["message"]["content"]
+
     def tokenize(self, text: str) -> list[int]:
         """As a chat completion tokenizes its prompt: special tokens parsed, BOS added where the GGUF says."""
         return self.post("/tokenize", {"content": text, "add_special": True, "parse_special": True})["tokens"]
@@ -170,11 +175,14 @@ class Server:
 
 def server_command(model: Path, *, lora: Path | None = None, chat_template: Path | None = None,
                    mmproj: Path | None = None, port: int, host: str = "127.0.0.1", context: int = 4096,
-                   threads: int = 0) -> list[str]:
+                   threads: int = 0, flash_attention: bool | None = None) -> list[str]:
     """llama-server as Docker Model Runner runs it: the Jinja template engine, the GGUF's own chat
-    template unless the package brings one (DMR passes the artifact's template layer the same way)."""
+    template unless the package brings one (DMR passes the artifact's template layer the same way).
+    `flash_attention` None leaves llama-server's default (auto: on where the backend has it)."""
     command = [str(find().path("llama-server")), "--model", str(model), "--host", host, "--port", str(port),
                "--ctx-size", str(context), "--jinja", "--no-webui"]
+    if flash_attention is not None:
+        command += ["--flash-attn", "on" if flash_attention else "off"]
     if threads:
         command += ["--threads", str(threads)]
     for flag, path in (("--lora", lora), ("--chat-template-file", chat_template), ("--mmproj", mmproj)):
@@ -211,14 +219,15 @@ def wait_until_ready(process: subprocess.Popen, url: str, log: Path, timeout: fl
 
 @contextlib.contextmanager
 def serving(model: Path, *, lora: Path | None = None, chat_template: Path | None = None, threads: int = 0,
-            context: int = 4096):
+            context: int = 4096, flash_attention: bool | None = None):
     """A llama-server on a free loopback port for the length of the `with`, stopped after it."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="modelmake-server-") as work:
         log = Path(work) / "llama-server.log"
         with log.open("w", encoding="utf-8") as out:
             process = subprocess.Popen(server_command(model, lora=lora, chat_template=chat_template, port=port,
-                                                      threads=threads, context=context),
+                                                      threads=threads, context=context,
+                                                      flash_attention=flash_attention),
                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{port}"
