@@ -313,8 +313,9 @@ def test_default_spec_fine_tunes_and_every_route_carries_it(default_build):
         "convert:smollm2-demo", "convert:smollm2-demo-merged", "eval:smollm2-demo.heldout",
         "eval:smollm2-demo.prompts", "eval:smollm2-demo-F16", "eval:smollm2-demo-Q4_K_M",
         "eval:smollm2-demo-Q4_K_M-no-imatrix", "eval:smollm2-demo-Q8_0", "eval:smollm2-demo-base",
-        "eval:smollm2-demo-lora", "package:smollm2-demo-Q4_K_M", "package:smollm2-demo-Q8_0",
-        "package:smollm2-demo-lora", "manifest:smollm2-demo", "report"]
+        "eval:smollm2-demo-lora", "parity:smollm2-demo-Q4_K_M", "parity:smollm2-demo-Q8_0", "parity:smollm2-demo-lora",
+        "package:smollm2-demo-Q4_K_M", "package:smollm2-demo-Q8_0", "package:smollm2-demo-lora",
+        "manifest:smollm2-demo", "report"]
     assert ran.index("convert:smollm2-demo-merged") < min(ran.index(t) for t in ran if t.startswith("quantize:")) \
         and max(ran.index(t) for t in ran if t.startswith("quantize:")) < ran.index("eval:smollm2-demo-F16")
     gguf_dir = tmp_path / "cache/smollm2-demo/gguf"

@@ -13,8 +13,8 @@ from helpers import REPO, doit, write_spec
 from stages.ground import buildlock
 
 SPEC = '[[models]]\nname = "tiny"\nbase = "tiny"\nquantize = ["Q8_0"]\n'
-TASKS = ["convert:tiny", "quantize:tiny-Q8_0", "eval:tiny-F16", "eval:tiny-Q8_0", "package:tiny-Q8_0",
-         "manifest:tiny", "report"]
+TASKS = ["convert:tiny", "quantize:tiny-Q8_0", "eval:tiny-F16", "eval:tiny-Q8_0", "parity:tiny-Q8_0",
+         "package:tiny-Q8_0", "manifest:tiny", "report"]
 
 
 @pytest.fixture

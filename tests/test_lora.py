@@ -188,7 +188,8 @@ def test_pickle_only_adapter_needs_explicit_consent(tiny_llama, tmp_path):
 
     ran = doit(write_spec(tmp_path, spec_text + "allow_pickle = true\n")).ran
     assert ran == ["adapter:m", "merge:m", "convert:m", "convert:m-merged", "eval:m-F16", "eval:m-base",
-                   "eval:m-lora", "package:m-F16", "package:m-lora", "manifest:m", "report"]
+                   "eval:m-lora", "parity:m-F16", "parity:m-lora", "package:m-F16", "package:m-lora", "manifest:m",
+                   "report"]
     assert (tmp_path / "cache/m/gguf/m.lora.F16.gguf").is_file()
 
 

@@ -138,11 +138,12 @@ def test_changing_lora_settings_reruns_train_and_what_follows_only(tiny_llama, t
     spec = workspace(tmp_path, tiny_llama, GOOD)
     assert doit(spec).ran == ["train:m", "adapter:m", "merge:m", "convert:m", "convert:m-merged",
                               "quantize:m-merged-Q8_0", "eval:m.heldout", "eval:m.prompts", "eval:m-F16", "eval:m-Q8_0", "eval:m-base",
-                              "eval:m-lora", "package:m-Q8_0", "package:m-lora", "manifest:m", "report"]
+                              "eval:m-lora", "parity:m-Q8_0", "parity:m-lora", "package:m-Q8_0", "package:m-lora",
+                              "manifest:m", "report"]
     spec.write_text(SPEC + "[models.train.lora]\nr = 4\n")
     assert doit(spec).ran == ["train:m", "adapter:m", "merge:m", "convert:m-merged", "quantize:m-merged-Q8_0",
-                              "eval:m-F16", "eval:m-Q8_0", "eval:m-lora", "package:m-Q8_0", "package:m-lora",
-                              "manifest:m", "report"]
+                              "eval:m-F16", "eval:m-Q8_0", "eval:m-lora", "parity:m-Q8_0", "parity:m-lora",
+                              "package:m-Q8_0", "package:m-lora", "manifest:m", "report"]
     with open(tmp_path / "data.jsonl", "a") as f:
         f.write(json.dumps({"instruction": "Say 99.", "output": "Answer: 99."}) + "\n")
     assert doit(spec).ran[0] == "train:m", "a changed dataset retrains"
