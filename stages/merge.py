@@ -125,5 +125,5 @@ def tasks(build: ModelBuild) -> list[Task]:
     return [Task(build.model.name, "LoRA folded into the base weights → Hugging Face folder", run,
                  {"adapter_dir": paths.adapter, "base_dir": paths.base, "out_dir": paths.merged,
                   "allow_pickle": build.adapter_options.allow_pickle, "chat_template": build.training_template},
-                 {"chat_template": build.training_template} if build.training_template else {}, inputs=paths.adapter_files() + paths.base_files(), outputs=[paths.merged],
-                 targets=[paths.merged / INDEX])]
+                 {"chat_template": build.training_template} if build.training_template else {},
+                 inputs=paths.adapter_files() + paths.base_files(), outputs=[paths.merged], targets=[paths.merged / INDEX])]

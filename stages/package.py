@@ -160,14 +160,13 @@ def run(*, release: Release, options: PackageSpec, out_dir: Path, source_date_ep
             oci.write_tar(tmp / "oci", hashed, mtime=source_date_epoch)
         remember(tmp / files["tar"], hashed.blake3.hexdigest(), hashed.sha256.hexdigest())
 
+        family = modelfile.chat_family(chat_template)
         (tmp / "Modelfile").write_text(modelfile.modelfile(
             header=f"{release.model} {release.variant}, built by modelmake {__version__}\n"
                    f"ollama create {release.model}-{release.variant.lower()} -f Modelfile",
             from_file=files["model"], adapter_file=files.get("lora"), projector_file=files.get("mmproj"),
-            family=modelfile.chat_family(chat_template),
-            system=modelfile.served_system(options.system, train_system, chat_template),
-            stop=modelfile.stop_words(list(llamacpp.end_of_generation(release.gguf).values()),
-                                      modelfile.chat_family(chat_template)),
+            family=family, system=modelfile.served_system(options.system, train_system, chat_template),
+            stop=modelfile.stop_words(list(llamacpp.end_of_generation(release.gguf).values()), family),
             parameters={"num_ctx": context_size} | options.parameters, license_text=license_text,
         ), encoding="utf-8")
         (tmp / "compose.yaml").write_text(modelfile.compose(

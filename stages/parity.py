@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import accuracy, evaluate, package
-from .formats import ggufheader, modelfile
+from .formats import chat, ggufheader, modelfile
 from .ground import llamacpp, ollama
 from .ground.atomic import atomic_file
 from .ground.errors import BuildError
@@ -71,10 +71,7 @@ def conversations(held_out: list[tuple[tuple[dict, ...], str]], system: str | No
         (first, answer), (second, _) = held_out[:2]
         found.append(Conversation("held-out records 1 and 2 as two turns",
                                   (*first, {"role": "assistant", "content": answer}, *second)))
-    if system:
-        found = [Conversation(c.name, c.messages if c.messages[0]["role"] == "system"
-                              else ({"role": "system", "content": system}, *c.messages)) for c in found]
-    return found
+    return [Conversation(c.name, chat.with_system(c.messages, system)) for c in found]
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -236,8 +233,7 @@ def _served_answers(server: llamacpp.Server, train: TrainSpec | None, eval_spec:
     evaluated = json.loads(eval_result.read_text(encoding="utf-8")).get("accuracy") or {}
     in_process = [row["answer"] for row in evaluated.get("answers", [])]
     system = train.system if train else None
-    questions = [turns if not system or turns[0]["role"] == "system" else ({"role": "system", "content": system}, *turns)
-                 for turns, _ in accuracy.conversations(eval_spec, train)[:len(in_process)]]
+    questions = [chat.with_system(turns, system) for turns, _ in accuracy.conversations(eval_spec, train)[:len(in_process)]]
     served = [server.chat(list(turns), evaluated["max_new_tokens"]) for turns in questions]
     differences = served_differences(questions, in_process, served)
     return {"identical": len(in_process) - len(differences), "answers": len(in_process), "differences": differences}

@@ -75,9 +75,7 @@ def no_chat_template(base: str) -> str:
 
 def prompt_and_answer(messages: tuple[dict, ...], tokenizer, template: str, system: str | None) -> tuple[str, str]:
     """The text before the answer and the answer itself, as the template writes them."""
-    turns = list(messages)
-    if system and turns[0]["role"] != "system":
-        turns.insert(0, {"role": "system", "content": system})
+    turns = list(chat.with_system(messages, system))
     if template == "alpaca":
         return chat.alpaca_prompt(turns[:-1]), turns[-1]["content"] + tokenizer.eos_token
     if not tokenizer.chat_template:  # the graph refuses this first where it can see the base's files

@@ -5,6 +5,16 @@ Docker Model Runner and Ollama prompt the model as it was trained. The parity ch
 
 from __future__ import annotations
 
+
+def with_system(turns, system: str | None) -> tuple[dict, ...]:
+    """The turns with `system` first, where a system prompt is given and the turns bring none of their own:
+    what the train stage formats, and so what every runtime must be sent to prompt the model alike."""
+    turns = tuple(turns)
+    if system and turns[0]["role"] != "system":
+        return ({"role": "system", "content": system}, *turns)
+    return turns
+
+
 def alpaca_prompt(turns: list[dict]) -> str:
     """The Alpaca prompt for a conversation so far: every non-assistant turn (system and users) as the
     instruction, then the response header. Earlier answers are not repeated: Alpaca has one turn."""
