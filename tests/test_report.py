@@ -98,9 +98,11 @@ def test_mermaid_flowchart_is_the_doit_graph_and_renders_with_mermaid(built, tmp
                  ("convert:smollm2-demo-merged", "quantize:smollm2-demo-merged.imatrix"),
                  ("quantize:smollm2-demo-merged.imatrix", "quantize:smollm2-demo-merged-Q4_K_M"),
                  ("quantize:smollm2-demo-merged-Q4_K_M", "eval:smollm2-demo-Q4_K_M"),
-                 ("eval:smollm2-demo-Q4_K_M", "package:smollm2-demo-Q4_K_M")]:
+                 ("eval:smollm2-demo-Q4_K_M", "parity:smollm2-demo-Q4_K_M"),
+                 ("parity:smollm2-demo-Q4_K_M", "package:smollm2-demo-Q4_K_M")]:
         assert edge in edges
-    assert ("import:smollm2-demo", "manifest:smollm2-demo") not in edges, "edges implied by a path are left out"
+    for implied in [("import:smollm2-demo", "manifest:smollm2-demo"), ("eval:smollm2-demo-Q4_K_M", "package:smollm2-demo-Q4_K_M")]:
+        assert implied not in edges, "edges implied by a path are left out"
 
     rendered = render_mermaid(tmp_path, source)
     assert rendered.startswith("<svg") and 'aria-roledescription="flowchart-v2"' in rendered
