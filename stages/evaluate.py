@@ -38,7 +38,7 @@ from .ground.hashing import tool_versions
 from .ground.spec import EvalSpec, GateSpec, TrainSpec
 from .ground.task import ModelBuild, Task
 
-REVISION = 2
+REVISION = 3  # 3: prompts get one BOS where the GGUF asks for it, as llama-server gives
 TOOLS = ("llama-cpp-python", "numpy", "transformers", "tokenizers", "sacrebleu")
 
 ROWS_PER_CHUNK = 64  # next-token distributions turned to float64 at a time: bounds memory at any vocabulary
@@ -272,7 +272,8 @@ def _tokenized(llm, documents: list[list[tuple[str, bool]]], max_tokens: int) ->
     for pieces in documents:
         tokens, is_answer = [], []
         for text, answer in pieces:
-            ids = llm.tokenize(text.encode("utf-8"), add_bos=not tokens, special=True)
+            ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) if tokens else \
+                llamacpp.prompt_tokens(llm, text)
             tokens += ids
             is_answer += [answer] * len(ids)
         keep = min(len(tokens), max_tokens - total)
@@ -349,7 +350,7 @@ def answer_accuracy(job: Job, spec: EvalSpec, threads: int) -> dict:
     from its eval JSON (its task runs first)."""
     prompts = accuracy.read_prompts(job.prompts)
     with _vocabulary(job.subject.model) as vocab:
-        tokenized = [vocab.tokenize(p.text.encode("utf-8"), add_bos=True, special=True) for p in prompts]
+        tokenized = [llamacpp.prompt_tokens(vocab, p.text) for p in prompts]
     with _llama(job.subject, max(map(len, tokenized)) + spec.max_new_tokens, threads, logits_all=False) as llm:
         answers, ended = accuracy.answer_all(llm, tokenized, spec.max_new_tokens)
     reference = None

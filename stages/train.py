@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .formats import dataset as datasets
 from .formats import chat, hf, lora
+from .formats import tokenizer as tokenizer_format
 from .ground.atomic import atomic_dir
 from .ground.device import pick_device
 from .ground.errors import BuildError
@@ -39,7 +40,7 @@ from .ground.units import parse_size
 from .training import checkpoint, distributed, memory
 from .training.distributed import Ranks
 
-REVISION = 1
+REVISION = 2  # 2: an Alpaca prompt starts with BOS where the tokenizer adds one
 TOOLS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "bitsandbytes")
 
 LOG = "train_log.jsonl"
@@ -73,11 +74,21 @@ def no_chat_template(base: str) -> str:
             "to train on the Alpaca format instead, or start from a base that has a chat template (an -Instruct model)")
 
 
+_ADDS_BOS: dict[str, bool] = {}  # by tokenizer folder: read once, not once per record
+
+
+def _adds_bos(model_dir: str, tokenizer) -> bool:
+    if model_dir not in _ADDS_BOS:
+        _ADDS_BOS[model_dir] = tokenizer_format.adds_bos(Path(model_dir), tokenizer)
+    return _ADDS_BOS[model_dir]
+
+
 def prompt_and_answer(messages: tuple[dict, ...], tokenizer, template: str, system: str | None) -> tuple[str, str]:
     """The text before the answer and the answer itself, as the template writes them."""
     turns = list(chat.with_system(messages, system))
-    if template == "alpaca":
-        return chat.alpaca_prompt(turns[:-1]), turns[-1]["content"] + tokenizer.eos_token
+    if template == "alpaca":  # BOS first where the model's tokenizer adds one, as llama.cpp will when serving
+        bos = tokenizer.bos_token if tokenizer.bos_token and _adds_bos(tokenizer.name_or_path, tokenizer) else ""
+        return bos + chat.alpaca_prompt(turns[:-1]), turns[-1]["content"] + tokenizer.eos_token
     if not tokenizer.chat_template:  # the graph refuses this first where it can see the base's files
         raise BuildError(no_chat_template(f"the base {tokenizer.name_or_path}"))
     prompt = tokenizer.apply_chat_template(turns[:-1], tokenize=False, add_generation_prompt=True)

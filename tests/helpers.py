@@ -86,10 +86,15 @@ def fresh_clone(source: Path, target: Path, spec_text: str | None = None) -> Pat
 
 
 def save_smollm_tokenizer(folder: Path) -> None:
-    """The real SmolLM2 tokenizer, read from the embedded GGUF (no weights loaded)."""
+    """The real SmolLM2 tokenizer, read from the embedded GGUF (no weights loaded), with its own
+    pre-tokenizer put back as the import stage does (transformers' plain byte-level one splits
+    "\n\n7" unlike SmolLM2 and llama.cpp)."""
     from transformers import AutoTokenizer
 
+    from stages.formats.tokenizer import restore_pretokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM_GGUF.parent, gguf_file=SMOLLM_GGUF.name)
+    restore_pretokenizer(tokenizer, "smollm")
     tokenizer.save_pretrained(folder)
 
 

@@ -48,8 +48,8 @@ def jinja_render(template: str, messages: list[dict]) -> str:
 def test_template_family_matches_its_golden_files_and_renders_like_the_jinja(family, go_render):
     """Golden files per family: the Jinja chat template of a real model of it (chatml: SmolLM2's, from
     the embedded GGUF; llama3: Meta-Llama-3-Instruct; gemma: Gemma 3, text part; mistral: Mistral
-    Instruct v0.3; alpaca: modelmake's own), the TEMPLATE, and the two-turn conversation both render to, which
-    was read by hand against the model card's prompt format."""
+    Instruct v0.3; phi3: Phi-3-mini-4k-instruct; alpaca: modelmake's own), the TEMPLATE, and the two-turn
+    conversation both render to, which was read by hand against the model card's prompt format."""
     jinja = (GOLDEN / f"{family.name}.jinja").read_text()
     assert modelfile.chat_family(jinja) is family
     assert family.template == (GOLDEN / f"{family.name}.gotmpl").read_text()

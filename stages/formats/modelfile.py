@@ -74,6 +74,15 @@ MISTRAL = ChatFamily(
     "{{- end }}"
 )
 
+# Phi-3 and Phi-3.5 Instruct: a role tag, a newline, the text and <|end|>. (Phi-4-mini writes the same
+# tags with no newlines: the newline after <|assistant|> keeps it out of this family.)
+PHI3 = ChatFamily(
+    "phi3", ("<|user|>", "<|assistant|>\n", "<|end|>"),
+    "{{- range .Messages }}<|{{ .Role }}|>\n"
+    "{{ .Content }}<|end|>\n"
+    "{{ end }}<|assistant|>\n"
+)
+
 # modelmake's own Alpaca format (formats.chat), for a model trained with template = "alpaca": the
 # instruction is every system and user turn, joined by blank lines; earlier answers are not repeated.
 ALPACA = ChatFamily(
@@ -83,7 +92,7 @@ ALPACA = ChatFamily(
     "{{ .Content }}{{ $first = false }}{{ end }}{{ end }}\n\n### Response:\n"
 )
 
-FAMILIES = (LLAMA3, CHATML, GEMMA, MISTRAL, ALPACA)
+FAMILIES = (LLAMA3, CHATML, GEMMA, MISTRAL, PHI3, ALPACA)
 
 
 def chat_family(jinja_template: str | None) -> ChatFamily | None:

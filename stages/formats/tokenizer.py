@@ -181,11 +181,19 @@ def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, preto
     special = gguf.SpecialVocab(model_dir, load_merges=kind == "gpt2", n_vocab=len(tokens))
     if chat_template is not None:
         special.chat_template = chat_template
-    if "bos" not in special.add_special_token:
-        # Not in tokenizer_config: take what the tokenizer actually does.
-        ids = tokenizer.encode("a")
-        special.add_special_token["bos"] = bool(ids) and ids[0] == tokenizer.bos_token_id
+    special.add_special_token["bos"] = adds_bos(model_dir, tokenizer)
     special.add_to_gguf(writer, quiet=True)
+
+
+def adds_bos(model_dir: Path, tokenizer) -> bool:
+    """Whether a text starts with BOS for this model: tokenizer_config's add_bos_token (what gguf-py's
+    SpecialVocab reads), else what the tokenizer does. It is the GGUF's tokenizer.ggml.add_bos_token, so
+    llama.cpp and Ollama add BOS to a prompt exactly where the train stage does (template = "alpaca")."""
+    said = gguf.SpecialVocab(model_dir, load_merges=False).add_special_token.get("bos")
+    if said is not None:
+        return bool(said)
+    ids = tokenizer.encode("a")
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def sentencepiece_model(tokens: list[str], scores: list[float], types: list[int], special_ids: dict[str, int | None],

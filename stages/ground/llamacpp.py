@@ -261,6 +261,20 @@ def captured_llama_log():
         llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+def prompt_tokens(llm, text: str) -> list[int]:
+    """A rendered prompt's tokens as llama-server's chat completion makes them: special tokens parsed, and
+    one BOS first where the GGUF asks for it (a template that writes BOS itself does not get a second:
+    llama.cpp strips it from the rendered text before adding its own)."""
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    bos = llama_cpp.llama_vocab_bos(vocab)
+    if llama_cpp.llama_vocab_get_add_bos(vocab) and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    return ids
+
+
 def end_of_generation(model: Path) -> dict[int, str]:
     """The tokens llama.cpp ends generation at (its EOG set: EOS, EOT and the end-of-turn tokens it
     knows by name), as {id: text}, read from the GGUF's vocabulary alone."""
