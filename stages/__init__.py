@@ -16,4 +16,12 @@ The folders are the architecture, and imports only point down it:
 task runs one stage module.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# OpenMP threads (torch's) that wait for work sleep instead of spinning. Spinning gains about 1% alone
+# and loses 2x once anything else runs beside it (`doit -n 2`, an experiment's variants, another build):
+# two 2-thread trainings on 2 cores took 3.0 s a step each spinning, 1.4 s sleeping (BENCHMARKS.md).
+# OpenMP reads this when torch loads it, so it is set here, before any stage imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

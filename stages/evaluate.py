@@ -33,6 +33,7 @@ import numpy as np
 from . import accuracy
 from .formats import ggufheader
 from .ground.atomic import atomic_file
+from .ground.device import available_cores
 from .ground.errors import BuildError
 from .ground.hashing import tool_versions
 from .ground.spec import EvalSpec, GateSpec, TrainSpec
@@ -374,7 +375,7 @@ def _rounded(value):
 
 
 def run(job: Job, spec: EvalSpec, out_path: Path, model_root: Path, threads: int = 0) -> None:
-    threads = threads or os.cpu_count() or 1
+    threads = threads or available_cores()
     header = ggufheader.read(job.subject.model)
     size = sum(os.path.getsize(f) for f in job.subject.files())
     result = {

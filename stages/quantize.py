@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .ground import llamacpp
 from .ground.atomic import atomic_file
+from .ground.device import available_cores
 from .ground.errors import BuildError
 from .ground.spec import QUANT_TYPES, WITHOUT_IMATRIX, TrainSpec
 from .ground.task import ModelBuild, Task
@@ -32,7 +33,7 @@ def run(in_path: Path, out_path: Path, quant_type: str, threads: int = 0) -> Non
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[quant_type]
-    params.nthread = threads  # 0: llama.cpp uses every core
+    params.nthread = threads or available_cores()
     with atomic_file(out_path) as tmp, llamacpp.captured_llama_log() as log:
         status = llama_cpp.llama_model_quantize(str(in_path).encode(), str(tmp).encode(), params)
         if status != 0:
@@ -46,7 +47,7 @@ def run_with_imatrix(in_path: Path, out_path: Path, quant_type: str, imatrix: Pa
     with atomic_file(out_path) as tmp:
         # the tool runs in the matrix's folder (the GGUF records the name it is given), so every other path is absolute
         args = ["--imatrix", imatrix.name, str(in_path.absolute()), str(tmp.absolute()), quant_type,
-                *([str(threads)] if threads else [])]
+                str(threads or available_cores())]
         llamacpp.run("llama-quantize", args, imatrix.parent,
                      f"quantize {in_path.name} to {quant_type} with {imatrix.name}")
         size_in, size_out = os.path.getsize(in_path), os.path.getsize(tmp)
@@ -79,7 +80,7 @@ def make_imatrix(model_path: Path, calibration: Path, out_path: Path, context: i
     """llama-imatrix over the calibration text, in chunks of `context` tokens (perplexity off)."""
     # the tool runs in the text's folder (the matrix records the name it is given), so the other paths are absolute
     args = ["-m", str(model_path.absolute()), "-f", calibration.name, "-c", str(context), "--no-ppl",
-            "--parse-special", "--output-frequency", "1000000", *(["-t", str(threads)] if threads else [])]
+            "--parse-special", "--output-frequency", "1000000", "-t", str(threads or available_cores())]
     with atomic_file(out_path) as tmp:
         try:
             log = llamacpp.run("llama-imatrix", [*args, "-o", str(tmp.absolute())], calibration.parent,

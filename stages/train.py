@@ -30,7 +30,7 @@ from .formats import dataset as datasets
 from .formats import chat, hf, lora
 from .formats import tokenizer as tokenizer_format
 from .ground.atomic import atomic_dir
-from .ground.device import pick_device
+from .ground.device import available_cores, pick_device
 from .ground.errors import BuildError
 from .ground.hashing import canonical_json, file_blake3, tool_versions
 from .ground.progress import bar, quiet_library_bars
@@ -557,10 +557,10 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
     killed run continues from the last one; they are removed once the adapter is in place."""
     out_dir = Path(out_dir)
     if spec.processes > 1:  # the cores are shared between the processes
-        threads = max(1, (threads or os.cpu_count() or 1) // spec.processes)
+        threads = max(1, (threads or available_cores()) // spec.processes)
     checkpoints = None
     if work:
-        key = run_key(spec, inputs, threads or os.cpu_count() or 1)
+        key = run_key(spec, inputs, threads or available_cores())
         checkpoints = checkpoint.folder_for(work / "checkpoints", key)
     if spec.processes == 1:
         facts = train(base_dir, out_dir, spec, model_name, threads, checkpoints, Ranks())

@@ -1,5 +1,32 @@
+import os
+
 import pytest
 from helpers import TINY_ARCHS, make_tiny_model, save_smollm_tokenizer
+
+
+# The cores this process may use, before any worker narrows its own (macOS has no affinity call)
+CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", … under pytest-xdist; None without -n
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, as CI runs), every test of the default spec's build
+    goes to one worker, so that build (about six minutes) is made once, not once per worker."""
+    for item in items:
+        if "default_build" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("default-build"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Under pytest-xdist each worker runs its tests on a core of its own, so their builds take one
+    thread each (modelmake's threads = 0 follows the CPU affinity): llama.cpp's and torch's threads spin
+    while they wait, and two 2-thread builds on 2 cores run 4x slower each, not 2x. The default spec's
+    tests take every core: its committed lock was trained with them (threads are a fact of training)."""
+    if WORKER is None or CORES is None:
+        return
+    default_build = item.get_closest_marker("xdist_group") is not None
+    os.sched_setaffinity(0, CORES if default_build else [CORES[int(WORKER.removeprefix("gw")) % len(CORES)]])
 
 
 @pytest.fixture(scope="session")

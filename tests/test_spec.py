@@ -1,6 +1,8 @@
 """models.toml validation: each bad input is one clear sentence naming file and field."""
 
 import os
+import subprocess
+import sys
 import re
 
 import pytest
@@ -204,8 +206,21 @@ def test_a_spec_that_is_not_utf8_or_is_a_folder_is_named(tmp_path):
 def test_more_threads_than_cores_are_clamped_with_a_note(tmp_path, capsys):
     (tmp_path / "x.gguf").write_bytes(b"")
     path = write_spec(tmp_path, 'threads = 100000\n[[models]]\nname = "m"\nbase = "x.gguf"\n')
-    assert load_spec(path).threads == os.cpu_count()
-    assert f"threads = 100000 is more than this machine's {os.cpu_count()} cores; using {os.cpu_count()}" in capsys.readouterr().err
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use (a test worker's may be one)
+    assert load_spec(path).threads == cores
+    assert f"threads = 100000 is more than the {cores} cores this build may use; using {cores}" in capsys.readouterr().err
+
+
+def test_threads_follow_the_cpu_affinity_not_the_machine(tmp_path):
+    """`taskset -c 0 doit` (or a container's cpuset) gives a build one core: threads = 0 means one thread,
+    and a larger setting is clamped to it, so llama.cpp's and torch's spinning threads never outnumber it."""
+    (tmp_path / "x.gguf").write_bytes(b"")
+    path = write_spec(tmp_path, 'threads = 2\n[[models]]\nname = "m"\nbase = "x.gguf"\n')
+    probe = ("import sys; from stages.ground.spec import load_spec; from stages.ground.device import available_cores; "
+             "print(available_cores(), load_spec(sys.argv[1]).threads)")
+    result = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", probe, str(path)], capture_output=True,
+                            text=True, cwd=REPO, check=True)
+    assert result.stdout.split() == ["1", "1"] and "using 1" in result.stderr
 
 
 @pytest.mark.parametrize("name, setting, content, expected", [

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .device import available_cores
 from .errors import BuildError
 
 # llama-mtmd-cli: llama.cpp's multimodal runner, which checks that a vision model's text GGUF and its
@@ -183,8 +184,7 @@ def server_command(model: Path, *, lora: Path | None = None, chat_template: Path
                "--ctx-size", str(context), "--jinja", "--no-webui"]
     if flash_attention is not None:
         command += ["--flash-attn", "on" if flash_attention else "off"]
-    if threads:
-        command += ["--threads", str(threads)]
+    command += ["--threads", str(threads or available_cores())]  # llama.cpp's own default ignores CPU affinity
     for flag, path in (("--lora", lora), ("--chat-template-file", chat_template), ("--mmproj", mmproj)):
         if path:
             command += [flag, str(path)]

@@ -598,12 +598,13 @@ class Spec(Strict):
     @classmethod
     def _threads_this_machine_has(cls, threads: int) -> int:
         """More threads than cores only slows llama.cpp down, and tens of thousands abort it."""
-        import os
         import sys
 
-        cores = os.cpu_count() or 1
+        from .device import available_cores
+
+        cores = available_cores()
         if threads > cores:
-            print(f"modelmake: note: threads = {threads} is more than this machine's {cores} cores; using {cores}",
+            print(f"modelmake: note: threads = {threads} is more than the {cores} cores this build may use; using {cores}",
                   file=sys.stderr)
             return cores
         return threads
