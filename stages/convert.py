@@ -253,8 +253,11 @@ def tasks(build: ModelBuild) -> list[Task]:
         if stem == build.release and build.training_template:  # the release carries the format it was trained on
             params["chat_template"] = build.training_template
         merging = {"adapter_dir": adapter_dir, "allow_pickle": build.adapter_options.allow_pickle} if adapter_dir else {}
+        # An imported GGUF's own pre-tokenizer name goes back into its GGUFs: a fact of the base, an input
+        # already, so not a parameter.
+        kwargs = params | {"pretokenizer": model.pretokenizer or build.base_pretokenizer}
         found.append(Task(stem, f"Hugging Face → GGUF {model.outtype}" + (", LoRA merged on the way" if adapter_dir else ""),
-                          run, {"model_dir": folder, "out_path": out, "name": stem, **params, **merging},
+                          run, {"model_dir": folder, "out_path": out, "name": stem, **kwargs, **merging},
                           params | {"name": stem} | ({"lora_merged": True} if adapter_dir else {}),
                           inputs=folder_files, outputs=[out]))
     return found

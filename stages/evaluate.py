@@ -32,6 +32,7 @@ import numpy as np
 
 from . import accuracy
 from .formats import ggufheader
+from .ground import llamacpp
 from .ground.atomic import atomic_file
 from .ground.device import available_cores
 from .ground.errors import BuildError

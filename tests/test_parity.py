@@ -243,3 +243,33 @@ def test_alpaca_on_a_base_that_adds_bos_trains_and_serves_with_one_bos(smollm_to
     assert result["end_of_turn"] == "<eos>"
     ids = first_prompt_ids(model_dir, train)
     assert ids[0] == 1 and ids.count(1) == 1
+
+
+@pytest.mark.slow
+def test_a_base_gguf_without_a_chat_template_ships_alpaca_on_every_route(smollm_tokenizer, tmp_path):
+    """A GGUF from outside with no chat template, whose tokenizer adds BOS (a Llama 3 base, in tiny):
+    template = "alpaca" trains, and doit releases the Alpaca format everywhere (the merged and quantized
+    GGUF's tokenizer.chat_template, the adapter package's template layer, both Modelfiles' TEMPLATE); the
+    parity gate passes on every release, the training prompts starting with the BOS llama.cpp adds."""
+    from gguf import GGUFReader
+    from helpers import doit, make_tiny_model, write_spec
+
+    tokenizer_dir = family_tokenizer(smollm_tokenizer, tmp_path / "tok", "llama3")
+    (tokenizer_dir / "chat_template.jinja").unlink()
+    convert.run(make_tiny_model(tmp_path / "model", "llama", tokenizer_dir), tmp_path / "bare.gguf", "f16", "bare")
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    spec = write_spec(tmp_path, '[[models]]\nname = "m"\nbase = "bare.gguf"\nquantize = ["Q8_0"]\n'
+                                '[models.train]\ndataset = "data.jsonl"\ntemplate = "alpaca"\nvalidation = 0.3\n'
+                                'max_steps = 2\nbatch_size = 4\n')
+    doit(spec)
+    cache = tmp_path / "cache/m"
+    for variant in ("Q8_0", "lora"):
+        result = json.loads((cache / f"parity/{variant}.json").read_text())
+        assert result["llama_server"] == result["ollama"] == "identical 7/7", (variant, result)
+        assert result["end_of_turn"] == "<|eot_id|>"  # the base's EOS, which the Alpaca answers end with
+        modelfile_text = (cache / f"package/{variant}/Modelfile").read_text()
+        assert f"TEMPLATE {modelfile.quoted(modelfile.ALPACA.template, 'the chat template')}" in modelfile_text
+    released = GGUFReader(next((cache / "gguf").glob("m-merged.Q8_0.gguf")))
+    assert released.fields["tokenizer.chat_template"].contents() == chat.ALPACA_JINJA
+    assert (cache / "package/lora/chat_template.jinja").read_text() == chat.ALPACA_JINJA
+    assert first_prompt_ids(cache / "base", TrainSpec(dataset=tmp_path / "data.jsonl", template="alpaca"))[0] == 1

@@ -96,6 +96,17 @@ class ModelBuild:
         return found if isinstance(found, int) else None
 
     @cached_property
+    def base_pretokenizer(self) -> str | None:
+        """The BPE pre-tokenizer a GGUF base names (tokenizer.ggml.pre): how llama.cpp splits its text,
+        kept when its import is converted back. Probing the imported tokenizer could miss it: llama.cpp's
+        probe hashes count the BOS a tokenizer adds, and a GGUF may add one its model's table did not."""
+        base = self.model.base
+        if base.kind != "gguf" or not base.path.is_file():
+            return None
+        found = ggufheader.scalars(base.path).get("tokenizer.ggml.pre")
+        return found if isinstance(found, str) and found != "default" else None
+
+    @cached_property
     def base_has_chat_template(self) -> bool | None:
         """Whether the base brings a chat template (tokenizer_config.json, chat_template.jinja or the
         GGUF's tokenizer.chat_template); None where that is not known when the graph is made."""
