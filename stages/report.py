@@ -281,7 +281,9 @@ def parity_rows(root: Path, releases: list[str], by_variant: dict[str, dict]) ->
     for variant in releases:
         parity = _read_json(root / "parity" / f"{variant}.json")
         terminated = ((by_variant.get(variant) or {}).get("accuracy") or {}).get("terminated")
-        rows.append([variant, str(parity["conversations"]), parity["llama_server"], parity["ollama"],
+        skipped = len(parity.get("skipped") or [])
+        rows.append([variant, f"{parity['conversations']}" + (f", {skipped} skipped" if skipped else ""),
+                     parity["llama_server"], parity["ollama"],
                      f"`{parity['end_of_turn']}`" if parity["end_of_turn"] else "—",
                      "—" if terminated is None else f"{terminated:.0%}", _served_words(parity.get("served_answers"))])
     return rows
@@ -289,6 +291,16 @@ def parity_rows(root: Path, releases: list[str], by_variant: dict[str, dict]) ->
 
 def _served_words(served: dict | None) -> str:
     return "—" if served is None else f"identical {served['identical']}/{served['answers']}"
+
+
+def parity_skipped(root: Path, releases: list[str]) -> list[Block]:
+    """The conversations a release's chat template cannot write as training does, with its reason."""
+    rows = [[variant, row["conversation"], row["skipped"]] for variant in releases
+            for row in _read_json(root / "parity" / f"{variant}.json").get("skipped") or []]
+    if not rows:
+        return []
+    return [Text("Conversations not compared: the chat template cannot write them as training would (so the "
+                 "training data held none like them either):"), Table(["release", "conversation", "why"], rows)]
 
 
 def served_differences(root: Path, releases: list[str]) -> list[Block]:
@@ -406,7 +418,7 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
                         "llama-server's `/v1/chat/completions` (greedy), against the answers generated in process."),
                    Table(["release", "conversations", "llama-server", "Ollama", "end of turn", "ends its turn",
                           "served answers"], parity_rows(model.root, model.releases, by_variant))]
-        blocks += served_differences(model.root, model.releases)
+        blocks += parity_skipped(model.root, model.releases) + served_differences(model.root, model.releases)
 
     compared = imatrix_rows(by_variant)
     if compared:

@@ -9,7 +9,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from stages import convert, parity
+from stages import convert, parity, report
 from stages.formats import chat, ggufheader, modelfile
 from stages.ground import llamacpp
 from stages.ground.errors import BuildError
@@ -202,7 +202,7 @@ def test_every_family_renders_the_same_tokens_in_training_llama_server_and_ollam
     template writes BOS as text, the GGUF says llama.cpp adds one, and exactly one comes out each way."""
     model_dir, gguf_path, data = family_release(smollm_tokenizer, tmp_path, family)
     train = TrainSpec(dataset=data, validation=0.3)
-    out = tmp_path / "parity.json"
+    out = tmp_path / "parity/F16.json"
     parity.run(release=Release("tiny", "F16", gguf_path, None, "tiny:F16"), train=train, base_dir=model_dir,
                modelfile_system=None, out_path=out, threads=1)
     result = json.loads(out.read_text())
@@ -210,8 +210,10 @@ def test_every_family_renders_the_same_tokens_in_training_llama_server_and_ollam
     if family == "mistral":  # v0.3 writes the system text into the last user turn only: gone once answered
         assert list(skipped) == ["with a system prompt"] and "prefix of the whole conversation" in skipped[
             "with a system prompt"]
+        assert report.parity_rows(tmp_path, ["F16"], {})[0][1] == "6, 1 skipped"  # the report says so, and why
+        assert report.parity_skipped(tmp_path, ["F16"])[1].rows[0][:2] == ["F16", "with a system prompt"]
     else:
-        assert not skipped
+        assert not skipped and report.parity_skipped(tmp_path, ["F16"]) == []
     compared = 7 - len(skipped)
     assert result["conversations"] == compared
     assert result["llama_server"] == result["ollama"] == f"identical {compared}/{compared}"
