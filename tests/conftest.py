@@ -9,12 +9,15 @@ CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", … under pytest-xdist; None without -n
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the group marks into the test ids
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (`-n 2 --dist loadgroup`, as CI runs), every test of the default spec's build
-    goes to one worker, so that build (about six minutes) is made once, not once per worker."""
+    goes to one worker, so that build (about six minutes) is made once, not once per worker. They come
+    first: the longest chain of the run starts at once, and the other worker takes the rest meanwhile."""
     for item in items:
         if "default_build" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("default-build"))
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable: otherwise as collected
 
 
 @pytest.hookimpl(tryfirst=True)

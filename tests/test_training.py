@@ -313,3 +313,20 @@ def test_an_error_in_the_ranks_is_named_once(tiny_llama, tmp_path):
     # both ranks fail the same way; the launcher names the first it saw
     assert re.search(r"training failed in rank [01] of 2: lora.target_modules qkv_proj are not in", output), output[-3000:]
     assert "Traceback" not in output and not (tmp_path / "cache/m/adapter").exists()
+
+
+def test_the_rank_that_failed_is_named_not_the_one_the_launcher_stopped(tmp_path):
+    """torch's launcher stops the other ranks with SIGTERM and times failures to the second: the rank that
+    died of something else is the cause, whichever the clock lists first."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from stages.training.distributed import failure_text
+
+    missing = str(tmp_path / "error.json")
+    stopped = ProcessFailure(local_rank=0, pid=1, exitcode=-signal.SIGTERM, error_file=missing)
+    killed = ProcessFailure(local_rank=1, pid=2, exitcode=-signal.SIGKILL, error_file=missing)
+    killed.timestamp = stopped.timestamp + 1  # listed later, as under a loaded machine
+    assert "rank 1 of 2: the process died of SIGKILL" in failure_text({0: stopped, 1: killed}, 2)
+    assert "rank 0 of 2: the process died of SIGTERM" in failure_text({0: stopped}, 2)  # a user's kill

@@ -179,8 +179,12 @@ def launch(job: dict, work: Path, processes: int, threads_per_rank: int) -> Path
 
 
 def failure_text(failures: dict, processes: int) -> str:
-    """One paragraph for the rank that failed first (the launcher stops the others)."""
-    first = min(failures.values(), key=lambda f: f.timestamp)
+    """One paragraph for the rank that failed first. The launcher stops the others with SIGTERM, and
+    times failures to the second, so a rank that died of SIGTERM is the cause only if all did."""
+    import signal
+
+    stopped = lambda f: f.exitcode == -signal.SIGTERM  # noqa: E731
+    first = min(failures.values(), key=lambda f: (stopped(f), f.timestamp))
     log = Path(first.error_file).parent / "stderr.log" if first.error_file else None
     where = f" (its output: {log})" if log and log.is_file() and log.stat().st_size else ""
     return f"training failed in rank {first.local_rank} of {processes}: {_cause(first)}{where}; no adapter was written"
