@@ -1,7 +1,7 @@
 """llama.cpp's pinned converter beside modelmake's own, and a mixture of experts through merge and
 convert, each against `cp` of the same bytes, in the same run.
 
-    python bench/pinned_convert.py [--size 3b] [--moe-layers 16] [--skip dense|moe]
+    python bench/pinned_convert.py [--size 3b] [--moe-layers 4] [--skip dense|moe]
 
 dense: the synthetic Llama of bench/scale.py (random bf16 weights, Llama 3.2 3B's shape by default),
 converted to BF16 by modelmake's own converter (`convert.run`) and by llama.cpp's
@@ -10,7 +10,7 @@ fresh process: wall time and peak resident memory (the largest process of its tr
 memory-mapped weights it touched), and whether the two GGUFs hold the same tensors.
 
 moe: a synthetic Qwen3-MoE with Qwen3-30B-A3B's layer shape (hidden 2048, 128 experts of FFN 768,
-8 of them routed, 32 query and 4 KV heads of 128) and --moe-layers layers (16: 2.6B parameters,
+8 of them routed, 32 query and 4 KV heads of 128) and --moe-layers layers (4: 2.6B parameters,
 5.2 GB), a random rank-16 LoRA on the attention (what the train stage adapts on a MoE), merged by
 modelmake's streamed merge and converted by the pinned converter (the only one that takes a MoE).
 
@@ -46,7 +46,9 @@ def measured(code: str) -> tuple[float, float]:
                f"subprocess.run([sys.executable, '-c', {code!r}], check=True); "
                "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     os.sync()
-    done = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=REPO)
+    if done.returncode:
+        sys.exit(f"failed: {code}\n{done.stderr[-3000:]}")
     seconds, peak_kb = done.stdout.split()[-2:]
     return float(seconds), int(peak_kb) / 1e6
 
@@ -161,7 +163,7 @@ def moe(work: Path, layers: int) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SHAPES), default="3b")
-    parser.add_argument("--moe-layers", type=int, default=16)
+    parser.add_argument("--moe-layers", type=int, default=4)
     parser.add_argument("--skip", choices=["dense", "moe"])
     parser.add_argument("--work", type=Path, default=REPO / "cache", help="where the synthetic models go")
     args = parser.parse_args()
