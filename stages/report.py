@@ -276,10 +276,14 @@ def _accuracy_cells(scores: dict | None) -> list[str]:
             "—" if same is None else f"{same:.0%}"]
 
 
-def parity_rows(root: Path, releases: list[str], by_variant: dict[str, dict]) -> list[list[str]]:
+def read_parities(root: Path, releases: list[str]) -> dict[str, dict]:
+    """Each release's parity result, by variant, read once for the tables that show it."""
+    return {variant: _read_json(root / "parity" / f"{variant}.json") for variant in releases}
+
+
+def parity_rows(parities: dict[str, dict], by_variant: dict[str, dict]) -> list[list[str]]:
     rows = []
-    for variant in releases:
-        parity = _read_json(root / "parity" / f"{variant}.json")
+    for variant, parity in parities.items():
         terminated = ((by_variant.get(variant) or {}).get("accuracy") or {}).get("terminated")
         skipped = len(parity.get("skipped") or [])
         rows.append([variant, f"{parity['conversations']}" + (f", {skipped} skipped" if skipped else ""),
@@ -293,20 +297,20 @@ def _served_words(served: dict | None) -> str:
     return "—" if served is None else f"identical {served['identical']}/{served['answers']}"
 
 
-def parity_skipped(root: Path, releases: list[str]) -> list[Block]:
+def parity_skipped(parities: dict[str, dict]) -> list[Block]:
     """The conversations a release's chat template cannot write as training does, with its reason."""
-    rows = [[variant, row["conversation"], row["skipped"]] for variant in releases
-            for row in _read_json(root / "parity" / f"{variant}.json").get("skipped") or []]
+    rows = [[variant, row["conversation"], row["skipped"]] for variant, parity in parities.items()
+            for row in parity.get("skipped") or []]
     if not rows:
         return []
     return [Text("Conversations not compared: the chat template cannot write them as training would (so the "
                  "training data held none like them either):"), Table(["release", "conversation", "why"], rows)]
 
 
-def served_differences(root: Path, releases: list[str]) -> list[Block]:
+def served_differences(parities: dict[str, dict]) -> list[Block]:
     """Every answer llama-server gave otherwise than the in-process eval, verbatim."""
-    rows = [[variant, d["question"], d["in_process"], d["served"]] for variant in releases
-            for d in (_read_json(root / "parity" / f"{variant}.json").get("served_answers") or {}).get("differences", [])]
+    rows = [[variant, d["question"], d["in_process"], d["served"]] for variant, parity in parities.items()
+            for d in (parity.get("served_answers") or {}).get("differences", [])]
     if not rows:
         return []
     return [Text("Answers llama-server gave otherwise than the in-process eval:"),
@@ -408,6 +412,7 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
                          "gate"], variant_rows(results, model.gates)))
 
     if model.releases:
+        parities = read_parities(model.root, model.releases)
         blocks += [Heading(3, "Served as trained"),
                    Text("Each release's prompts, rendered as the train stage wrote them, by llama-server (llama.cpp's "
                         "Jinja engine on the chat template the release ships: what Docker Model Runner runs) and by "
@@ -417,8 +422,8 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
                         "before the token limit. \"Served answers\": the eval's prompts asked again through "
                         "llama-server's `/v1/chat/completions` (greedy), against the answers generated in process."),
                    Table(["release", "conversations", "llama-server", "Ollama", "end of turn", "ends its turn",
-                          "served answers"], parity_rows(model.root, model.releases, by_variant))]
-        blocks += parity_skipped(model.root, model.releases) + served_differences(model.root, model.releases)
+                          "served answers"], parity_rows(parities, by_variant))]
+        blocks += parity_skipped(parities) + served_differences(parities)
 
     compared = imatrix_rows(by_variant)
     if compared:

@@ -210,10 +210,11 @@ def test_every_family_renders_the_same_tokens_in_training_llama_server_and_ollam
     if family == "mistral":  # v0.3 writes the system text into the last user turn only: gone once answered
         assert list(skipped) == ["with a system prompt"] and "prefix of the whole conversation" in skipped[
             "with a system prompt"]
-        assert report.parity_rows(tmp_path, ["F16"], {})[0][1] == "6, 1 skipped"  # the report says so, and why
-        assert report.parity_skipped(tmp_path, ["F16"])[1].rows[0][:2] == ["F16", "with a system prompt"]
+        parities = report.read_parities(tmp_path, ["F16"])
+        assert report.parity_rows(parities, {})[0][1] == "6, 1 skipped"  # the report says so, and why
+        assert report.parity_skipped(parities)[1].rows[0][:2] == ["F16", "with a system prompt"]
     else:
-        assert not skipped and report.parity_skipped(tmp_path, ["F16"]) == []
+        assert not skipped and report.parity_skipped(report.read_parities(tmp_path, ["F16"])) == []
     compared = 7 - len(skipped)
     assert result["conversations"] == compared
     assert result["llama_server"] == result["ollama"] == f"identical {compared}/{compared}"

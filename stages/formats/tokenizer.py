@@ -181,7 +181,7 @@ def add_to_gguf(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, preto
     special = gguf.SpecialVocab(model_dir, load_merges=kind == "gpt2", n_vocab=len(tokens))
     if chat_template is not None:
         special.chat_template = chat_template
-    special.add_special_token["bos"] = adds_bos(model_dir, tokenizer)
+    special.add_special_token.setdefault("bos", encodes_bos(tokenizer))  # not in tokenizer_config: what it does
     special.add_to_gguf(writer, quiet=True)
 
 
@@ -190,8 +190,10 @@ def adds_bos(model_dir: Path, tokenizer) -> bool:
     SpecialVocab reads), else what the tokenizer does. It is the GGUF's tokenizer.ggml.add_bos_token, so
     llama.cpp and Ollama add BOS to a prompt exactly where the train stage does (template = "alpaca")."""
     said = gguf.SpecialVocab(model_dir, load_merges=False).add_special_token.get("bos")
-    if said is not None:
-        return bool(said)
+    return bool(said) if said is not None else encodes_bos(tokenizer)
+
+
+def encodes_bos(tokenizer) -> bool:
     ids = tokenizer.encode("a")
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
