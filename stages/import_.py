@@ -14,13 +14,15 @@ blake3 of every file in it (b3sum's format), which is what later stages depend o
 
 A base that llama.cpp's pinned converter will convert (an architecture modelmake has no plan for) is
 first asked of that converter (`preflight`): does it know the architecture, does it recognise the
-tokenizer's pre-tokenizer, can it write a vision model's projector. Its answer comes in seconds,
-before the train stage starts, never after hours of training.
+tokenizer's pre-tokenizer, can it write a vision model's projector, and can its LoRA converter write
+an adapter on the layers the train stage will adapt. Its answer comes in seconds, before the train
+stage starts, never after hours of training.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -31,14 +33,15 @@ from pathlib import Path
 import numpy as np
 
 from . import convert
-from .formats import arch, ggufheader, hf, tokenizer
+from .formats import arch, ggufheader, hf, lora, tokenizer
 from .ground import llamacpp
 from .ground.atomic import atomic_dir, atomic_file
 from .ground.errors import BuildError
 from .ground.hashing import INDEX, HashingWriter, remember, tree_files, write_index
 from .ground.progress import bar
-from .ground.spec import BaseRef
+from .ground.spec import BaseRef, TrainSpec
 from .ground.task import ModelBuild, Task
+from .training import targets
 
 REVISION = 3  # bump when this code changes the bytes it writes
 TOOLS = ("transformers", "gguf", "safetensors", "torch", "huggingface-hub", "tokenizers", "numpy")
@@ -316,18 +319,39 @@ print(name)
 """
 
 
-def preflight(model_dir: Path, out_path: Path, name: str, vision: bool = False) -> None:
+def stand_in_adapter(model_dir: Path, train: TrainSpec, folder: Path) -> list[str]:
+    """A PEFT adapter of rank 1, all zeros, on every layer the train stage will adapt (by the names PEFT
+    gives them): what the LoRA converter is asked to write before any training. Its target modules."""
+    import torch
+    from safetensors.torch import save_file
+
+    layers = targets.adapted_layers(model_dir, train)
+    weights = {}
+    for name, (out_features, in_features) in layers.items():
+        weights[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(1, in_features)
+        weights[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(out_features, 1)
+    modules = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    folder.mkdir()
+    save_file(weights, folder / lora.WEIGHTS)
+    (folder / lora.CONFIG).write_text(json.dumps(
+        {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": modules}), encoding="utf-8")
+    return modules
+
+
+def preflight(model_dir: Path, out_path: Path, name: str, vision: bool = False, train: TrainSpec | None = None) -> None:
     """Ask llama.cpp's pinned converter whether it can convert this base: its vocabulary alone is
     converted (architecture lookup, tokenizer and pre-tokenizer recognition: the steps that fail on an
-    unsupported model) and, for a vision-language model, the projector's converter is looked up. The
-    answer goes to `out_path` as JSON; a refusal is a BuildError naming the model, the reason and the
-    way out."""
+    unsupported model); for a vision-language model, the projector's converter is looked up; for a
+    model the spec trains, a stand-in adapter on the layers training will adapt goes through the same
+    checks and LoRA converter (a dry run) as the real one will. The answer goes to `out_path` as JSON;
+    a refusal is a BuildError naming the model, the reason and the way out."""
     model_dir = Path(model_dir).absolute()
     config = hf.read_config(model_dir)
     names = config.get("architectures") or ["(none given)"]
     way_out = ("modelmake cannot ship it through llama.cpp; check that llama-cpp-python is the newest "
                "(pip install -U llama-cpp-python, then `doit tools`), or name your own converter: "
                "[models.convert] command = [...]")
+    adapted = None
     with tempfile.TemporaryDirectory(prefix="modelmake-preflight-") as work:
         vocab = Path(work) / "vocab.gguf"
         try:
@@ -335,30 +359,44 @@ def preflight(model_dir: Path, out_path: Path, name: str, vision: bool = False) 
                              f"convert {name}'s vocabulary")
             projector = llamacpp.convert("-c", [MMPROJ_PROBE, str(model_dir)], f"find {name}'s vision projector "
                                          "converter").split()[-1] if vision else None
+            if train is not None:
+                adapter = Path(work) / "adapter"
+                adapted = stand_in_adapter(model_dir, train, adapter)
+                stand_in = dataclasses.replace(lora.load(adapter), source=f"a LoRA on {', '.join(adapted)}")
+                lora.fit(stand_in, hf.tensor_shapes(hf.headers(model_dir)), model_dir, "")
+                llamacpp.convert("convert_lora_to_gguf.py", [str(adapter), "--base", str(model_dir), "--outfile",
+                                 str(Path(work) / "lora.gguf"), "--dry-run"],
+                                 f"write a LoRA on {name}'s {', '.join(adapted)} layers")
         except BuildError as err:
-            raise BuildError(f"model {name} ({', '.join(names)}): preflight failed before any training: {err}. "
-                             f"{way_out}") from None
+            if adapted is not None:  # the base converts; the layers the LoRA would adapt do not
+                way_out = "Adapt other layers: [models.train.lora] target_modules = [...]"
+            raise BuildError(f"model {name} ({', '.join(names)}): preflight failed before any training: "
+                             f"{str(err).rstrip('. ')}. {way_out}") from None
         header = ggufheader.read(vocab)
     found = {"architectures": names, "gguf_architecture": header.scalars.get("general.architecture"),
              "tokenizer": header.scalars.get("tokenizer.ggml.model"),
              "pre_tokenizer": header.scalars.get("tokenizer.ggml.pre"), "vision_projector": projector,
-             "converter": llamacpp.converter_versions()["llama.cpp converter"]}
+             "lora_targets": adapted, "converter": llamacpp.converter_versions()["llama.cpp converter"]}
     with atomic_file(out_path) as tmp:
         tmp.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     print(f"llama.cpp's converter takes {name}: {', '.join(names)} → {found['gguf_architecture']}, tokenizer "
           f"{found['tokenizer']} (pre-tokenizer {found['pre_tokenizer']})"
-          + (f"; its vision projector as {projector}" if projector else ""))
+          + (f"; its vision projector as {projector}" if projector else "")
+          + (f"; a LoRA on {', '.join(adapted)}" if adapted else ""))
 
 
 def preflight_tasks(build: ModelBuild) -> list[Task]:
     if build.converter != "llama.cpp":
         return []
-    paths = build.paths
+    paths, train = build.paths, build.model.train
+    lora_params = {"lora": train.lora.model_dump(mode="json"),  # named targets are checked, default ones fitted
+                   "lora_named": "target_modules" in train.lora.model_fields_set} if train else {}
     return [Task(f"{build.model.name}.preflight", "can llama.cpp's pinned converter take this base? (in seconds, "
                  "before training)", preflight,
                  {"model_dir": paths.base, "out_path": paths.preflight, "name": build.model.name,
-                  "vision": build.vision},
-                 {"vision": build.vision}, inputs=paths.base_files(), outputs=[paths.preflight], artifact=False,
+                  "vision": build.vision, "train": train},
+                 {"vision": build.vision} | lora_params, inputs=paths.base_files(), outputs=[paths.preflight],
+                 artifact=False,
                  after=["tools"], versions=llamacpp.converter_versions())]
 
 

@@ -38,9 +38,10 @@ from .ground.spec import TrainSpec
 from .ground.task import ModelBuild, Task
 from .ground.units import parse_size
 from .training import checkpoint, distributed, memory
+from .training.targets import is_moe, linear_module_names, lora_targets
 from .training.distributed import Ranks
 
-REVISION = 2  # 2: an Alpaca prompt starts with BOS where the tokenizer adds one
+REVISION = 3  # 2: an Alpaca prompt starts with BOS where the tokenizer adds one; 3: no copy of an adapted lm_head
 TOOLS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "bitsandbytes")
 
 LOG = "train_log.jsonl"
@@ -157,30 +158,6 @@ def share(items: list, ranks: Ranks) -> list[tuple]:
     weighted 0, so every process runs the same number of steps (their collectives must pair up)."""
     mine = items[ranks.rank::ranks.world]
     return [(item, 1.0) for item in mine] + [(items[0], 0.0)] * (math.ceil(len(items) / ranks.world) - len(mine))
-
-
-def linear_module_names(model) -> list[str]:
-    """The last part of the name of each of the language model's linear layers (a vision tower's are no targets)."""
-    import torch
-
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and name and not hf.is_vision(name)})
-
-
-def lora_targets(spec: TrainSpec, available: list[str], moe: bool, base_dir: Path) -> list[str]:
-    """The spec's target_modules. Left at their default, those this model lacks are dropped: a mixture of
-    experts, whose experts transformers holds as fused tensors, has no gate/up/down_proj layers, so its
-    attention (and any shared expert) is adapted. Named by the user, one it lacks is an error."""
-    targets = list(spec.lora.target_modules)
-    if "target_modules" not in spec.lora.model_fields_set:
-        targets = [m for m in targets if m in available] or targets
-    unknown = [m for m in targets if m not in available]
-    if unknown:
-        why = ("; its experts are fused tensors in transformers, not linear layers, and llama.cpp applies LoRA "
-               "to them only as one linear layer per expert: adapt the attention") if moe else ""
-        raise BuildError(f"lora.target_modules {', '.join(unknown)} are not in {base_dir}; "
-                         f"its linear layers are {', '.join(available)}{why}")
-    return targets
 
 
 def _encode_all(examples, tokenizer, spec: TrainSpec, what: str, path: Path) -> list[Encoded]:
@@ -300,28 +277,28 @@ def longest(*row_lists: list[Encoded]) -> int:
 def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device, dtype, checkpointing: bool):
     """The base with LoRA layers: fresh, or the previous build's adapter when resuming."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     # PEFT calls a transformers API that transformers 5 has deprecated; not the user's concern.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    model_class = hf.language_model_class(AutoConfig.from_pretrained(base_dir))
     if spec.qlora:
         import torch
         from transformers import BitsAndBytesConfig
 
         quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                        bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, quantization_config=quantized,
+        model = model_class.from_pretrained(base_dir, dtype=torch.bfloat16, quantization_config=quantized,
                                                      device_map={"": device})
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
+        model = model_class.from_pretrained(base_dir, dtype=dtype).to(device)
         for weight_name, weight in model.named_parameters():  # refused here, not as a NaN loss at step 1
             hf.refuse_non_finite(weight.detach(), weight_name, base_dir, "use an intact copy of the base model")
         if checkpointing:  # recompute each layer in backward instead of keeping its activations
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    moe = any(name.endswith(".experts") for name, _ in model.named_modules())
-    targets = lora_targets(spec, linear_module_names(model), moe, base_dir)
+    targets = lora_targets(spec, linear_module_names(model), is_moe(model), base_dir)
     if spec.resume and (out_dir / lora.WEIGHTS).is_file():
         return PeftModel.from_pretrained(model, out_dir, is_trainable=True), True
     # A vision tower has layers of the same names (q_proj, …); a LoRA trained on text leaves them alone.
@@ -464,7 +441,10 @@ def _save(model, base_dir: Path, out_dir: Path, model_name: str, log: list[dict]
     # adapter names the model instead, and PEFT would go looking for that on the hub).
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, state_dict=state)  # state: the whole weights of sharded ones
+        # state: the whole weights of sharded ones. With lm_head (or embed_tokens) among the targets PEFT
+        # would also save the layer's whole base weight, for a vocabulary resized in training; modelmake
+        # never resizes it, and neither a GGUF LoRA nor the merge wants a second copy of the base.
+        model.save_pretrained(tmp, state_dict=state, save_embedding_layers=False)
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
         _normalize_config(tmp / lora.CONFIG, model_name)
         (tmp / LOG).write_text("".join(json.dumps(r) + "\n" for r in log), encoding="utf-8")

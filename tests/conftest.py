@@ -13,11 +13,23 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", … under pytest
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (`-n 2 --dist loadgroup`, as CI runs), every test of the default spec's build
     goes to one worker, so that build (about six minutes) is made once, not once per worker. They come
-    first: the longest chain of the run starts at once, and the other worker takes the rest meanwhile."""
+    first: the longest chain of the run starts at once, and the other worker takes the rest meanwhile.
+    The tests of one family's import round trip (a module fixture, half a minute to make) share a
+    worker too, so it is made once per family, not once per worker and again whenever they interleave."""
     for item in items:
         if "default_build" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("default-build"))
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable: otherwise as collected
+            item.add_marker(pytest.mark.xdist_group(DEFAULT_BUILD))
+        elif "round_trip" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group(f"import-{item.callspec.params['round_trip']}"))
+    items.sort(key=lambda item: not _builds_the_default_spec(item))  # stable: otherwise as collected
+
+
+DEFAULT_BUILD = "default-build"
+
+
+def _builds_the_default_spec(item) -> bool:
+    group = item.get_closest_marker("xdist_group")
+    return group is not None and group.args[0] == DEFAULT_BUILD
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -28,8 +40,8 @@ def pytest_runtest_setup(item):
     tests take every core: its committed lock was trained with them (threads are a fact of training)."""
     if WORKER is None or CORES is None:
         return
-    default_build = item.get_closest_marker("xdist_group") is not None
-    os.sched_setaffinity(0, CORES if default_build else [CORES[int(WORKER.removeprefix("gw")) % len(CORES)]])
+    own_core = [CORES[int(WORKER.removeprefix("gw")) % len(CORES)]]
+    os.sched_setaffinity(0, CORES if _builds_the_default_spec(item) else own_core)
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +70,13 @@ def tiny_gemma3_vision(tmp_path_factory, smollm_tokenizer):
     from helpers import make_tiny_gemma3_vision
 
     return make_tiny_gemma3_vision(tmp_path_factory.mktemp("tiny-gemma3-vision"), smollm_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25_vl(tmp_path_factory, smollm_tokenizer):
+    from helpers import make_tiny_qwen25_vl
+
+    return make_tiny_qwen25_vl(tmp_path_factory.mktemp("tiny-qwen25-vl"), smollm_tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -192,6 +192,41 @@ def make_tiny_gemma3_vision(folder: Path, tokenizer_dir: Path, seed: int = 0) ->
     return folder
 
 
+def make_tiny_qwen25_vl(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): a Qwen2 text model with
+    multimodal RoPE and a windowed-attention ViT (`visual.…`) whose merger projects 2x2 patches. The
+    tower has four blocks: llama.cpp's converter maps `visual.merger.mlp.2` by block number, so a
+    tower of fewer than three blocks cannot be converted (real ones have 32)."""
+    import torch
+    import transformers
+
+    text = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-6, "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
+            "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    vision = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+              "fullatt_block_indexes": [1, 3]}
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=49151,
+                                           video_token_id=49150, vision_start_token_id=49148,
+                                           vision_end_token_id=49149)
+    torch.manual_seed(seed)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    with torch.no_grad():  # biases start at zero; random ones check that the converter keeps them
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({  # Qwen2.5-VL's own
+        "image_processor_type": "Qwen2VLImageProcessor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "min_pixels": 3136, "max_pixels": 12845056}))
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
 def leftovers(folder: Path) -> list[str]:
     """Files an interrupted or failed stage must never leave: temp siblings and GGUFs."""
     return sorted(str(p) for p in folder.rglob("*") if ".tmp-" in p.name or p.suffix == ".gguf")

@@ -35,10 +35,13 @@ def llama_cpp_logits(gguf_path, token_ids, n_ctx=64, **options):
 
 
 def transformers_logits(model_dir, token_ids):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from stages.formats import hf
 
     # eager: the reference attention (SDPA skips Gemma 2's attention soft-capping)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model_class = hf.language_model_class(AutoConfig.from_pretrained(model_dir))
+    model = model_class.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         return model(torch.tensor([token_ids])).logits[0].numpy()
 

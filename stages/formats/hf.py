@@ -19,6 +19,18 @@ def is_vision(name: str) -> bool:
     return any(part in VISION_PARTS for part in name.split("."))
 
 
+def language_model_class(config):
+    """The transformers class that loads a checkpoint with its language-model head:
+    AutoModelForCausalLM, or AutoModelForImageTextToText for the vision-language models it does not
+    take (Qwen2.5-VL, Mistral 3; Gemma 3's it does). `config`: a transformers config."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModelForImageTextToText
+
+
 def refuse_non_finite(values, tensor: str, source, what: str) -> None:
     """A weight holding NaN or infinity is refused where it enters the build: llama.cpp would quantize
     it without a word and the released model would answer garbage (or crash its quantizer much later).

@@ -127,7 +127,8 @@ def bare_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in ("model", "language_model"))
 
 
-def fit(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]], base_dir: Path) -> Adapter:
+def fit(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]], base_dir: Path,
+        way_out: str = "Was it trained on another model?") -> Adapter:
     """The adapter keyed by the base checkpoint's own weight names (the name PEFT gives, or the one
     weight whose bare name it shares); an adapter made for another base is refused before anything
     is written."""
@@ -138,7 +139,9 @@ def fit(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]], base_dir: Pat
     for name, (a, b) in adapter.pairs.items():
         candidates = [name] if name in base_shapes else by_bare.get(bare_name(name), [])
         if len(candidates) != 1:
-            problems.append(f"{name} does not exist in the base" if not candidates else
+            tied = bare_name(name) == "lm_head.weight"  # the output layer reuses the embeddings' weight
+            problems.append(f"{name} does not exist in the base" + (" (its output layer is tied to the embeddings)"
+                                                                    if tied else "") if not candidates else
                             f"{name} could be any of {', '.join(candidates)} in the base")
         elif (b.shape[0], a.shape[1]) != tuple(base_shapes[candidates[0]]):
             problems.append(f"{name} is {tuple(base_shapes[candidates[0]])} in the base but the adapter changes a "
@@ -147,7 +150,6 @@ def fit(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]], base_dir: Pat
             pairs[candidates[0]] = (a, b)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise BuildError(f"{adapter.source} does not fit the base {base_dir}: {shown}. "
-                         "Was it trained on another model?")
+        raise BuildError(f"{adapter.source} does not fit the base {base_dir}: {shown}. {way_out}")
     return Adapter(pairs=dict(sorted(pairs.items())), alpha=adapter.alpha, rank=adapter.rank, rslora=adapter.rslora,
                    source=adapter.source)

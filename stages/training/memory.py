@@ -13,6 +13,8 @@ import os
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from ..formats import hf
+
 GiB = 2**30
 CPU_RUNTIME = 900 * 2**20  # Python, torch, transformers and the tokenizer in a CPU process (measured)
 NF4_BYTES = 0.5 + 4 / 64 / 4  # 4-bit weights; double quantization stores about 0.125 bits of scales per weight
@@ -78,10 +80,9 @@ def estimate(shape: Shape, *, weight_bytes: int, batch: int, seq_len: int, check
 def shape_of(config, target_modules: list[str], r: int) -> Shape:
     """Count a config's parameters on the meta device: no weights are read or allocated."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = hf.language_model_class(config).from_config(config)
     params = sum(p.numel() for p in model.parameters())
     linear = lora = 0
     for name, module in model.named_modules():
