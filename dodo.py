@@ -37,6 +37,8 @@ DOIT_CONFIG = {
     "verbosity": 2,
     "subtasks": True,  # `doit list` shows convert:NAME, quantize:NAME-Q4_K_M, …
     "sort": "definition",
+    # A variant of a [models.matrix] that fails does not stop the others (the build still exits non-zero).
+    "continue": bool(SPEC.matrices),
     # `doit` alone builds and reports; push, pull and verify run only when named.
     "default_tasks": [*graph.STAGES, "report"],
 }
@@ -82,6 +84,11 @@ def task_parity():
     yield from TASKS["parity"]
 
 
+def task_select():
+    """[models.select]: the variant of a [models.matrix] whose releases ship under the model's name"""
+    yield from TASKS["select"]
+
+
 def task_package():
     """released GGUF → OCI artifact (Docker Model Runner), Ollama Modelfile, compose.yaml"""
     yield from TASKS["package"]
@@ -122,6 +129,12 @@ def task_serve():
     return graph.serve_task(SPEC, get_var("model"), get_var("variant"), get_var("port", "8080"))
 
 
+def task_compare():
+    """doit compare [model=NAME sort=COLUMN columns=A,B format=table|csv|json]: every variant of a [models.matrix], side by side"""
+    return graph.compare_task(SPEC, get_var("model"), get_var("sort", ""), get_var("columns", ""),
+                              get_var("format", "table"))
+
+
 def task_tools():
     """build llama.cpp's imatrix, quantize and server tools and stage its converters from llama-cpp-python's source, once"""
     return graph.tools_task()
@@ -148,3 +161,5 @@ for _stage, _tasks in TASKS.items():
         del globals()[f"task_{_stage}"]
         if _stage in DOIT_CONFIG["default_tasks"]:
             DOIT_CONFIG["default_tasks"].remove(_stage)
+if not SPEC.matrices:  # `doit compare` compares the variants of a [models.matrix]
+    del globals()["task_compare"]

@@ -141,7 +141,13 @@ def _tensor_bytes(plan: TensorPlan, data, adapter: lora.Adapter | None) -> np.nd
         data = arches.permute_rotary(data, plan.permute_heads)
     # torch casts to f16/f32/bf16 several times faster than numpy; the block formats are gguf-py's.
     if plan.qtype == gguf.GGMLQuantizationType.F16:
-        return data.to(torch.float16).numpy()
+        half = data.to(torch.float16)
+        if not torch.isfinite(half).all():  # finite before (checked on the way in): beyond float16's ±65504
+            raise BuildError(f"{plan.hf_name} holds values up to {data.abs().max().item():.3g}, beyond float16's "
+                             "largest (65504), so its F16 GGUF would hold infinities that llama.cpp refuses; write "
+                             "outtype = \"bf16\" or \"f32\", or, for a fine-tune, train with a lower learning_rate "
+                             "(weights this large mean training diverged)")
+        return half.numpy()
     if plan.qtype == gguf.GGMLQuantizationType.BF16 and not torch.isnan(data).any():
         # torch rounds to nearest even as ggml (and gguf-py) do; they differ only on NaN payloads,
         # which take gguf-py's way below. A bf16 checkpoint's bytes pass through unchanged.
@@ -226,20 +232,25 @@ def run_pinned(model_dir: Path, out_path: Path, outtype: str, name: str, mmproj:
           f"by llama.cpp's convert_hf_to_gguf.py (llama-cpp-python {llamacpp.installed_version()})")
 
 
+def gguf_of(paths, stem: str, variant: str) -> Path:
+    """The base's GGUF lives with the base (a matrix's variants share it); any other with its model."""
+    return paths.base_gguf(variant) if stem == paths.base_name else paths.gguf(stem, variant)
+
+
 def tasks(build: ModelBuild) -> list[Task]:
     """The base's GGUF, and with an adapter the merged model's: the release route starts from it,
     converted from the merge stage's folder, or with the LoRA folded in here when none is kept."""
     if build.converter == "llama.cpp":
         return pinned_tasks(build)
     model, paths = build.model, build.paths
-    sources = [(model.name, paths.base, paths.base_files(), None)]
+    sources = [(paths.base_name, paths.base, paths.base_files(), None)]
     if build.keeps_merged_hf:
         sources.append((build.release, paths.merged, [paths.merged / INDEX], None))
     elif paths.adapter:
         sources.append((build.release, paths.base, paths.adapter_files() + paths.base_files(), paths.adapter))
     found = []
     for stem, folder, folder_files, adapter_dir in sources:
-        out = paths.gguf(stem, model.outtype.upper())
+        out = gguf_of(paths, stem, model.outtype.upper())
         if build.converter == "command":  # the spec's own converter; its script is an input like the weights
             spec_dir = build.spec.source.parent if build.spec.source else Path.cwd()
             found.append(Task(
@@ -271,22 +282,22 @@ def pinned_tasks(build: ModelBuild) -> list[Task]:
     if model.pretokenizer:
         raise BuildError(f"model {model.name}: pretokenizer = {model.pretokenizer!r} is for modelmake's own converter; "
                          "llama.cpp's converter identifies the pre-tokenizer itself (its preflight says if it cannot)")
-    sources = [(model.name, paths.base, paths.base_files())]
+    sources = [(paths.base_name, paths.base, paths.base_files())]
     if paths.adapter:
         sources.append((build.release, paths.merged, [paths.merged / INDEX]))
     found = [Task(stem, f"Hugging Face → GGUF {model.outtype} (llama.cpp's converter)", run_pinned,
-                  {"model_dir": folder, "out_path": paths.gguf(stem, model.outtype.upper()), "outtype": model.outtype,
-                   "name": stem},
+                  {"model_dir": folder, "out_path": gguf_of(paths, stem, model.outtype.upper()),
+                   "outtype": model.outtype, "name": stem},
                   {"outtype": model.outtype, "name": stem, "engine": "llama.cpp"},
-                  inputs=folder_files, outputs=[paths.gguf(stem, model.outtype.upper())],
+                  inputs=folder_files, outputs=[gguf_of(paths, stem, model.outtype.upper())],
                   after=["tools", *build.after_preflight], versions=llamacpp.converter_versions())
              for stem, folder, folder_files in sources]
     if build.mmproj:
-        found.append(Task(f"{model.name}.mmproj", f"vision tower and projector → mmproj GGUF {build.mmproj_outtype} "
+        found.append(Task(f"{paths.base_name}.mmproj", f"vision tower and projector → mmproj GGUF {build.mmproj_outtype} "
                           "(llama.cpp's converter)", run_pinned,
                           {"model_dir": paths.base, "out_path": build.mmproj, "outtype": build.mmproj_outtype,
-                           "name": model.name, "mmproj": True},
-                          {"outtype": build.mmproj_outtype, "name": model.name, "engine": "llama.cpp", "mmproj": True},
+                           "name": paths.base_name, "mmproj": True},
+                          {"outtype": build.mmproj_outtype, "name": paths.base_name, "engine": "llama.cpp", "mmproj": True},
                           inputs=paths.base_files(), outputs=[build.mmproj], after=["tools", *build.after_preflight],
                           versions=llamacpp.converter_versions()))
     return found

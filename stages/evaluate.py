@@ -382,8 +382,10 @@ def run(job: Job, spec: EvalSpec, out_path: Path, model_root: Path, threads: int
     result = {
         "model": job.model,
         "variant": job.variant,
-        "files": [f.relative_to(model_root).as_posix() for f in job.subject.files()],
-        "reference": [f.relative_to(model_root).as_posix() for f in job.reference.files()] if job.reference else None,
+        # A matrix variant's base GGUF is its matrix's: ../<model>/gguf/…
+        "files": [Path(os.path.relpath(f, model_root)).as_posix() for f in job.subject.files()],
+        "reference": [Path(os.path.relpath(f, model_root)).as_posix() for f in job.reference.files()]
+        if job.reference else None,
         "size_bytes": size,
         "parameters": header.elements,
         "bits_per_weight": bits_per_weight(header, os.path.getsize(job.subject.model)),
@@ -503,7 +505,7 @@ def tasks(build: ModelBuild) -> list[Task]:
     subjects = {outtype: (yardstick, None)}
     subjects |= {variant: (Subject(paths.gguf(build.release, variant)), yardstick) for variant in model.quant_variants}
     if build.lora_gguf:
-        base = paths.gguf(model.name, outtype)
+        base = paths.base_gguf(outtype)
         subjects |= {"base": (Subject(base), None), "lora": (Subject(base, build.lora_gguf), yardstick)}
     eval_spec = model.eval.model_copy(update={"context": build.context(model.eval.context)})
     options = eval_spec.model_dump(mode="json", exclude={"text", "gate", "prompts", "max_prompts"})

@@ -11,15 +11,18 @@ outputs are restored instead of the stage running; after a run they are recorded
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from . import __version__, adapter, convert, evaluate, import_, manifest, merge, package, parity, quantize, serve, train
+from . import (__version__, adapter, convert, evaluate, experiments, import_, manifest, merge, package, parity,
+               quantize, serve, train)
 from .ground import llamacpp, lock, registry, runlog
 from .ground.cache import ActionCache, ActionKey, Recipe
 from .ground.errors import BuildError
@@ -36,7 +39,9 @@ from .manifest import Producer
 # when its code changes the bytes it writes) and the `TOOLS` whose versions shape those bytes.
 STAGE_MODULES = {"import": import_, "train": train, "adapter": adapter, "merge": merge, "convert": convert,
                  "quantize": quantize, "eval": evaluate, "parity": parity, "package": package}
-STAGES = (*STAGE_MODULES, "manifest")  # what `doit` builds; push, pull and verify run only when named
+# What `doit` builds; push, pull and verify run only when named. `select` chooses among a matrix's
+# variants (stages.experiments) before the chosen one is packaged.
+STAGES = (*[s for s in STAGE_MODULES if s != "package"], "select", "package", "manifest")
 MANIFEST_REVISION = 1
 
 
@@ -65,8 +70,10 @@ def run_stage(func, kwargs: dict, outputs: list[Path], cache: Path, task: str, r
         if key and not restored:
             action_cache.record(recipe, key, run)
     except BuildError as err:
+        runlog.record_failure(cache, task, str(err))
         return TaskFailed(str(err))
     except OSError as err:  # the file system said no; the stage's temporary files are already gone
+        runlog.record_failure(cache, task, file_system_refused(task, err))
         return TaskFailed(file_system_refused(task, err))
     return {"outputs": recorded}
 
@@ -136,7 +143,9 @@ def doit_task(stage: str, task: Task, build: ModelBuild, action_cache: ActionCac
 
 def producer(stage: str, task: Task, build: ModelBuild) -> Producer:
     """What the manifest records of an artifact task: inputs named as on every machine."""
-    return Producer(task=f"{stage}:{task.name}", outputs=[p.relative_to(build.paths.root).as_posix() for p in task.outputs],
+    # A matrix variant's shared artifacts (its base's import and GGUF) are named from its own folder: ../<model>/…
+    return Producer(task=f"{stage}:{task.name}", outputs=[Path(os.path.relpath(p, build.paths.root)).as_posix()
+                                                          for p in task.outputs],
                     inputs={build.input_name(p): str(p) for p in task.inputs}, params=task.params,
                     versions=versions(stage) | task.versions)
 
@@ -156,33 +165,96 @@ def model_tasks(spec: Spec, model: ModelSpec, action_cache: ActionCache | None) 
                 built.extend(task.targets or task.outputs)
                 producers.append(producer(stage, task, build))
 
-    if spec.package.registry:
-        for release in package.releases(build):
-            folder = paths.package(release.variant)
-            wired["push"].append({
-                "name": f"{model.name}-{release.variant}",
-                "doc": f"{folder.relative_to(spec.cache)}/oci → {release.reference}",
-                "actions": [(run_action, [registry.push, {"layout": folder / "oci", "tag": release.variant,
-                                                          "ref": release.reference,
-                                                          "tls_verify": spec.package.tls_verify}])],
-                "file_dep": [str(folder / INDEX)],
-                "uptodate": [False],  # an explicit request: always ask the registry
-                "verbosity": 2,
-            })
+    if not model.matrix_of:  # a variant's releases are not pushed; its matrix's chosen one is
+        wired["push"] += push_tasks(spec, build, package.releases(build))
+    wired["manifest"].append(manifest_task(build, producers, built, action_cache))
+    wired["verify"].append(verify_task(build))
+    return wired
 
-    manifest_files = [paths.root / "manifest.json", paths.root / "SHA256SUMS"]
+
+def push_tasks(spec: Spec, build: ModelBuild, releases: list[package.Release]) -> list[dict]:
+    if not spec.package.registry:
+        return []
+    found = []
+    for release in releases:
+        folder = build.paths.package(release.variant)
+        found.append({
+            "name": f"{release.model}-{release.variant}",
+            "doc": f"{folder.relative_to(spec.cache)}/oci → {release.reference}",
+            "actions": [(run_action, [registry.push, {"layout": folder / "oci", "tag": release.variant,
+                                                      "ref": release.reference, "tls_verify": spec.package.tls_verify}])],
+            "file_dep": [str(folder / INDEX)],
+            "uptodate": [False],  # an explicit request: always ask the registry
+            "verbosity": 2,
+        })
+    return found
+
+
+def manifest_task(build: ModelBuild, producers: list[Producer], built: list[Path],
+                  action_cache: ActionCache | None) -> dict:
+    paths, name = build.paths, build.model.name
     described = [p.model_dump(exclude={"inputs"}) | {"inputs": sorted(p.inputs)} for p in producers]
-    wired["manifest"].append(doit_task("manifest", Task(
-        model.name, "manifest.json + SHA256SUMS of every artifact", manifest.run,
-        {"model": model.name, "model_dir": paths.root, "producers": producers},
-        {"producers": described}, inputs=built, outputs=manifest_files), build, action_cache))
-    wired["verify"].append({
-        "name": model.name,
+    return doit_task("manifest", Task(
+        name, "manifest.json + SHA256SUMS of every artifact", manifest.run,
+        {"model": name, "model_dir": paths.root, "producers": producers},
+        {"producers": described}, inputs=built, outputs=[paths.root / "manifest.json", paths.root / "SHA256SUMS"]),
+        build, action_cache)
+
+
+def verify_task(build: ModelBuild) -> dict:
+    return {
+        "name": build.model.name,
         "doc": "re-hash every artifact against manifest.json and SHA256SUMS",
-        "actions": [(run_action, [_verified, {"model_dir": paths.root}])],
+        "actions": [(run_action, [_verified, {"model_dir": build.paths.root}])],
         "uptodate": [False],
         "verbosity": 2,
-    })
+    }
+
+
+def promotion_tasks(spec: Spec, matrix_model: str, variants: list[ModelSpec],
+                    action_cache: ActionCache | None) -> dict[str, list[dict]]:
+    """[models.select]: `select:<model>` chooses a variant by its eval figures; `package:<model>-<release>`
+    packages the chosen variant's release under the model's own name (every variant's files are its
+    inputs, since any may win); its manifest holds the choice and the packages, and they are pushed."""
+    builds = [ModelBuild.of(spec, v) for v in variants]
+    chosen = variants[0].select
+    promoted = ModelBuild.of(spec, variants[0].model_copy(update={"name": matrix_model, "matrix_of": None,
+                                                                  "varied": {}, "select": None}))
+    selection = promoted.paths.root / "selected.json"
+    results = {b.model.name: b.paths.eval(chosen.variant) for b in builds}
+    select = Task(matrix_model, f"choose the variant with the {'highest' if chosen.maximizes else 'lowest'} "
+                  f"{chosen.metric} of {chosen.variant}", experiments.select,
+                  {"select_spec": chosen, "results": results, "out_path": selection, "model": matrix_model},
+                  {"select": chosen.model_dump(mode="json")}, inputs=list(results.values()), outputs=[selection])
+    wired = {"select": [doit_task("select", select, promoted, action_cache)], "package": [], "push": []}
+    producers, built = [producer("select", select, promoted)], [selection]
+    by_release: dict[str, dict[str, Task]] = {}
+    for build in builds:
+        for task in package.release_tasks(build):
+            by_release.setdefault(task.kwargs["release"].variant, {})[build.model.name] = task
+    releases = []
+    for release_name, per_variant in by_release.items():
+        if len(per_variant) < len(builds):
+            continue  # a release only some variants make (a matrix over quantize) cannot be chosen among all
+        out_dir = promoted.paths.package(release_name)
+        choices, inputs, after = {}, [selection], [f"select:{matrix_model}"]
+        for variant, task in per_variant.items():
+            release = dataclasses.replace(task.kwargs["release"], model=matrix_model,
+                                          reference=package.docker_reference(spec, matrix_model, release_name))
+            choices[variant] = (task.action, task.kwargs | {"release": release, "out_dir": out_dir}, task.checks)
+            inputs += [p for p in task.inputs if p not in inputs]
+            after += task.after
+        releases.append(release)
+        promote = Task(f"{matrix_model}-{release_name}", f"{release_name} of the chosen variant → OCI artifact, "
+                       "Modelfile, compose.yaml", experiments.run_promoted, {"choices": choices, "selection": selection},
+                       {"choices": {v: t.params for v, t in per_variant.items()}, "reference": release.reference},
+                       inputs=inputs, outputs=[out_dir], targets=[out_dir / INDEX], after=after)
+        wired["package"].append(doit_task("package", promote, promoted, action_cache))
+        producers.append(producer("package", promote, promoted))
+        built.append(out_dir / INDEX)
+    wired["push"] = push_tasks(spec, promoted, releases)
+    wired["manifest"] = [manifest_task(promoted, producers, built, action_cache)]
+    wired["verify"] = [verify_task(promoted)]
     return wired
 
 
@@ -205,6 +277,16 @@ def _pulled(ref: str, dest: str, tls_verify: bool | None, cache: Path) -> str:
     return f"{ref} → {target} (manifest {digest}, every blob verified)"
 
 
+def compare_task(spec: Spec, model: str | None, sort: str, columns: str, form: str) -> dict:
+    """`doit compare`: reads what the build left; builds nothing."""
+    return {
+        "actions": [(run_action, [experiments.compare, {"spec": spec, "model": model, "columns": columns, "sort": sort,
+                                                        "form": form}])],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
 def pull_task(spec: Spec) -> dict:
     return {
         "doc": "fetch a model artifact from a registry, verify every blob, then write it",
@@ -222,11 +304,12 @@ def _no_registry(source: Path) -> str:
     raise BuildError(f"{source}: no registry to push to: add [package] registry = \"host[:port]/namespace\"")
 
 
-def _report_action(models, nodes, spec_name: str, cache: Path, out_dir: Path, store: Store):
+def _report_action(models, nodes, spec_name: str, cache: Path, out_dir: Path, store: Store, spec: Spec):
     from . import report
 
     try:
-        report.run(models, nodes, spec_name, cache, out_dir, report.store_words(measure(store)))
+        report.run(models, nodes, spec_name, cache, out_dir, report.store_words(measure(store)),
+                   [experiments.for_report(spec, name) for name in spec.matrices])
     except BuildError as err:
         return TaskFailed(str(err))
     return {"outputs": record_outputs([str(out_dir / "REPORT.md"), str(out_dir / "report.html")])}
@@ -255,13 +338,14 @@ def _report_task(spec: Spec, all_tasks: dict[str, list[dict]]) -> dict:
             [r.variant for r in package.releases(build)]))
         file_dep += [paths.eval(v) for v in model.variants] + [paths.root / "manifest.json"]
         file_dep += [paths.root / "parity" / f"{r.variant}.json" for r in package.releases(build)]
+    file_dep += [spec.cache / name / "manifest.json" for name in spec.promoted]
     nodes = report.graph_nodes(all_tasks, STAGES)
     out_dir = spec.cache / "report"
     outputs = [out_dir / "REPORT.md", out_dir / "report.html"]
     return {
         "doc": "REPORT.md and report.html: eval tables, fine-tune before/after, loss curve, build times, task graph",
         "actions": [(_report_action, [models, nodes, spec.source.stem if spec.source else "spec", spec.cache, out_dir,
-                                      action_cache(spec).store])],
+                                      action_cache(spec).store, spec])],
         "file_dep": [str(p) for p in file_dep],
         "targets": [str(p) for p in outputs],
         "uptodate": [config_changed(fingerprint({"models": [repr(m) for m in models]}, {"modelmake": __version__})),
@@ -391,13 +475,35 @@ def cache_gc_task(spec: Spec) -> dict:
     }
 
 
+def _identity(task: dict) -> tuple:
+    """What makes two declarations of one task the same task: its files, and its parameters and
+    versions (the fingerprint `config_changed` holds)."""
+    fingerprints = [u.config for u in task.get("uptodate", []) if isinstance(u, config_changed)]
+    return tuple(task.get("file_dep", [])), tuple(task.get("targets", [])), tuple(fingerprints)
+
+
 def tasks(spec: Spec, use_cache: bool = True) -> dict[str, list[dict]]:
     """stage → the doit sub-task dicts of every model, for dodo.py's `task_<stage>` creators;
     `use_cache=False` (`doit cache=off`) runs every stale task instead of restoring it."""
     merged: dict[str, list[dict]] = {}
     cache = action_cache(spec) if use_cache else None
+    seen: dict[str, tuple] = {}
     for model in spec.models:
         for stage, stage_tasks in model_tasks(spec, model, cache).items():
+            merged.setdefault(stage, [])
+            for task in stage_tasks:
+                # The variants of a matrix declare the tasks they share (the base's import, preflight and
+                # GGUF) under one name: the first declaration stands for all of them.
+                name, same = f"{stage}:{task['name']}", _identity(task)
+                if name in seen:
+                    if seen[name] != same:
+                        raise BuildError(f"{name} is declared twice with different inputs or parameters "
+                                         f"(model {model.name}); this is a modelmake bug, please report it")
+                    continue
+                seen[name] = same
+                merged[stage].append(task)
+    for matrix_model in spec.promoted:
+        for stage, stage_tasks in promotion_tasks(spec, matrix_model, spec.matrices[matrix_model], cache).items():
             merged.setdefault(stage, []).extend(stage_tasks)
     merged["report"] = [_report_task(spec, merged)]  # one task, not sub-tasks: dodo.py returns it as is
     if not spec.package.registry:  # `doit push` says what is missing instead of "unknown task"

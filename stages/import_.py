@@ -389,11 +389,13 @@ def preflight_tasks(build: ModelBuild) -> list[Task]:
     if build.converter != "llama.cpp":
         return []
     paths, train = build.paths, build.model.train
-    lora_params = {"lora": train.lora.model_dump(mode="json"),  # named targets are checked, default ones fitted
+    # Which layers the LoRA adapts, and whether they were named (a named one the model lacks is an
+    # error, a default one is dropped); nothing else of training changes the answer.
+    lora_params = {"lora_targets": train.lora.target_modules,
                    "lora_named": "target_modules" in train.lora.model_fields_set} if train else {}
-    return [Task(f"{build.model.name}.preflight", "can llama.cpp's pinned converter take this base? (in seconds, "
+    return [Task(f"{paths.base_name}.preflight", "can llama.cpp's pinned converter take this base? (in seconds, "
                  "before training)", preflight,
-                 {"model_dir": paths.base, "out_path": paths.preflight, "name": build.model.name,
+                 {"model_dir": paths.base, "out_path": paths.preflight, "name": paths.base_name,
                   "vision": build.vision, "train": train},
                  {"vision": build.vision} | lora_params, inputs=paths.base_files(), outputs=[paths.preflight],
                  artifact=False,
@@ -423,7 +425,7 @@ def tasks(build: ModelBuild) -> list[Task]:
     refuse_contexts_beyond(build)
     if not paths.imported:  # a Hugging Face folder is read where it is
         return preflight_tasks(build)
-    return [Task(build.model.name, f"{base.text} → Hugging Face folder", run,
+    return [Task(paths.base_name, f"{base.text} → Hugging Face folder", run,
                  {"base": base, "out_dir": paths.base}, {"base": base.text},
                  inputs=[base.path] if base.kind == "gguf" else [], outputs=[paths.base],
                  targets=[paths.base / INDEX]), *preflight_tasks(build)]

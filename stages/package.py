@@ -192,12 +192,18 @@ def releases(build: ModelBuild) -> list[Release]:
                      docker_reference(build.spec, model.name, variant), build.mmproj)
              for variant in model.quantize or [model.outtype.upper()]]
     if build.lora_gguf:
-        found.append(Release(model.name, "lora", paths.gguf(model.name, model.outtype.upper()), build.lora_gguf,
+        found.append(Release(model.name, "lora", paths.base_gguf(model.outtype.upper()), build.lora_gguf,
                              docker_reference(build.spec, model.name, "lora"), build.mmproj, build.training_template))
     return found
 
 
 def tasks(build: ModelBuild) -> list[Task]:
+    """A package per release. A variant of a [models.matrix] has none of its own: its releases stay
+    artifacts, and the one [models.select] chooses is packaged under the model's name."""
+    return [] if build.model.matrix_of else release_tasks(build)
+
+
+def release_tasks(build: ModelBuild) -> list[Task]:
     """A package per release, measured before it ships: a variant that misses its gate is not packaged."""
     options = build.model.package
     source_date_epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or "0")

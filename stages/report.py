@@ -342,6 +342,51 @@ def loss_curve_png(log: list[dict], title: str) -> bytes:
     return _png(fig)
 
 
+def loss_curves_png(logs: dict[str, list[dict]], title: str) -> bytes:
+    """The validation loss of every variant of a matrix on one plot (the training loss where a
+    variant has no validation split)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+    for name, log in logs.items():
+        points = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r] or \
+            [(r["step"], r["train_loss"]) for r in log if "train_loss" in r]
+        if points:
+            ax.plot(*zip(*points), label=name, marker="o" if len(points) < 20 else None, linewidth=1.4)
+    ax.set(xlabel="step", ylabel="validation loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _png(fig)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One [models.matrix] as the report shows it: `doit compare`'s table, each variant's train log,
+    and the choice of [models.select] (selected.json) if it has one."""
+
+    model: str
+    header: list[str]
+    rows: list[list]
+    logs: dict[str, list[dict]]
+    selection: dict | None
+
+
+def experiment_blocks(experiment: Experiment, images: dict[str, bytes]) -> list[Block]:
+    blocks: list[Block] = [Heading(2, f"Experiment: {experiment.model}"),
+                           Text(f"{len(experiment.rows)} variants of `[models.matrix]`, as `doit compare` shows them.")]
+    blocks.append(Table(experiment.header, [[_num(v) if isinstance(v, float) else "-" if v is None else str(v)
+                                             for v in row] for row in experiment.rows]))
+    if experiment.selection:
+        chosen = experiment.selection
+        blocks.append(Text(f"Promoted: **{chosen['winner']}**, the {'highest' if chosen['maximize'] else 'lowest'} "
+                           f"{chosen['metric']} of {chosen['variant']} ({_num(chosen['figures'][chosen['winner']])}); "
+                           f"its releases ship as `{experiment.model}`."))
+    if any(experiment.logs.values()):
+        name = f"{experiment.model}-loss-curves.png"
+        images[name] = loss_curves_png(experiment.logs, f"{experiment.model}: the variants' validation loss")
+        blocks.append(Image(name, f"validation loss of every variant of {experiment.model}"))
+    return blocks
+
+
 # ---- the page ----
 
 @dataclass(frozen=True)
@@ -611,11 +656,14 @@ def store_words(size) -> str:
             f"{_mb(size.own)} of them in no output folder (`doit cache-gc --keep-size …` trims it).")
 
 
-def run(models: list[ModelInputs], nodes: list[Node], spec_name: str, cache: Path, out_dir: Path, store: str) -> None:
+def run(models: list[ModelInputs], nodes: list[Node], spec_name: str, cache: Path, out_dir: Path, store: str,
+        experiments: list[Experiment] = ()) -> None:
     images: dict[str, bytes] = {}
     blocks: list[Block] = [Heading(1, f"modelmake report: {spec_name}"),
                            Text(f"Built by modelmake {__version__}. Rebuild this page alone with `doit report` "
                                 "(or `doit -a report` when nothing changed).")]
+    for experiment in experiments:
+        blocks += experiment_blocks(experiment, images)
     for model in models:
         blocks += model_blocks(model, images)
     blocks += build_blocks(nodes, runlog.read_records(cache), images, store)

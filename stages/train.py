@@ -29,6 +29,7 @@ from pathlib import Path
 from .formats import dataset as datasets
 from .formats import chat, hf, lora
 from .formats import tokenizer as tokenizer_format
+from .ground import buildlock
 from .ground.atomic import atomic_dir
 from .ground.device import available_cores, pick_device
 from .ground.errors import BuildError
@@ -530,11 +531,15 @@ def run_key(spec: TrainSpec, inputs: list[Path], threads: int) -> str:
 
 
 def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int = 0,
-        work: Path | None = None, inputs: list[Path] = ()) -> dict[str, str]:
+        work: Path | None = None, inputs: list[Path] = (), slots: tuple[Path, int] | None = None) -> dict[str, str]:
     """Train and save the adapter; returns the platform facts that shaped its bytes, for the lock.
 
     With a work folder, checkpoints go under work/checkpoints (keyed by the run's inputs) and a
-    killed run continues from the last one; they are removed once the adapter is in place."""
+    killed run continues from the last one; they are removed once the adapter is in place. `slots`:
+    (folder, count): at most count trainings of this cache run at once (`[build] max_parallel_train`)."""
+    if slots:
+        with buildlock.slot(*slots, "train"):
+            return run(base_dir, out_dir, spec, model_name, threads, work, inputs)
     out_dir = Path(out_dir)
     if spec.processes > 1:  # the cores are shared between the processes
         threads = max(1, (threads or available_cores()) // spec.processes)
@@ -605,7 +610,8 @@ def tasks(build: ModelBuild) -> list[Task]:
     inputs = paths.base_files() + model.train.data_files
     return [Task(model.name, "LoRA fine-tune (PyTorch + PEFT)", run,
                  {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,
-                  "threads": build.spec.threads, "work": paths.train_work, "inputs": inputs},
+                  "threads": build.spec.threads, "work": paths.train_work, "inputs": inputs,
+                  "slots": (build.spec.cache / ".locks", build.spec.build.max_parallel_train)},
                  model.train.params(), inputs=inputs,
                  outputs=paths.adapter_files(), clean=[paths.adapter], scratch=[paths.train_work],
                  cacheable=not model.train.resume, after=build.after_preflight)]  # a resumed adapter depends on the one before it

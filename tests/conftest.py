@@ -19,6 +19,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "default_build" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group(DEFAULT_BUILD))
+        elif "matrix_build" in item.fixturenames:  # one 2x2 matrix build for its tests
+            item.add_marker(pytest.mark.xdist_group("matrix"))
         elif "round_trip" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group(f"import-{item.callspec.params['round_trip']}"))
     items.sort(key=lambda item: not _builds_the_default_spec(item))  # stable: otherwise as collected

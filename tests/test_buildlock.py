@@ -100,3 +100,35 @@ def test_a_killed_build_leaves_the_cache_unlocked(spec, tmp_path):
         victim.wait()
     result = doit(spec, "wait=no")
     assert "another build" not in result.output and "manifest:tiny" in result.ran
+
+
+def test_training_slots_let_only_so_many_run_at_once(tmp_path):
+    """[build] max_parallel_train: under `doit -n N` a training waits for a free slot (a file lock each,
+    so it holds across doit's worker processes), and says once that it waits."""
+    import threading
+    import time
+
+    from stages.ground.buildlock import slot
+
+    events, said = [], []
+
+    def train(name: str, count: int):
+        with slot(tmp_path, count, "train", say=said.append):
+            events.append((name, "start", time.monotonic()))
+            time.sleep(0.6)
+            events.append((name, "end", time.monotonic()))
+
+    for count, overlapping in ((1, False), (2, True)):
+        events.clear()
+        said.clear()
+        runs = [threading.Thread(target=train, args=(name, count)) for name in ("a", "b")]
+        for run in runs:
+            run.start()
+            time.sleep(0.1)
+        for run in runs:
+            run.join()
+        first_end = min(t for _, what, t in events if what == "end")
+        last_start = max(t for _, what, t in events if what == "start")
+        assert (last_start < first_end) is overlapping, (count, events)
+        assert said == ([] if overlapping else
+                        ["modelmake: 1 train task already running; waiting for one to finish ([build] max_parallel_train = 1)"])

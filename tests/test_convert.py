@@ -342,3 +342,19 @@ def test_bf16_output_is_gguf_pys_rounding_bit_for_bit(dtype, tmp_path):
             got = convert._tensor_bytes(plan, handle.get_tensor(name), None)
             assert got.tobytes() == expected.tobytes(), name
             assert got.nbytes == plan.nbytes
+
+
+def test_weights_beyond_float16_are_refused_by_an_f16_conversion(tiny_llama, tmp_path):
+    """A diverged fine-tune's weights can be finite in float32 and infinite in float16: the F16 GGUF is
+    refused naming the tensor and the way out, not passed on for llama.cpp's quantizer to reject."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_llama, tmp_path / "big")
+    weights = load_file(tmp_path / "big/model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.weight"][0, 0] = 1e6
+    save_file(weights, tmp_path / "big/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BuildError, match=r"model.layers.0.self_attn.q_proj.weight holds values up to 1e\+06, beyond "
+                                         r"float16's largest \(65504\).*outtype = \"bf16\" or \"f32\""):
+        convert.run(tmp_path / "big", tmp_path / "m.gguf", "f16", "big")
+    assert not list(tmp_path.glob("*.gguf*"))
+    convert.run(tmp_path / "big", tmp_path / "m.gguf", "f32", "big")

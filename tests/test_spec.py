@@ -269,3 +269,73 @@ def test_default_windows_shrink_to_a_short_trained_context(tiny_llama):
     build = ModelBuild.of(spec, spec.models[0])
     assert build.trained_context == 256
     assert build.context(spec.models[0].eval.context) == 256 and build.context(128) == 128
+
+
+MATRIX_MODEL = f"""
+[[models]]
+name = "demo"
+base = "{SMOLLM_GGUF}"
+quantize = ["Q8_0"]
+
+[models.train]
+dataset = "d.jsonl"
+validation = 0.5
+"""
+
+
+def _matrix_spec(tmp_path, matrix: str, extra: str = ""):
+    (tmp_path / "d.jsonl").write_text("".join('{"instruction": "Say %d.", "output": "%d"}\n' % (i, i) for i in range(4)))
+    return write_spec(tmp_path, MATRIX_MODEL + extra + "\n[models.matrix]\n" + matrix)
+
+
+def test_a_matrix_is_a_model_per_combination_with_a_readable_name(tmp_path):
+    spec = load_spec(_matrix_spec(tmp_path, '"train.lora.r" = [8, 32]\n"train.learning_rate" = [1e-4, 3e-4]\n'
+                                            '"train.lora.dropout" = [0.05]\n'))
+    assert [m.name for m in spec.models] == ["demo@r8-lr1e-4-drop0.05", "demo@r8-lr3e-4-drop0.05",
+                                             "demo@r32-lr1e-4-drop0.05", "demo@r32-lr3e-4-drop0.05"]
+    last = spec.models[-1]
+    assert (last.train.lora.r, last.train.learning_rate, last.train.lora.dropout) == (32, 3e-4, 0.05)
+    assert last.matrix_of == "demo" and last.varied == {"train.lora.r": 32, "train.learning_rate": 3e-4,
+                                                        "train.lora.dropout": 0.05}
+    assert last.shares_base and list(spec.matrices) == ["demo"]
+    listed = doit(tmp_path / "models.toml", command="list").output
+    assert listed.count("import:demo ") == 1 and "train:demo@r32-lr3e-4-drop0.05" in listed
+    assert "package:demo@" not in listed, "a variant is not packaged without [models.select]"
+
+
+def test_a_matrix_over_the_base_s_conversion_shares_nothing(tmp_path):
+    spec = load_spec(_matrix_spec(tmp_path, '"outtype" = ["f16", "bf16"]\n'))
+    assert [m.name for m in spec.models] == ["demo@outtypef16", "demo@outtypebf16"]
+    assert not any(m.shares_base for m in spec.models)
+
+
+@pytest.mark.parametrize("matrix, extra, expected", [
+    ('"train.lora.r" = [8, -1]\n', "",
+     r"model demo@r-1 \(\[models.matrix\] train.lora.r = -1\): train.lora.r: Input should be greater than or equal to 1"),
+    ('"train.lora.rank" = [8, 16]\n', "",
+     r"model 'demo' \(every variant of its \[models.matrix\]\): unknown key 'train.lora.rank': did you mean 'r'\?"),
+    ('"train.lora.r" = 8\n', "", r"\[models.matrix\] 'train.lora.r' must list the values to try"),
+    ('"train.lora.r" = [8, 8]\n', "", r"\[models.matrix\] 'train.lora.r' lists 8 more than once"),
+    ('"train.dataset.x" = [1]\n', "", r"key 'train.dataset.x' goes through 'train.dataset', which is a value"),
+    ('"name" = ["a", "b"]\n', "", r"\[models.matrix\] cannot vary 'name'"),
+    ('"train.lora.r" = [8]\n', '\n[models.select]\nvariant = "Q4_K_M"\n',
+     r"select.variant = 'Q4_K_M' is not a release of this model; its releases are Q8_0, lora"),
+])
+def test_a_bad_matrix_names_the_key_and_the_combination(tmp_path, matrix, extra, expected):
+    with pytest.raises(BuildError, match=expected):
+        load_spec(_matrix_spec(tmp_path, matrix, extra))
+
+
+def test_select_needs_a_matrix_and_at_only_separates_variants(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n')
+    with pytest.raises(BuildError, match=r"\[models.select\] chooses among the variants of a \[models.matrix\]"):
+        load_spec(write_spec(tmp_path, MATRIX_MODEL + '\n[models.select]\nvariant = "Q8_0"\n'))
+    with pytest.raises(BuildError, match=r"name 'de@mo': '@' separates a matrix variant's values"):
+        load_spec(write_spec(tmp_path, MATRIX_MODEL.replace('name = "demo"', 'name = "de@mo"')))
+
+
+def test_matrix_labels():
+    from stages.ground.matrix import label_value
+
+    assert [label_value(v) for v in (1e-4, 3e-4, 0.05, 2, 1e5, True, "data/mix-a.jsonl", ["Q4_K_M", "Q5_K_M"])] == \
+        ["1e-4", "3e-4", "0.05", "2", "1e5", "on", "mix-a", "Q4_K_M+Q5_K_M"]

@@ -12,6 +12,7 @@ a build killed with SIGKILL never leaves a cache locked. The file itself stays, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -73,6 +74,37 @@ def acquire(cache: Path, wait: bool, say=lambda line: print(line, file=sys.stder
                            "command": " ".join(["doit", *sys.argv[1:]])}))
     lock.flush()
     return lock
+
+
+@contextlib.contextmanager
+def slot(folder: Path, count: int, what: str, say=lambda line: print(line, file=sys.stderr, flush=True)):
+    """Hold one of `count` slots for `what` (a file lock each, in `folder`): under `doit -n N` at most
+    `count` such tasks run at once, across every process of this cache. Waits for a free one."""
+    if fcntl is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    handles = [open(folder / f"{what}-{i}.lock", "a+", encoding="utf-8") for i in range(count)]
+    held, started = None, time.monotonic()
+    try:
+        while held is None:
+            for handle in handles:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = handle
+                    break
+                except BlockingIOError:
+                    continue
+            if held is None:
+                if started is not None:
+                    say(f"modelmake: {count} {what} task{'s' if count > 1 else ''} already running; waiting for one "
+                        f"to finish ([build] max_parallel_{what} = {count})")
+                    started = None
+                time.sleep(0.5)
+        yield
+    finally:
+        for handle in handles:
+            handle.close()  # closing releases the lock
 
 
 def release(lock) -> None:

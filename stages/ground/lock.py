@@ -280,9 +280,9 @@ def built(spec: Spec) -> Lock:
     platforms = {task: record.get("platform") or runlog.platform_facts()
                  for task, record in runlog.read_records(spec.cache).items()}
     models = {}
-    for model in spec.models:
-        manifest = Manifest.model_validate_json((spec.cache / model.name / "manifest.json").read_text(encoding="utf-8"))
-        models[model.name] = locked_model(manifest, platforms)
+    for name in spec.manifest_names:
+        manifest = Manifest.model_validate_json((spec.cache / name / "manifest.json").read_text(encoding="utf-8"))
+        models[name] = locked_model(manifest, platforms)
     return Lock(format=FORMAT, spec=spec.source.name, models=models)
 
 
@@ -296,7 +296,7 @@ def write_from_build(spec: Spec) -> str:
 
 def read_for(spec: Spec) -> Lock:
     """The spec's committed lock, or the BuildError that says what is wrong with it."""
-    return read(lock_path(spec), spec.source.name, [model.name for model in spec.models])
+    return read(lock_path(spec), spec.source.name, spec.manifest_names)
 
 
 def check(spec: Spec) -> str:

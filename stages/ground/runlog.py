@@ -111,17 +111,40 @@ def measured(cache: Path, task: str):
     adds to the yielded run what else shaped its bytes (run["platform"]: train's device and dtype)
     or that it restored its outputs from the action cache; on exit the run holds the whole record."""
     per_task = _reset_peak()
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     run = {"platform": platform_facts()}
     with ResidentPeaks() as peaks:
         yield run
     run |= {"task": task, "build": BUILD, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started_at": round(started_at, 3),  # seconds since the epoch: when tasks of `doit -n N` overlapped
             "wall_s": round(time.perf_counter() - started, 3), "peak_rss_mb": round(_peak_mb(), 1),
             "peak_of": "task" if per_task else "process", **peaks.record()}
     path = record_path(cache, task)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(run, sort_keys=True) + "\n", encoding="utf-8")
+    failure_path(cache, task).unlink(missing_ok=True)
+
+
+def failure_path(cache: Path, task: str) -> Path:
+    return record_path(cache, task).parent / "failed" / record_path(cache, task).name
+
+
+def record_failure(cache: Path, task: str, error: str) -> None:
+    """A task's last failure, kept until it succeeds: what `doit compare` shows for a failed variant."""
+    path = failure_path(cache, task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({"task": task, "error": error, "build": BUILD}) + "\n", encoding="utf-8")
+
+
+def read_failures(cache: Path) -> dict[str, str]:
+    """task → the error of its last run, for the tasks whose last run failed."""
+    found = {}
+    for path in sorted((cache / ".runs" / "failed").glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        found[record["task"]] = record["error"]
+    return found
 
 
 def read_records(cache: Path) -> dict[str, dict]:

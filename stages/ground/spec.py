@@ -12,10 +12,11 @@ import importlib.util
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import matrix
 from .errors import BuildError
 from .units import duration_seconds, parse_size
 
@@ -38,6 +39,7 @@ WITHOUT_IMATRIX = "-no-imatrix"
 OutType = Literal["f32", "f16", "bf16", "q8_0", "auto"]  # "auto" is resolved to f16 or bf16 when the spec is read
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+VARIANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._+-]+)?$"  # a matrix variant: model@labels
 
 # Folders modelmake keeps in the cache beside each model's own (cache/<model>): a model may not share
 # one. Compared without case, because macOS and Windows file systems do not tell `Report` from `report`.
@@ -409,8 +411,26 @@ class MergeSpec(Strict):
     keep_hf: bool = True
 
 
+# What [models.select] may choose on: eval figures that the same build always gives the same (speeds
+# do not), with the direction that is better.
+SELECT_METRICS = {"exact_match": True, "chrf": True, "bleu": True, "top1": True, "perplexity": False, "kl": False,
+                  "size_mb": False}
+
+
+class SelectSpec(Strict):
+    """[models.select]: which variant of the model's [models.matrix] ships under the model's own name."""
+
+    metric: Literal["exact_match", "chrf", "bleu", "top1", "perplexity", "kl", "size_mb"] = "exact_match"
+    variant: str  # the release whose figure decides: a quant type, or "lora"
+    maximize: bool | None = None  # default: what is better for the metric (higher exact match, lower perplexity)
+
+    @property
+    def maximizes(self) -> bool:
+        return SELECT_METRICS[self.metric] if self.maximize is None else self.maximize
+
+
 class ModelSpec(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=VARIANT_PATTERN)
     base: BaseRef
     outtype: OutType = "f16"
     quantize: list[str] = Field(default_factory=list)  # `quantize = [...]` or [models.quantize] types = [...]
@@ -423,6 +443,10 @@ class ModelSpec(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     convert: ConvertSpec | None = None
     merge: MergeSpec | None = None
+    select: SelectSpec | None = None
+    # Set by modelmake for a variant of [models.matrix] (stages.ground.matrix), never by users.
+    matrix_of: str | None = None  # the model table it comes from
+    varied: dict[str, Any] = Field(default_factory=dict)  # dotted key → this variant's value
 
     @model_validator(mode="before")
     @classmethod
@@ -467,6 +491,33 @@ class ModelSpec(Strict):
     def without_imatrix(self) -> list[str]:
         """The quant types also made without the importance matrix, in the spelling of `quantize`."""
         return list(dict.fromkeys(q.upper() for q in self.quantize_options.compare_without_imatrix))
+
+    @model_validator(mode="after")
+    def _select_among_variants(self):
+        if self.select is None:
+            return self
+        if self.matrix_of is None:
+            raise ValueError("[models.select] chooses among the variants of a [models.matrix], and this model has "
+                             "none: add a matrix or remove the table")
+        releases = [*self.quantize, *(["lora"] if self.has_adapter else [])] or [self.outtype.upper()]
+        if self.select.variant not in releases:
+            raise ValueError(f"select.variant = {self.select.variant!r} is not a release of this model; its releases "
+                             f"are {', '.join(releases)}")
+        return self
+
+    @model_validator(mode="after")
+    def _at_only_in_variants(self):
+        if matrix.SEPARATOR in self.name and self.matrix_of is None:
+            raise ValueError(f"name {self.name!r}: {matrix.SEPARATOR!r} separates a matrix variant's values; "
+                             "rename the model")
+        return self
+
+    @property
+    def shares_base(self) -> bool:
+        """Whether this model's base import, preflight and base GGUF are its matrix's, made once for all
+        its variants (in cache/<model>/) rather than its own. Only a fine-tune shares: without an
+        adapter the base GGUF is the release itself, which is the variant's own."""
+        return self.matrix_of is not None and self.has_adapter and matrix.shares_base(self.varied)
 
     @field_validator("name")
     @classmethod
@@ -578,9 +629,17 @@ class ModelSpec(Strict):
         return canonical
 
 
+class BuildSpec(Strict):
+    """[build]: how many tasks of a kind may run at once under `doit -n N`."""
+
+    # Training takes every core (or the GPU) it is given; two at once on one device only contend.
+    max_parallel_train: int = Field(default=1, ge=1)
+
+
 class Spec(Strict):
     cache: Path = Path("cache")  # the output folder: `cache = "…"` or `[cache] dir = "…"`
     threads: int = Field(default=0, ge=0)  # 0: all cores
+    build: BuildSpec = Field(default_factory=BuildSpec)
     models: list[ModelSpec] = Field(min_length=1)
     package: PublishSpec = Field(default_factory=PublishSpec)
     cache_options: CacheSpec = Field(default_factory=CacheSpec)  # the [cache] table; errors name it `cache`
@@ -609,9 +668,28 @@ class Spec(Strict):
             return cores
         return threads
 
+    @property
+    def matrices(self) -> dict[str, list[ModelSpec]]:
+        """Each model table with a [models.matrix] → its variants, in matrix order."""
+        found: dict[str, list[ModelSpec]] = {}
+        for model in self.models:
+            if model.matrix_of:
+                found.setdefault(model.matrix_of, []).append(model)
+        return found
+
+    @property
+    def promoted(self) -> list[str]:
+        """The matrix models whose chosen variant ships under their own name ([models.select])."""
+        return [name for name, variants in self.matrices.items() if variants[0].select]
+
+    @property
+    def manifest_names(self) -> list[str]:
+        """Every folder of the cache with a manifest: each model and variant, and each promoted matrix model."""
+        return [m.name for m in self.models] + self.promoted
+
     @model_validator(mode="after")
     def _unique_names(self):
-        names = [m.name for m in self.models]
+        names = [m.name for m in self.models] + list(self.matrices)
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
@@ -734,11 +812,11 @@ def load_spec(path: str | Path) -> Spec:
     for internal in ("source", "cache_options"):
         if internal in data:
             raise BuildError(f"{path}: '{internal}' is set by modelmake itself; remove it from the spec")
+    data, variants = _expand_matrices(data, path)
     try:
         spec = Spec.model_validate(data, context={"spec_dir": path.parent})
     except ValidationError as err:
-        problems = "; ".join(_describe(e) for e in err.errors())
-        raise BuildError(f"{path}: {problems}") from None
+        raise BuildError(f"{path}: {'; '.join(_problems(err.errors(), variants))}") from None
     cache = (spec.cache if spec.cache.is_absolute() else path.parent / spec.cache).resolve()
     key = "cache.dir" if isinstance(data.get("cache"), dict) else "cache"
     existing = next(folder for folder in (cache, *cache.parents) if folder.exists())
@@ -753,18 +831,65 @@ def load_spec(path: str | Path) -> Spec:
     return spec.model_copy(update={"source": path, "cache": cache})
 
 
+def _expand_matrices(data: dict, path: Path) -> tuple[dict, dict[int, matrix.Variant]]:
+    """Each model table with a [models.matrix] → one table per combination; the variants by their
+    index in the expanded list, so a validation error names the combination, not a list index."""
+    models = data.get("models")
+    if not isinstance(models, list):
+        return data, {}
+    expanded, variants = [], {}
+    for index, model in enumerate(models):
+        for internal in ("matrix_of", "varied"):
+            if isinstance(model, dict) and internal in model:
+                raise BuildError(f"{path}: models[{index}].{internal} is set by modelmake itself; remove it")
+        try:
+            tables = matrix.expand(model)
+        except ValueError as err:
+            raise BuildError(f"{path}: {err}") from None
+        for table, variant in tables:
+            if variant:
+                variants[len(expanded)] = variant
+            expanded.append(table)
+    return {**data, "models": expanded}, variants
+
+
 # Names other tools use for the same setting, which string similarity alone would not find.
 SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lr": "learning_rate",
             "use_rslora": "rslora", "data": "dataset", "quant": "quantize", "quants": "quantize"}
 
 
-def _describe(error: dict) -> str:
-    """One readable sentence for one pydantic error, with a did-you-mean for unknown keys."""
+def _problems(errors: list[dict], variants: dict[int, matrix.Variant]) -> list[str]:
+    """Each error as a sentence. One in a matrix variant names the variant and the values that made it;
+    one that every variant of a matrix has is said once, of the model table."""
+    said: dict[str, list] = {}
+    for error in errors:
+        loc = error["loc"]
+        variant = variants.get(loc[1]) if loc[:1] == ("models",) and len(loc) > 1 else None
+        if variant is None:
+            said.setdefault(_describe(error), [])
+        else:
+            said.setdefault(_describe(error, shown_from=2), []).append(variant)
+    counts = {}
+    for variant in variants.values():
+        counts[variant.model] = counts.get(variant.model, 0) + 1
+    problems = []
+    for text, hit in said.items():
+        models = {v.model for v in hit}
+        if hit and len(models) == 1 and len(hit) == counts[hit[0].model]:
+            problems.append(f"model {hit[0].model!r} (every variant of its [models.matrix]): {text}")
+        else:
+            problems += [f"model {v.describe()}: {text}" for v in hit] or [text]
+    return problems
+
+
+def _describe(error: dict, shown_from: int = 0) -> str:
+    """One readable sentence for one pydantic error, with a did-you-mean for unknown keys; the place
+    is named from `shown_from` on (2: within a model table, for a matrix variant)."""
     internal = {"cache_options": "cache", "quantize_options": "quantize"}
-    loc = tuple(internal.get(p, p) if isinstance(p, str) else p for p in error["loc"])
+    loc = tuple(internal.get(p, p) if isinstance(p, str) else p for p in error["loc"][shown_from:])
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "spec"
     if error["type"] == "extra_forbidden":
-        valid = _field_names_at(error["loc"][:-1])
+        valid = _field_names_at(error["loc"][:-1])  # the whole path: the lookup starts at the spec
         near = [SYNONYMS[loc[-1]]] if SYNONYMS.get(loc[-1]) in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
         return f"unknown key {where!r}: {hint}valid keys here are {', '.join(valid)}"

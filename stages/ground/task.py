@@ -7,6 +7,7 @@ cache all wrap tasks through this one shape, so none of them needs to know a sta
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -27,14 +28,20 @@ class ModelPaths:
     imported: bool
     adapter: Path | None  # the PEFT adapter folder: trained into the cache, or the user's own
     trained: bool
+    # Whose base this is: the model's own name, or for a variant of [models.matrix] that shares its
+    # base the matrix's model name; its import, preflight and base GGUF live in cache/<base_name>.
+    base_name: str
+    shared: Path  # cache/<base_name>
 
     @classmethod
     def of(cls, spec: Spec, model: ModelSpec) -> ModelPaths:
         root = spec.cache / model.name
+        base_name = model.matrix_of if model.shares_base else model.name
+        shared = spec.cache / base_name
         imported = model.base.kind != "hf_dir"
-        base = root / "base" if imported else model.base.path
+        base = shared / "base" if imported else model.base.path
         adapter = root / "adapter" if model.train else (model.adapter.path if model.has_adapter else None)
-        return cls(root, base, imported, adapter, trained=model.train is not None)
+        return cls(root, base, imported, adapter, trained=model.train is not None, base_name=base_name, shared=shared)
 
     @property
     def train_work(self) -> Path:
@@ -48,10 +55,14 @@ class ModelPaths:
     @property
     def preflight(self) -> Path:
         """What llama.cpp's pinned converter said of the base, before anything expensive ran."""
-        return self.root / "preflight.json"
+        return self.shared / "preflight.json"
 
     def gguf(self, stem: str, variant: str) -> Path:
         return self.root / "gguf" / f"{stem}.{variant}.gguf"
+
+    def base_gguf(self, variant: str) -> Path:
+        """The base model's GGUF (the yardstick of the fine-tune, and the adapter route's model)."""
+        return self.shared / "gguf" / f"{self.base_name}.{variant}.gguf"
 
     def package(self, variant: str) -> Path:
         return self.root / "package" / variant
@@ -146,7 +157,7 @@ class ModelBuild:
     def after_preflight(self) -> list[str]:
         """For the tasks that need the pinned converter to take the base (train, adapter, convert):
         the preflight runs first, so an unsupported model fails before any of them starts."""
-        return [f"import:{self.model.name}.preflight"] if self.converter == "llama.cpp" else []
+        return [f"import:{self.paths.base_name}.preflight"] if self.converter == "llama.cpp" else []
 
     @property
     def keeps_merged_hf(self) -> bool:
@@ -163,7 +174,7 @@ class ModelBuild:
     def mmproj(self) -> Path | None:
         """A vision model's vision tower and projector as llama.cpp loads them (`--mmproj`), shipped
         beside every release of its text model. A LoRA trained on text leaves it as the base has it."""
-        return self.paths.gguf(f"{self.model.name}.mmproj", self.mmproj_outtype.upper()) if self.vision else None
+        return self.paths.base_gguf(f"mmproj.{self.mmproj_outtype.upper()}") if self.vision else None
 
     @property
     def mmproj_outtype(self) -> str:
@@ -190,6 +201,8 @@ class ModelBuild:
         base = self.model.base
         if path.is_relative_to(self.paths.root):
             return path.relative_to(self.paths.root).as_posix()
+        if path.is_relative_to(self.spec.cache):  # a matrix's shared base, or a variant's file: ../<folder>/…
+            return Path(os.path.relpath(path, self.paths.root)).as_posix()
         if path == base.path:
             return base.text
         if path.is_relative_to(base.path):  # a file of an hf_dir base
