@@ -15,24 +15,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .formats.metrics import FIGURES, figure
 from .ground import runlog
 from .ground.atomic import atomic_file
 from .ground.errors import BuildError
 from .ground.spec import SELECT_METRICS, ModelSpec, SelectSpec, Spec
 
-# Every figure a table cell can hold: column → (where in an eval result, what it is). Speeds are shown
-# but never selected on (they differ from run to run; a lock would flip).
-EVAL_COLUMNS = {
-    "perplexity": (("quality", "perplexity"), "perplexity on the held-out text"),
-    "kl": (("quality", "kl_divergence"), "KL divergence from the F16/F32 yardstick"),
-    "top1": (("quality", "top1_agreement"), "top-1 agreement with the yardstick"),
-    "exact_match": (("accuracy", "exact_match"), "answers equal to the reference answers"),
-    "chrf": (("accuracy", "chrf"), "chrF of the answers"),
-    "bleu": (("accuracy", "bleu"), "BLEU of the answers"),
-    "size_mb": (("size_bytes",), "file size, MB"),
-    "prompt_tps": (("speed", "prompt_tokens_per_s"), "prompt tokens per second"),
-    "gen_tps": (("speed", "gen_tokens_per_s"), "generated tokens per second"),
-}
 TRAIN_COLUMNS = ("train_loss", "val_loss")
 
 
@@ -42,16 +30,6 @@ class Row:
     values: dict  # dotted matrix key → value
     cells: dict  # column → number or None (missing: not built, or failed)
     failed: str | None  # the error of the task that failed, from its run record
-
-
-def figure(result: dict, column: str):
-    where, _ = EVAL_COLUMNS[column]
-    value = result
-    for part in where:
-        value = value.get(part) if isinstance(value, dict) else None
-    if column == "size_mb" and value is not None:
-        value = round(value / 1e6, 2)
-    return value
 
 
 def last_losses(log_path: Path) -> dict:
@@ -84,7 +62,7 @@ def rows(spec: Spec, models: list[ModelSpec]) -> list[Row]:
         for release in model.quantize or [model.outtype.upper()]:
             path = root / "eval" / f"{release}.json"
             result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-            cells |= {f"{release}.{column}": figure(result, column) for column in EVAL_COLUMNS}
+            cells |= {f"{release}.{column}": figure(result, column) for column in FIGURES}
         failed = [error for task, error in failures.items() if _task_of(task, model.name)]
         found.append(Row(model.name, model.varied, cells, failed[0] if failed else None))
     return found
@@ -216,4 +194,4 @@ def run_promoted(choices: dict[str, tuple], selection: Path) -> None:
     return func(**kwargs)
 
 
-assert set(SELECT_METRICS) <= set(EVAL_COLUMNS)
+assert set(SELECT_METRICS) <= set(FIGURES)

@@ -309,10 +309,21 @@ def _report_action(models, nodes, spec_name: str, cache: Path, out_dir: Path, st
 
     try:
         report.run(models, nodes, spec_name, cache, out_dir, report.store_words(measure(store)),
-                   [experiments.for_report(spec, name) for name in spec.matrices])
+                   [experiments.for_report(spec, name) for name in spec.matrices], _metrics_moved(spec))
     except BuildError as err:
         return TaskFailed(str(err))
     return {"outputs": record_outputs([str(out_dir / "REPORT.md"), str(out_dir / "report.html")])}
+
+
+def _metrics_moved(spec: Spec) -> list[str] | None:
+    """How each eval figure moved against the committed lock; None without a lock to compare with."""
+    path = lock.lock_path(spec) if spec.source else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return lock.metric_changes(lock.read_for(spec), lock.built(spec))
+    except (BuildError, OSError, ValueError):  # a lock of another spec, a model not built: nothing to say
+        return None
 
 
 def _runs_unchanged(task, values, cache: Path) -> bool:

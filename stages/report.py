@@ -657,11 +657,14 @@ def store_words(size) -> str:
 
 
 def run(models: list[ModelInputs], nodes: list[Node], spec_name: str, cache: Path, out_dir: Path, store: str,
-        experiments: list[Experiment] = ()) -> None:
+        experiments: list[Experiment] = (), metrics_moved: list[str] | None = None) -> None:
     images: dict[str, bytes] = {}
     blocks: list[Block] = [Heading(1, f"modelmake report: {spec_name}"),
                            Text(f"Built by modelmake {__version__}. Rebuild this page alone with `doit report` "
                                 "(or `doit -a report` when nothing changed).")]
+    if metrics_moved is not None:  # DVC's `metrics diff`: what a reviewer of the change wants to see first
+        blocks.append(Text(f"Against {spec_name}.lock: " + ("; ".join(metrics_moved) if metrics_moved else
+                                                          "every eval figure it records is unchanged") + "."))
     for experiment in experiments:
         blocks += experiment_blocks(experiment, images)
     for model in models:

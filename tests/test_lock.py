@@ -41,6 +41,13 @@ def test_lock_records_every_artifact_task_with_its_facts_and_no_host_paths(locke
         for path, facts in task["outputs"].items():
             assert f"{facts['sha256']}  {path}\n" in sums
     assert not any("eval/" in path or "train_log" in path for task in tasks.values() for path in task["outputs"])
+    # What eval measured, as facts (no speeds: they differ from run to run).
+    result = json.loads((locked["folder"] / "cache/m/eval/Q8_0.json").read_text())
+    metrics = data["models"]["m"]["metrics"]
+    assert set(metrics) == {"base", "F16", "Q8_0", "lora"}
+    assert metrics["Q8_0"]["perplexity"] == float(f"{result['quality']['perplexity']:.6g}")
+    assert metrics["Q8_0"]["kl"] == float(f"{result['quality']['kl_divergence']:.6g}")
+    assert not [name for figures in metrics.values() for name in figures if name.endswith("_tps")]
     assert str(locked["folder"]) not in locked["text"] and os.environ.get("USER", "root") not in locked["text"]
 
 
@@ -82,6 +89,11 @@ def test_a_changed_parameter_names_train_as_the_first_difference(locked, tmp_pat
         assert "First difference upstream: train:m: parameter lora.r: 8 → 16" in paragraph, paragraph
         assert "run `doit lock`" in paragraph
     assert "Traceback" not in result.output
+    # How the figures moved, in `doit check` and at the top of the report.
+    moved = next(line for line in result.output.splitlines() if line.startswith("metrics against models.lock: "))
+    assert "m Q8_0 perplexity " in moved and "m lora perplexity " in moved and "m base " not in moved, moved
+    report = (spec.parent / "cache/report/REPORT.md").read_text()
+    assert "Against models.lock: m " in report and "m Q8_0 perplexity " in report
 
 
 @pytest.mark.slow
@@ -196,3 +208,19 @@ def test_a_clean_build_of_the_default_spec_reproduces_the_committed_lock(default
     result = doit(default_build["spec"], "check", check=False)
     assert result.returncode == 0, result.output[-4000:]
     assert f"models.lock: all {artifacts} compared artifacts reproduced byte for byte" in result.output
+
+
+def test_check_says_how_each_metric_moved_against_the_lock():
+    """DVC's `metrics diff`: a PR that changes the data shows "Q4_K_M exact_match 0.84 → 0.79"; the
+    figures are notes, not failures (the artifacts' bytes are what `doit check` holds to the lock)."""
+    def built(metrics):
+        return lock.Lock(format=lock.FORMAT, spec="models.toml",
+                         models={"m": lock.LockedModel(tasks={}, metrics=metrics)})
+
+    was = built({"Q4_K_M": {"exact_match": 0.84, "perplexity": 12.5}, "lora": {"chrf": 40.0}})
+    now = built({"Q4_K_M": {"exact_match": 0.79, "perplexity": 12.5}, "lora": {"chrf": 41.5}})
+    assert lock.metric_changes(was, now) == ["m Q4_K_M exact_match 0.84 → 0.79", "m lora chrf 40 → 41.5"]
+    finding = lock.compare(was, now, "models.lock")
+    assert finding.failures == [] and finding.notes == [
+        "metrics against models.lock: m Q4_K_M exact_match 0.84 → 0.79; m lora chrf 40 → 41.5"]
+    assert lock.compare(was, was, "models.lock").notes == []

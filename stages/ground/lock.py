@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import runlog
+from ..formats import metrics
 from ..formats.manifest import Manifest
 from .atomic import atomic_file
 from .errors import BuildError
@@ -50,6 +51,9 @@ class LockedTask(_Strict):
 
 class LockedModel(_Strict):
     tasks: dict[str, LockedTask]
+    # What eval measured of each variant (perplexity, exact match, …; never speeds), so that `doit check`
+    # and the report say how a change moved them. Facts, not artifacts: a change here fails nothing.
+    metrics: dict[str, dict[str, float]] = {}
 
 
 class Lock(_Strict):
@@ -73,8 +77,10 @@ def bound_reason(platform: dict[str, str]) -> str | None:
     return None
 
 
-def locked_model(manifest: Manifest, platforms: dict[str, dict[str, str]]) -> LockedModel:
-    """Group a model's manifest by task; `platforms` holds each task's recorded platform facts."""
+def locked_model(manifest: Manifest, platforms: dict[str, dict[str, str]],
+                 metrics: dict[str, dict[str, float]] | None = None) -> LockedModel:
+    """Group a model's manifest by task; `platforms` holds each task's recorded platform facts,
+    `metrics` each variant's stable eval figures."""
     tasks: dict[str, dict] = {}
     for artifact in manifest.artifacts:
         task = tasks.setdefault(artifact.task, {
@@ -82,7 +88,8 @@ def locked_model(manifest: Manifest, platforms: dict[str, dict[str, str]]) -> Lo
             "platform": platforms.get(artifact.task, {}), "bound": bound_reason(platforms.get(artifact.task, {})),
             "outputs": {}})
         task["outputs"][artifact.path] = LockedFile(size=artifact.size, sha256=artifact.sha256)
-    return LockedModel(tasks={name: LockedTask(**task) for name, task in sorted(tasks.items())})
+    return LockedModel(tasks={name: LockedTask(**task) for name, task in sorted(tasks.items())},
+                       metrics=dict(sorted((metrics or {}).items())))
 
 
 def lock_json(lock: Lock) -> str:
@@ -151,7 +158,22 @@ def compare(locked: Lock, built: Lock, lock_name: str) -> Finding:
         finding.failures.append(f"model {model_name} is built by the spec but not in {lock_name}. {todo}")
     for model_name in sorted(locked.models.keys() & built.models.keys()):
         _compare_model(model_name, locked.models[model_name], built.models[model_name], lock_name, todo, finding)
+    moved = metric_changes(locked, built)
+    if moved:
+        finding.notes.append(f"metrics against {lock_name}: " + "; ".join(moved))
     return finding
+
+
+def metric_changes(locked: Lock, built: Lock) -> list[str]:
+    """How each recorded eval figure moved, in words: "m Q4_K_M exact_match 0.84 → 0.79"."""
+    found = []
+    for model_name in sorted(locked.models.keys() & built.models.keys()):
+        was, now = locked.models[model_name].metrics, built.models[model_name].metrics
+        for variant in sorted(was.keys() & now.keys()):
+            for name in sorted(was[variant].keys() & now[variant].keys()):
+                if was[variant][name] != now[variant][name]:
+                    found.append(f"{model_name} {variant} {name} {was[variant][name]:g} → {now[variant][name]:g}")
+    return found
 
 
 def _compare_model(model_name: str, locked: LockedModel, built: LockedModel, lock_name: str, todo: str,
@@ -282,8 +304,18 @@ def built(spec: Spec) -> Lock:
     models = {}
     for name in spec.manifest_names:
         manifest = Manifest.model_validate_json((spec.cache / name / "manifest.json").read_text(encoding="utf-8"))
-        models[name] = locked_model(manifest, platforms)
+        models[name] = locked_model(manifest, platforms, eval_metrics(spec.cache / name / "eval"))
     return Lock(format=FORMAT, spec=spec.source.name, models=models)
+
+
+def eval_metrics(folder: Path) -> dict[str, dict[str, float]]:
+    """variant → its stable eval figures, from the eval results in a model's cache folder."""
+    found = {}
+    for path in sorted(folder.glob("*.json")):
+        figures = metrics.stable_figures(json.loads(path.read_text(encoding="utf-8")))
+        if figures:
+            found[path.stem] = figures
+    return found
 
 
 def write_from_build(spec: Spec) -> str:
