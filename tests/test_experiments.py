@@ -141,6 +141,9 @@ def test_the_best_variant_ships_under_the_model_name_and_the_lock_records_it(mat
     assert (cache / "m/package/lora").is_dir()
     manifest = {a["path"] for a in json.loads((cache / "m/manifest.json").read_text())["artifacts"]}
     assert "selected.json" in manifest and any(p.startswith("package/Q8_0/") for p in manifest)
+    report = (cache / "report/REPORT.md").read_text()
+    assert "## Experiment: m" in report and f"Promoted: **{expected}**, the lowest perplexity of Q8_0" in report
+    assert (cache / "report/m-loss-curves.png").is_file()
 
     doit(spec, "lock")
     lock = (spec.parent / "models.lock").read_text()
