@@ -131,11 +131,15 @@ def failure_path(cache: Path, task: str) -> Path:
 
 
 def record_failure(cache: Path, task: str, error: str) -> None:
-    """A task's last failure, kept until it succeeds: what `doit compare` shows for a failed variant."""
+    """A task's last failure, kept until it succeeds: what `doit compare` shows for a failed variant.
+    Best effort: a disk too full to take it must not hide the failure itself."""
     path = failure_path(cache, task)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps({"task": task, "error": error, "build": BUILD}) + "\n", encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps({"task": task, "error": error, "build": BUILD}) + "\n", encoding="utf-8")
+    except OSError:
+        pass
 
 
 def read_failures(cache: Path) -> dict[str, str]:
