@@ -141,15 +141,11 @@ def compare(spec: Spec, model: str | None, columns: str, sort: str, form: str) -
 
 def for_report(spec: Spec, matrix_model: str):
     """The report's view of one matrix: the table, the train logs and the choice."""
-    from .report import Experiment
+    from .report import Experiment, train_log
 
     variants = spec.matrices[matrix_model]
     header, body = table(rows(spec, variants), None, None)
-    logs = {}
-    for model in variants:
-        path = spec.cache / model.name / "adapter" / "train_log.jsonl"
-        logs[model.name] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
-            if path.is_file() else []
+    logs = {model.name: train_log(spec.cache / model.name / "adapter" / "train_log.jsonl") for model in variants}
     selection = spec.cache / matrix_model / "selected.json"
     chosen = json.loads(selection.read_text(encoding="utf-8")) if variants[0].select and selection.is_file() else None
     return Experiment(matrix_model, header, body, logs, chosen)

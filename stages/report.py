@@ -489,7 +489,7 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
         if base["quality"].get("answer_perplexity"):
             rows.append(["answer perplexity", _num(base["quality"]["answer_perplexity"]),
                          _num(tuned["quality"]["answer_perplexity"])])
-        log = _train_log(model.train_log)
+        log = train_log(model.train_log)
         val = [r["val_loss"] for r in log if "val_loss" in r]
         if len(val) >= 2:
             rows.append(["validation loss (train stage, PyTorch)", _num(val[0]), _num(val[-1])])
@@ -604,7 +604,7 @@ def _estimated(log: list[dict]) -> str:
     return f" (estimated before training: {estimate:,.0f} MB)" if estimate else ""
 
 
-def _train_log(path: Path | None) -> list[dict]:
+def train_log(path: Path | None) -> list[dict]:
     if not path or not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
