@@ -460,16 +460,16 @@ def eval_text(build: ModelBuild) -> tuple[Path | None, str | None]:
     model = build.model
     if model.eval.text:
         return model.eval.text, build.input_name(model.eval.text)
-    if model.train and model.train.validation:
-        validation = model.train.validation
-        source = (build.input_name(validation) if isinstance(validation, Path) else
-                  f"{build.input_name(model.train.dataset)} (validation split)")
-        return build.paths.root / "eval" / "heldout.jsonl", source
+    if model.train and model.train.validates:
+        source = ", ".join(build.input_name(s.validation) if isinstance(s.validation, Path) else
+                           f"{build.input_name(s.path)} (validation split)" for s in model.train.sources if s.validation)
+        return build.paths.heldout, source
     return None, None
 
 
 def task_name(build: ModelBuild, variant: str) -> str:
-    return f"{build.model.name}-{variant}"
+    # The base's eval is its matrix's where the variants share their data (ModelPaths.data).
+    return f"{build.paths.data_name if variant == 'base' else build.model.name}-{variant}"
 
 
 def tasks(build: ModelBuild) -> list[Task]:
@@ -481,19 +481,19 @@ def tasks(build: ModelBuild) -> list[Task]:
     found = []
     if text and not model.eval.text:
         found.append(Task(
-            f"{model.name}.heldout", "the held-out conversations, as the train stage writes them", write_heldout,
+            f"{paths.data_name}.heldout", "the held-out conversations, as the train stage writes them", write_heldout,
             {"train": model.train, "base_dir": paths.base, "out_path": text},
             model.train.split_params(),
             inputs=paths.base_files() + model.train.data_files, outputs=[text], artifact=False))
 
-    prompts = paths.root / "eval" / "prompts.jsonl" if model.eval.answers_prompts(model.train) else None
+    prompts = paths.prompts if model.eval.answers_prompts(model.train) else None
     if isinstance(model.eval.prompts, Path):
         accuracy.read_prompts_file(model.eval.prompts)  # a bad record fails `doit` before training, not after it
     if prompts:
         source_files = [model.eval.prompts] if isinstance(model.eval.prompts, Path) else model.train.data_files
         split = model.train.split_params() if model.train else {}
         found.append(Task(
-            f"{model.name}.prompts", "the prompts to answer, written with the chat template as the train stage does",
+            f"{paths.data_name}.prompts", "the prompts to answer, written with the chat template as the train stage does",
             accuracy.write_prompts, {"eval_spec": model.eval, "train": model.train, "base_dir": paths.base,
                                      "out_path": prompts},
             {"source": build.input_name(source_files[0]) if isinstance(model.eval.prompts, Path) else "validation split",
@@ -511,11 +511,12 @@ def tasks(build: ModelBuild) -> list[Task]:
     options = eval_spec.model_dump(mode="json", exclude={"text", "gate", "prompts", "max_prompts"})
     for variant, (subject, reference) in subjects.items():
         reference_result = paths.eval(outtype) if prompts and reference else None
-        job = Job(model.name, variant, subject, reference, text, source or "", prompts, reference_result)
+        home = paths.eval(variant).parent.parent  # cache/<model>, or its matrix's for a shared base eval
+        job = Job(home.name, variant, subject, reference, text, source or "", prompts, reference_result)
         compared = f", against {reference.model.name}" if reference else ""
         found.append(Task(
             task_name(build, variant), f"perplexity, KL, {'answers, ' if prompts else ''}speed with llama.cpp{compared}", run,
-            {"job": job, "spec": eval_spec, "out_path": paths.eval(variant), "model_root": paths.root,
+            {"job": job, "spec": eval_spec, "out_path": paths.eval(variant), "model_root": home,
              "threads": build.spec.threads},
             {"variant": variant, "text": source, "threads": build.spec.threads, **options},
             inputs=subject.files() + (reference.files() if reference else []) + text_deps

@@ -59,13 +59,19 @@ def rows(spec: Spec, models: list[ModelSpec]) -> list[Row]:
     for model in models:
         root = spec.cache / model.name
         cells = last_losses(root / "adapter" / "train_log.jsonl")
-        for release in model.quantize or [model.outtype.upper()]:
+        for release in released(model):
             path = root / "eval" / f"{release}.json"
             result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
             cells |= {f"{release}.{column}": figure(result, column) for column in FIGURES}
         failed = [error for task, error in failures.items() if _task_of(task, model.name)]
         found.append(Row(model.name, model.varied, cells, failed[0] if failed else None))
     return found
+
+
+def released(model: ModelSpec) -> list[str]:
+    """What a variant ships, as package.releases names it: each quant type (or the converted GGUF),
+    and with a LoRA the adapter route."""
+    return [*(model.quantize or [model.outtype.upper()]), *(["lora"] if model.has_adapter else [])]
 
 
 def _task_of(task: str, model: str) -> bool:
@@ -79,7 +85,7 @@ def table(found: list[Row], columns: list[str] | None = None, sort: str | None =
     (`-name` for descending); a row without that figure goes last."""
     keys = list(dict.fromkeys(k for row in found for k in row.values))
     available = list(dict.fromkeys(c for row in found for c in row.cells))
-    chosen = available if not columns else [_column(c, available) for c in columns]
+    chosen = available if not columns else list(dict.fromkeys(c for name in columns for c in _columns(name, available)))
     if sort:
         descending = sort.startswith("-")
         column = _column(sort.lstrip("-"), available + keys + ["variant"])
@@ -98,14 +104,21 @@ def _negate(value):
     return -value if isinstance(value, (int, float)) else value
 
 
+def _columns(name: str, available: list[str]) -> list[str]:
+    """A column by its name, or a figure of every release (`perplexity`: Q8_0.perplexity, lora.perplexity)."""
+    matches = [name] if name in available else [c for c in available if c.endswith("." + name)]
+    if not matches:
+        raise BuildError(f"no column {name!r}; the columns are {', '.join(available)}")
+    return matches
+
+
 def _column(name: str, available: list[str]) -> str:
-    if name in available:
-        return name
-    matches = [c for c in available if c.endswith("." + name)]
-    if len(matches) == 1:
-        return matches[0]
-    raise BuildError(f"no column {name!r}; the columns are {', '.join(available)}"
-                     + (f" ({name!r} needs its quant type: {', '.join(matches)})" if matches else ""))
+    """The one column to sort by: a figure needs its release where several have it."""
+    matches = _columns(name, available)
+    if len(matches) > 1:
+        raise BuildError(f"sort={name} is ambiguous: say which release's, e.g. sort={matches[0]} "
+                         f"(the columns are {', '.join(matches)})")
+    return matches[0]
 
 
 def render(header: list[str], body: list[list], form: str) -> str:

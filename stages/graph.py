@@ -346,7 +346,8 @@ def _report_task(spec: Spec, all_tasks: dict[str, list[dict]]) -> dict:
             model.name, paths.root, model.variants,
             paths.adapter / "train_log.jsonl" if paths.trained else None, source,
             {v: g.model_dump(exclude_none=True) for v, g in model.eval.gate.items()},
-            [r.variant for r in package.releases(build)]))
+            [r.variant for r in package.releases(build)], {v: paths.eval(v) for v in model.variants},
+            paths.preview if paths.trained else None))
         file_dep += [paths.eval(v) for v in model.variants] + [paths.root / "manifest.json"]
         file_dep += [paths.root / "parity" / f"{r.variant}.json" for r in package.releases(build)]
     file_dep += [spec.cache / name / "manifest.json" for name in spec.promoted]

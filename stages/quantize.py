@@ -106,10 +106,10 @@ def tasks(build: ModelBuild) -> list[Task]:
     after = []
     if imatrix:
         after = ["tools"]
-        calibration = options.imatrix if options.imatrix is not True else paths.root / "imatrix" / "calibration.txt"
+        calibration = options.imatrix if options.imatrix is not True else paths.calibration
         if options.imatrix is True:
             found.append(Task(
-                f"{model.name}.calibration", "calibration text: the training set as the train stage formats it",
+                f"{paths.data_name}.calibration", "calibration text: the training set as the train stage formats it",
                 write_calibration, {"train": model.train, "base_dir": paths.base, "out_path": calibration},
                 model.train.split_params(),
                 inputs=paths.base_files() + model.train.data_files, outputs=[calibration]))

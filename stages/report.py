@@ -91,8 +91,9 @@ pre{background:#f6f8fa;padding:.8em;overflow:auto}img{max-width:100%}"""
 
 
 def _inline(text: str) -> str:
-    """`code` spans, the only Markdown the text blocks use."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    """`code` spans and [links](to files beside the report), the only Markdown the text blocks use."""
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', text)
 
 
 def to_html(blocks: list[Block], images: dict[str, bytes], title: str) -> str:
@@ -400,6 +401,8 @@ class ModelInputs:
     text_source: str | None
     gates: dict[str, dict]
     releases: list[str] = field(default_factory=list)  # the packaged variants, each checked for parity
+    results: dict[str, Path] = field(default_factory=dict)  # variant → its eval JSON (a matrix's base eval is shared)
+    preview: Path | None = None  # the train stage's loss preview page
 
 
 def _read_json(path: Path):
@@ -428,7 +431,7 @@ def speed_words(results: list[dict]) -> str:
 
 
 def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
-    results = [_read_json(model.root / "eval" / f"{v}.json") for v in model.variants]
+    results = [_read_json(model.results.get(v, model.root / "eval" / f"{v}.json")) for v in model.variants]
     by_variant = {r["variant"]: r for r in results}
     speed = results[0]["speed"]
     blocks: list[Block] = [Heading(2, model.name), Heading(3, "Quality and speed of every GGUF")]
@@ -506,6 +509,23 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
                             f"median {statistics.median(r['tokens_per_s'] for r in steps):,.0f} "
                             f"tokens/s; peak memory {max(r['peak_memory_mb'] for r in steps):,.0f} MB"
                             f"{_estimated(log)}.")]
+        ending = log[-1] if log else {}
+        if ending.get("stopped") or "kept_step" in ending:
+            blocks.append(Text((f"Stopped {ending['stopped']}. " if ending.get("stopped") else "")
+                               + f"The adapter is step {ending.get('kept_step', ending['step'])}'s."))
+        mix = next((r["mix"] for r in log if "mix" in r), None)
+        if mix:
+            taken = next((r["mix_trained"] for r in reversed(log) if "mix_trained" in r), {})
+            blocks += [Text("The training mix ([[models.train.datasets]]): each source's share of an epoch, and of the "
+                            "rows the steps took."),
+                       Table(["source", "records in an epoch", "share", "share of the rows trained"],
+                             [[name, str(n), f"{n / sum(mix.values()):.1%}",
+                               f"{taken[name] / sum(taken.values()):.1%}" if taken else "— (packed rows)"]
+                              for name, n in mix.items()])]
+        if model.preview and model.preview.is_file():
+            shown = f"{model.preview.parent.name}/{model.preview.name}"
+            blocks.append(Text(f"What the loss saw: [{shown}](../{shown}), the first "
+                               "records of each source as tokenized, the tokens that carry loss marked."))
 
     manifest = _read_json(model.root / "manifest.json")
     listed = [a for a in manifest["artifacts"] if "/oci/blobs/" not in a["path"]]

@@ -18,7 +18,11 @@ max_parallel_train = 2
 [[models]]
 name = "m"
 base = "tiny.gguf"
-quantize = ["Q8_0"]
+
+[models.quantize]
+types = ["Q8_0"]
+imatrix = true   # its calibration text is made from the data alone: shared
+imatrix_context = 32
 
 [models.train]
 dataset = "data.jsonl"
@@ -60,7 +64,14 @@ def test_the_shared_stages_run_once_and_the_variants_at_once(matrix_build):
         assert f"train:{variant}" in listed
     ran = run.ran
     assert ran.count("import:m") == 1 and ran.count("convert:m") == 1, ran
-    assert sorted(t for t in ran if t.startswith("train:")) == sorted(f"train:{v}" for v in VARIANTS)
+    # What is made from the data alone is shared too: one held-out text, one prompts file, one
+    # calibration text, one eval of the base before fine-tuning; each variant its own imatrix.
+    for shared in ("eval:m.heldout", "eval:m.prompts", "quantize:m.calibration", "eval:m-base", "train:m.preview"):
+        assert ran.count(shared) == 1, (shared, ran)
+    assert not [t for t in ran if t.startswith(("eval:m@", "quantize:m@", "train:m@")) and t.endswith(
+        (".heldout", ".prompts", ".calibration", "-base", ".preview"))], ran
+    assert sorted(t for t in ran if t.endswith(".imatrix")) == sorted(f"quantize:{v}-merged.imatrix" for v in VARIANTS)
+    assert sorted(t for t in ran if t.startswith("train:m@")) == sorted(f"train:{v}" for v in VARIANTS)
     assert not [t for t in ran if t.startswith("package:m@")], "a variant is not packaged: its matrix's choice is"
     found = records(spec)
     assert "import.m" not in str([r for r in found if r.startswith("import:m@")])
@@ -73,6 +84,7 @@ def test_the_shared_stages_run_once_and_the_variants_at_once(matrix_build):
         manifest = json.loads((cache / variant / "manifest.json").read_text())
         paths = {a["path"] for a in manifest["artifacts"]}
         assert "../m/gguf/m.F16.gguf" in paths and f"gguf/{variant}-merged.Q8_0.gguf" in paths
+        assert "../m/imatrix/calibration.txt" in paths and "../m/preview.html" in paths and not (cache / variant / "eval/base.json").exists()
     assert doit(spec, "verify").returncode == 0
     assert leftovers(cache / "m/base") == []
 
@@ -107,15 +119,21 @@ def test_compare_is_the_eval_results(matrix_build):
         assert row["Q8_0.kl"] == result["quality"]["kl_divergence"]
         assert row["Q8_0.exact_match"] == result["accuracy"]["exact_match"]
         assert row["Q8_0.size_mb"] == round(result["size_bytes"] / 1e6, 2)
+        lora = json.loads((cache / row["variant"] / "eval/lora.json").read_text())  # the adapter route is a release too
+        assert row["lora.perplexity"] == lora["quality"]["perplexity"] and row["lora.kl"] == lora["quality"]["kl_divergence"]
         log = [json.loads(line) for line in (cache / row["variant"] / "adapter/train_log.jsonl").read_text().splitlines()]
         assert row["train_loss"] == log[-1]["train_loss"]
         assert row["train.lora.r"] == int(row["variant"].split("@r")[1].split("-")[0]) and row["status"] == "ok"
 
-    by_perplexity = _json_block(doit(spec, "compare", "format=json", "sort=perplexity", "columns=perplexity,kl").output)
+    by_perplexity = _json_block(doit(spec, "compare", "format=json", "sort=Q8_0.perplexity",
+                                     "columns=perplexity,Q8_0.kl").output)
     figures = [row["Q8_0.perplexity"] for row in by_perplexity]
     assert figures == sorted(figures) and set(by_perplexity[0]) == {"variant", "train.lora.r", "train.learning_rate",
-                                                                    "Q8_0.perplexity", "Q8_0.kl", "status"}
-    descending = _json_block(doit(spec, "compare", "format=json", "sort=-perplexity").output)
+                                                                    "Q8_0.perplexity", "lora.perplexity", "Q8_0.kl",
+                                                                    "status"}
+    ambiguous = doit(spec, "compare", "sort=perplexity", check=False)
+    assert ambiguous.returncode != 0 and "sort=perplexity is ambiguous: say which release's" in ambiguous.output
+    descending = _json_block(doit(spec, "compare", "format=json", "sort=-Q8_0.perplexity").output)
     assert [row["Q8_0.perplexity"] for row in descending] == sorted(figures, reverse=True)
     text = doit(spec, "compare", "format=csv", "columns=Q8_0.chrf").output
     rows = list(csv.DictReader(io.StringIO(text[text.index("variant,"):])))
@@ -166,12 +184,27 @@ def test_changing_one_value_rebuilds_only_its_variants(matrix_build):
     spec.write_text(spec.read_text().replace('"train.learning_rate" = [1e-3, 1e-2]', '"train.learning_rate" = [1e-3, 3e-2]'))
     try:
         ran = doit(spec).ran
-        assert sorted(t for t in ran if t.startswith("train:")) == ["train:m@r4-lr0.03", "train:m@r8-lr0.03"]
+        assert sorted(t for t in ran if t.startswith("train:m@")) == ["train:m@r4-lr0.03", "train:m@r8-lr0.03"]
         assert "import:m" not in ran and "convert:m" not in ran
         assert not [t for t in ran if "lr1e-3" in t], "the variants it does not touch are up to date"
     finally:
         spec.write_text(spec.read_text().replace('[1e-3, 3e-2]', '[1e-3, 1e-2]'))
         doit(spec)
+
+
+@pytest.mark.slow
+def test_doit_clean_empties_a_matrix_and_the_store_restores_it(matrix_build):
+    spec, _ = matrix_build
+    cache = spec.parent / "cache"
+    before = {v: (cache / v / "SHA256SUMS").read_text() for v in [*VARIANTS, "m"]}
+    doit(spec, command="clean")
+    for folder in [*VARIANTS, "m"]:
+        assert not list((cache / folder).rglob("*.gguf")) and not (cache / folder / "manifest.json").exists(), folder
+    assert not (cache / "m/selected.json").exists() and not (cache / "m/base").exists()
+    doit(spec)
+    found = records(spec)
+    assert all(found[f"train:{v}"].get("restored") for v in VARIANTS), "restored from the store, not trained again"
+    assert {v: (cache / v / "SHA256SUMS").read_text() for v in [*VARIANTS, "m"]} == before
 
 
 @pytest.mark.slow
@@ -181,6 +214,8 @@ def test_a_failing_variant_does_not_stop_the_others(tmp_path, tiny_llama):
     run = doit(spec, check=False)
     assert run.returncode != 0
     assert "manifest:m@lr1e-3" in run.ran and "manifest:m@lr1e9" not in run.ran
+    # The choice is made among every variant or not at all (README, Experiments).
+    assert "select:m" not in run.ran and not (tmp_path / "cache/m/selected.json").exists()
     assert "Traceback" not in run.output
     rows = {row["variant"]: row for row in _json_block(doit(spec, "compare", "format=json").output)}
     assert rows["m@lr1e-3"]["status"] == "ok"

@@ -309,6 +309,23 @@ def test_a_matrix_over_the_base_s_conversion_shares_nothing(tmp_path):
     assert not any(m.shares_base for m in spec.models)
 
 
+@pytest.mark.parametrize("matrix, shared", [
+    ('"train.lora.r" = [8, 32]\n', True),
+    ('"train.seed" = [0, 1]\n', False),  # another held-out split
+    ('"train.validation" = [0.25, 0.5]\n', False),
+    ('"eval.max_prompts" = [2, 4]\n', False),
+])
+def test_what_is_made_from_the_data_alone_is_shared_while_the_variants_read_it_alike(tmp_path, matrix, shared):
+    from stages.ground.task import ModelPaths
+
+    spec = load_spec(_matrix_spec(tmp_path, matrix))
+    for model in spec.models:
+        paths = ModelPaths.of(spec, model)
+        assert paths.data == (spec.cache / "demo" if shared else paths.root)
+        assert paths.heldout == paths.data / "eval/heldout.jsonl" and paths.eval("base") == paths.data / "eval/base.json"
+        assert paths.eval("Q8_0") == paths.root / "eval/Q8_0.json"
+
+
 @pytest.mark.parametrize("matrix, extra, expected", [
     ('"train.lora.r" = [8, -1]\n', "",
      r"model demo@r-1 \(\[models.matrix\] train.lora.r = -1\): train.lora.r: Input should be greater than or equal to 1"),

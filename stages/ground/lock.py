@@ -25,6 +25,7 @@ from ..formats.manifest import Manifest
 from .atomic import atomic_file
 from .errors import BuildError
 from .spec import Spec
+from .task import ModelPaths
 
 FORMAT = 1
 
@@ -301,20 +302,21 @@ def built(spec: Spec) -> Lock:
     artifact is hashed again (the manifest took its digests when the build wrote them)."""
     platforms = {task: record.get("platform") or runlog.platform_facts()
                  for task, record in runlog.read_records(spec.cache).items()}
+    results = {m.name: {v: ModelPaths.of(spec, m).eval(v) for v in m.variants} for m in spec.models}
     models = {}
-    for name in spec.manifest_names:
+    for name in spec.manifest_names:  # a promoted matrix model has no eval of its own: its choice is in selected.json
         manifest = Manifest.model_validate_json((spec.cache / name / "manifest.json").read_text(encoding="utf-8"))
-        models[name] = locked_model(manifest, platforms, eval_metrics(spec.cache / name / "eval"))
+        models[name] = locked_model(manifest, platforms, eval_metrics(results.get(name, {})))
     return Lock(format=FORMAT, spec=spec.source.name, models=models)
 
 
-def eval_metrics(folder: Path) -> dict[str, dict[str, float]]:
-    """variant → its stable eval figures, from the eval results in a model's cache folder."""
+def eval_metrics(results: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """variant → its stable eval figures, from its eval result (a variant not measured has none)."""
     found = {}
-    for path in sorted(folder.glob("*.json")):
-        figures = metrics.stable_figures(json.loads(path.read_text(encoding="utf-8")))
+    for variant, path in sorted(results.items()):
+        figures = metrics.stable_figures(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
         if figures:
-            found[path.stem] = figures
+            found[variant] = figures
     return found
 
 

@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 import re
 import tomllib
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,9 +111,47 @@ class LoraSpec(Strict):
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
 
 
+DatasetFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion"]
+
+
+def _fraction_or_file(value, info):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 <= value < 1:
+            raise ValueError("a validation fraction is at least 0 and below 1")
+        return float(value)
+    return _resolve_file(value, info, "validation file")
+
+
+class DataSource(Strict):
+    """One dataset of a weighted training mix ([[models.train.datasets]])."""
+
+    path: Path  # a JSONL file of conversations
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # its share of the mix: weight / the sum of weights
+    validation: float | Path | None = None  # a held-out fraction of it, or its own file; default: [models.train]'s
+    format: DatasetFormat = "auto"
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _exists(cls, value, info):
+        return _resolve_file(value, info, "dataset")
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _validation_file_or_fraction(cls, value, info):
+        return None if value is None else _fraction_or_file(value, info)
+
+    def params(self) -> dict:
+        validation = self.validation if not isinstance(self.validation, Path) else "file"
+        return {"weight": self.weight, "validation": validation}
+
+
 class TrainSpec(Strict):
-    dataset: Path  # JSONL of {"instruction", "input", "output"} or {"messages": [...]}
+    dataset: Path | None = None  # JSONL of conversations: alpaca, OpenAI messages, ShareGPT or prompt-completion records
+    datasets: list[DataSource] = Field(default_factory=list)  # or several, mixed by weight
     validation: float | Path = 0.1  # a held-out fraction of dataset, or a second JSONL file
+    # The records' format (formats.dataset): "auto" takes each file's first record's. Only a check: the
+    # conversations read are the same either way, so it is not part of the task's key.
+    format: DatasetFormat = "auto"
     template: Literal["chat", "alpaca"] = "chat"  # chat: the base model's own chat template
     system: str | None = None  # a system prompt put before every conversation that has none
     max_seq_len: int = Field(default=256, ge=8)
@@ -128,6 +167,9 @@ class TrainSpec(Strict):
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     eval_every: int = Field(default=10, ge=1)  # steps between validation losses
+    # Stop when this many validation losses in a row were no better than the best (0: never stop early).
+    early_stopping_patience: int = Field(default=0, ge=0)
+    keep: Literal["last", "best"] = "last"  # the adapter of the last step, or of the lowest validation loss
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -144,16 +186,29 @@ class TrainSpec(Strict):
     @field_validator("dataset", mode="before")
     @classmethod
     def _dataset_exists(cls, value, info):
-        return _resolve_file(value, info, "dataset")
+        return None if value is None else _resolve_file(value, info, "dataset")
 
     @field_validator("validation", mode="before")
     @classmethod
     def _validation_file_or_fraction(cls, value, info):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not 0 <= value < 1:
-                raise ValueError("a validation fraction is at least 0 and below 1")
-            return float(value)
-        return _resolve_file(value, info, "validation file")
+        return _fraction_or_file(value, info)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_data(self):
+        if (self.dataset is None) == (not self.datasets):
+            raise ValueError("name the training data once: dataset = \"data.jsonl\", or several with weights as "
+                             "[[models.train.datasets]] tables (path, weight)")
+        if (self.early_stopping_patience or self.keep == "best") and not self.validates:
+            raise ValueError("early_stopping_patience and keep = \"best\" follow the validation loss, and no record is "
+                             "held out: set validation to a fraction above 0 or a file")
+        if self.datasets and isinstance(self.validation, Path):
+            raise ValueError("with [[models.train.datasets]], a validation file belongs to its source: set "
+                             "validation = \"val.jsonl\" in that source's table (or a fraction here, for every source)")
+        paths = [s.path for s in self.datasets]
+        if len(set(paths)) < len(paths):
+            raise ValueError("[[models.train.datasets]] names the same file twice: give it one source, with the weight "
+                             "of both")
+        return self
 
     @field_validator("max_memory")
     @classmethod
@@ -190,20 +245,39 @@ class TrainSpec(Strict):
         return self
 
     @property
+    def sources(self) -> list[DataSource]:
+        """Where the records come from, as a mix: the datasets, or the one dataset (weight 1)."""
+        if self.datasets:
+            return [s if s.validation is not None else s.model_copy(update={"validation": self.validation})
+                    for s in self.datasets]
+        return [DataSource.model_construct(path=self.dataset, weight=1.0, validation=self.validation, format=self.format)]
+
+    @property
+    def validates(self) -> bool:
+        """Whether any record is held out for validation (a fraction above 0, or a file)."""
+        return any(s.validation for s in self.sources)
+
+    @property
     def data_files(self) -> list[Path]:
-        """The JSONL files the records come from: the dataset, and a validation file if one is named."""
-        return [self.dataset] + ([self.validation] if isinstance(self.validation, Path) else [])
+        """The JSONL files the records come from: each dataset, and the validation files named."""
+        return [f for s in self.sources for f in (s.path, *([s.validation] if isinstance(s.validation, Path) else []))]
 
     def split_params(self) -> dict:
         """The params that decide which records are held out and how a record is written: what the
         held-out conversations, the eval prompts and the calibration text depend on."""
-        return {key: value for key, value in self.params().items() if key in ("validation", "template", "system", "seed")}
+        return {key: value for key, value in self.params().items()
+                if key in ("validation", "template", "system", "seed", "datasets")}
 
     def params(self) -> dict:
         """What shapes the adapter besides the data files themselves (their bytes are inputs)."""
         # Checkpoints and the memory limit change when the work is saved or refused, never its result.
-        params = self.model_dump(mode="json", exclude={"dataset", "validation", "resume", "max_memory",
-                                                       "checkpoint_every"})
+        params = self.model_dump(mode="json", exclude={"dataset", "datasets", "validation", "resume", "max_memory",
+                                                       "checkpoint_every", "format"})
+        if self.datasets:  # a single dataset's params stay as they were before mixes
+            params["datasets"] = [s.params() for s in self.sources]
+        for key, default in (("early_stopping_patience", 0), ("keep", "last")):  # so they did before these were added
+            if params[key] == default:
+                del params[key]
         return params | {"validation": self.validation if isinstance(self.validation, float) else "file"}
 
 
@@ -367,7 +441,7 @@ class EvalSpec(Strict):
 
     def answers_prompts(self, train: TrainSpec | None) -> bool:
         """Whether there are prompts to answer: a prompts file, or the validation split's conversations."""
-        return isinstance(self.prompts, Path) or (self.prompts is True and train is not None and bool(train.validation))
+        return isinstance(self.prompts, Path) or (self.prompts is True and train is not None and train.validates)
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -596,6 +670,14 @@ class ModelSpec(Strict):
     def has_adapter(self) -> bool:
         return self.train is not None or (self.adapter is not None and self.adapter.path is not None)
 
+    def data_params(self) -> dict:
+        """What the files made from the data alone read besides the base (the held-out text, the eval
+        prompts, the calibration text, the base's eval): variants equal in these share those files."""
+        train = self.train
+        return {"split": train.split_params() if train else None,
+                "files": [str(f) for f in train.data_files] if train else [],
+                "eval": self.eval.model_dump(mode="json")}
+
     @field_validator("base", mode="before")
     @classmethod
     def _parse_base(cls, value, info):
@@ -676,6 +758,13 @@ class Spec(Strict):
             if model.matrix_of:
                 found.setdefault(model.matrix_of, []).append(model)
         return found
+
+    @cached_property
+    def shares_data(self) -> frozenset[str]:
+        """The matrix models whose variants read their data alike (ModelSpec.data_params), so that what is
+        made from the data alone is made once for all of them."""
+        return frozenset(name for name, variants in self.matrices.items()
+                         if all(v.data_params() == variants[0].data_params() for v in variants))
 
     @property
     def promoted(self) -> list[str]:

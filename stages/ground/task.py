@@ -32,6 +32,10 @@ class ModelPaths:
     # base the matrix's model name; its import, preflight and base GGUF live in cache/<base_name>.
     base_name: str
     shared: Path  # cache/<base_name>
+    # Where the files made from the data alone live (the held-out text, the eval prompts, the
+    # calibration text, the base's eval): cache/<base_name> when every variant of the matrix reads
+    # the same data the same way, else the model's own folder.
+    data: Path
 
     @classmethod
     def of(cls, spec: Spec, model: ModelSpec) -> ModelPaths:
@@ -41,7 +45,33 @@ class ModelPaths:
         imported = model.base.kind != "hf_dir"
         base = shared / "base" if imported else model.base.path
         adapter = root / "adapter" if model.train else (model.adapter.path if model.has_adapter else None)
-        return cls(root, base, imported, adapter, trained=model.train is not None, base_name=base_name, shared=shared)
+        shares_data = model.shares_base and model.matrix_of in spec.shares_data
+        return cls(root, base, imported, adapter, trained=model.train is not None, base_name=base_name, shared=shared,
+                   data=shared if shares_data else root)
+
+    @property
+    def data_name(self) -> str:
+        """The name the data's tasks carry: the matrix's model when its variants share them."""
+        return self.data.name
+
+    @property
+    def heldout(self) -> Path:
+        """The held-out conversations eval scores, as the train stage writes them."""
+        return self.data / "eval" / "heldout.jsonl"
+
+    @property
+    def prompts(self) -> Path:
+        return self.data / "eval" / "prompts.jsonl"
+
+    @property
+    def preview(self) -> Path:
+        """What the loss sees: the train stage's records as tokenized, loss tokens marked."""
+        return self.data / "preview.html"
+
+    @property
+    def calibration(self) -> Path:
+        """The importance matrix's calibration text: the training set as the train stage formats it."""
+        return self.data / "imatrix" / "calibration.txt"
 
     @property
     def train_work(self) -> Path:
@@ -68,7 +98,8 @@ class ModelPaths:
         return self.root / "package" / variant
 
     def eval(self, variant: str) -> Path:
-        return self.root / "eval" / f"{variant}.json"
+        """A variant's eval result; the base's is its matrix's where the variants share their data."""
+        return (self.data if variant == "base" else self.root) / "eval" / f"{variant}.json"
 
     def base_files(self) -> list[Path]:
         return [self.base / INDEX] if self.imported else tree_files(self.base)
