@@ -69,8 +69,10 @@ def records(rng: random.Random) -> list[dict]:
         out.append({"instruction": "Write the number in words.", "input": str(value), "output": f"Answer: {word}."})
         out.append({"instruction": "Write the word as a number.", "input": word, "output": f"Answer: {value}."})
     for question, answer in MODELMAKE:
+        # Twice: these are the facts the demo fine-tune most needs (one file holds one format, so both
+        # copies are alpaca records; the first wave wrote the second as a {"messages"} record).
         out.append({"instruction": question, "input": "", "output": f"Answer: {answer}"})
-        out.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": f"Answer: {answer}"}]})
+        out.append({"instruction": question, "input": "", "output": f"Answer: {answer}"})
     rng.shuffle(out)
     return out
 

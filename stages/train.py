@@ -13,6 +13,7 @@ With processes > 1 this module is also each rank's program: `python -m stages.tr
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -27,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .formats import dataset as datasets
-from .formats import chat, hf, lora
+from .formats import chat, hf, lora, preview
 from .formats import tokenizer as tokenizer_format
 from .ground import buildlock
-from .ground.atomic import atomic_dir
+from .ground.atomic import atomic_dir, atomic_file
 from .ground.device import available_cores, pick_device
 from .ground.errors import BuildError
 from .ground.hashing import canonical_json, file_blake3, tool_versions
@@ -55,6 +56,12 @@ IGNORE = -100  # label of tokens that carry no loss
 class Encoded:
     ids: list[int]
     labels: list[int]
+    source: str = ""  # the file of the record (a packed row of several records: none)
+
+
+def source_of(example: datasets.Example) -> str:
+    """The file a record came from (its `where` is file:line)."""
+    return example.where.rsplit(":", 1)[0]
 
 
 def pick_dtype(requested: str, device: str):
@@ -105,7 +112,7 @@ def encode(example: datasets.Example, tokenizer, template: str, system: str | No
     prompt, answer = prompt_and_answer(example.messages, tokenizer, template, system)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, source_of(example))
 
 
 def make_rows(encoded: list[Encoded], max_len: int, packing: bool) -> list[Encoded]:
@@ -141,6 +148,23 @@ def batch_order(count: int, size: int, rng: random.Random | None) -> list[list[i
     return [order[k:k + size] for k in range(0, count, size)]
 
 
+def rows_trained(count: int, size: int, seed: int, batches_taken: int) -> list[int]:
+    """The row numbers the training loop takes in `batches_taken` batches (it draws the same seeded
+    passes as `_fit`, however often the run was resumed)."""
+    rng, pending, taken = random.Random(seed), [], []
+    for _ in range(batches_taken):
+        if not pending:
+            pending = batch_order(count, size, rng)
+        taken += pending.pop(0)
+    return taken
+
+
+def mix_words(counts: dict[str, int]) -> str:
+    """A mix as the train stage prints it: each file's name, share and records."""
+    total = sum(counts.values())
+    return ", ".join(f"{Path(path).name} {n / total:.1%} ({n} records)" for path, n in counts.items())
+
+
 def batches(rows: list[Encoded], size: int, rng: random.Random | None) -> list[list[Encoded]]:
     return [[rows[i] for i in batch] for batch in batch_order(len(rows), size, rng)]
 
@@ -161,15 +185,58 @@ def share(items: list, ranks: Ranks) -> list[tuple]:
     return [(item, 1.0) for item in mine] + [(items[0], 0.0)] * (math.ceil(len(items) / ranks.world) - len(mine))
 
 
-def _encode_all(examples, tokenizer, spec: TrainSpec, what: str, path: Path) -> list[Encoded]:
+def _encode_all(examples, tokenizer, spec: TrainSpec, what: str) -> list[Encoded]:
     encoded = [encode(e, tokenizer, spec.template, spec.system) for e in examples]
     fitting = [e for e in encoded if len(e.ids) <= spec.max_seq_len or spec.packing]
     if not fitting:
-        raise BuildError(f"{path}: every {what} record is longer than max_seq_len = {spec.max_seq_len} tokens "
+        files = ", ".join(dict.fromkeys(e.source for e in encoded))
+        raise BuildError(f"{files}: every {what} record is longer than max_seq_len = {spec.max_seq_len} tokens "
                          f"(shortest {min(len(e.ids) for e in encoded)}); raise max_seq_len or enable packing")
     if len(fitting) < len(encoded):
         print(f"  {len(encoded) - len(fitting)} {what} records longer than {spec.max_seq_len} tokens were left out")
     return fitting
+
+
+PREVIEWED = 5  # records of each source the loss preview shows
+
+
+def preview_sources(spec: TrainSpec, tokenizer, names: dict[str, str]) -> list[preview.Source]:
+    """The training and validation records of each file as `encode` makes them, counted, with the first
+    few token by token; `names`: each data file's path → how the page names it (the same on every machine)."""
+    train_examples, val_examples = split_examples(spec)
+    found = []
+    for what, every in (("training", train_examples), ("validation", val_examples)):
+        by_file: dict[str, list[datasets.Example]] = {}
+        for example in every:
+            by_file.setdefault(source_of(example), []).append(example)
+        found += [_previewed(names.get(path, Path(path).name), what, examples, spec, tokenizer)
+                  for path, examples in by_file.items()]
+    return found
+
+
+def _previewed(name: str, what: str, examples: list[datasets.Example], spec: TrainSpec, tokenizer) -> preview.Source:
+    """One file's records (of training or validation): counted, the first few token by token."""
+    encoded = [encode(e, tokenizer, spec.template, spec.system) for e in examples]
+    shown = [(f"{name}:{e.where.rsplit(':', 1)[-1]}",
+              [(tokenizer.decode([token]), label != IGNORE) for token, label in zip(row.ids, row.labels)])
+             for e, row in zip(examples[:PREVIEWED], encoded)]
+    return preview.Source(f"{name} ({what})", len(examples), sum(len(r.ids) for r in encoded),
+                          sum(label != IGNORE for r in encoded for label in r.labels), shown)
+
+
+def write_preview(spec: TrainSpec, base_dir: Path, out_path: Path, names: dict[str, str], title: str) -> None:
+    """preview.html: what the loss sees, before any training; a source on which no token carries loss,
+    or every token does, is refused here."""
+    from transformers import AutoTokenizer
+
+    sources = preview_sources(spec, AutoTokenizer.from_pretrained(base_dir), names)
+    for source in sources:
+        wrong = preview.problem(source, answers_only=True)
+        if wrong:
+            raise BuildError(wrong)
+    with atomic_file(out_path) as tmp:
+        tmp.write_text(preview.render(title, sources), encoding="utf-8")
+    print("; ".join(f"{s.name}: {s.share:.1%} of {s.tokens:,} tokens carry loss" for s in sources))
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -210,19 +277,29 @@ def _normalize_config(path: Path, model_name: str) -> None:
 
 def split_examples(spec: TrainSpec) -> tuple[list[datasets.Example], list[datasets.Example]]:
     """(training, validation) records: the dataset and the validation file, or a seeded split of the dataset."""
-    examples = datasets.read_jsonl(spec.dataset)
-    if isinstance(spec.validation, Path):
-        return examples, datasets.read_jsonl(spec.validation)
-    return datasets.split(examples, spec.validation, spec.seed)
+    parts = []
+    for source in spec.sources:
+        examples = datasets.read_jsonl(source.path, source.format)
+        if isinstance(source.validation, Path):
+            parts.append((examples, datasets.read_jsonl(source.validation, source.format)))
+        else:
+            parts.append(datasets.split(examples, source.validation, spec.seed))
+    if len(parts) == 1:
+        return parts[0]
+    mixed = datasets.mix([train for train, _ in parts], [s.weight for s in spec.sources], spec.seed)
+    return mixed, [e for _, held_out in parts for e in held_out]
+
+
+def _mix_of(spec: TrainSpec) -> dict[str, int]:
+    """The training mix: each source's file → how many of its records an epoch holds."""
+    return dict(collections.Counter(source_of(e) for e in split_examples(spec)[0]))
 
 
 def _rows(spec: TrainSpec, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
     """Training and validation rows, tokenized, masked and (optionally) packed."""
     train_examples, val_examples = split_examples(spec)
-    val_path = spec.validation if isinstance(spec.validation, Path) else spec.dataset
-    train_rows = make_rows(_encode_all(train_examples, tokenizer, spec, "training", spec.dataset),
-                           spec.max_seq_len, spec.packing)
-    val_rows = make_rows(_encode_all(val_examples, tokenizer, spec, "validation", val_path),
+    train_rows = make_rows(_encode_all(train_examples, tokenizer, spec, "training"), spec.max_seq_len, spec.packing)
+    val_rows = make_rows(_encode_all(val_examples, tokenizer, spec, "validation"),
                          spec.max_seq_len, spec.packing) if val_examples else []
     return train_rows, val_rows
 
@@ -330,6 +407,7 @@ class Progress:
     data_order: random.Random
     pending: list[list[int]]  # the batches left of the current pass, as row numbers
     log: list[dict]
+    best: dict | None = None  # the lowest validation loss so far: step, val_loss, evaluations since, weights (main)
 
 
 def _snapshot(model, optimizer, scheduler, progress: Progress, ranks: Ranks) -> dict | None:
@@ -343,7 +421,7 @@ def _snapshot(model, optimizer, scheduler, progress: Progress, ranks: Ranks) -> 
         return None
     return {"step": progress.step, "lora": trained, "optimizer": optimized,
             "scheduler": scheduler.state_dict(), "data_order": progress.data_order.getstate(),
-            "pending": progress.pending, "log": progress.log, "rng": every_rng}
+            "pending": progress.pending, "log": progress.log, "rng": every_rng, "best": progress.best}
 
 
 def _restore_weights(state: dict, model) -> None:
@@ -367,7 +445,15 @@ def _restore(state: dict, model, optimizer, scheduler, ranks: Ranks) -> Progress
         torch.cuda.set_rng_state_all(rng["cuda"])
     data_order = random.Random()
     data_order.setstate(state["data_order"])
-    return Progress(state["step"], data_order, state["pending"], state["log"])
+    return Progress(state["step"], data_order, state["pending"], state["log"], state.get("best"))
+
+
+def track_best(best: dict | None, step: int, val_loss: float) -> tuple[dict, bool]:
+    """After a validation at `step`: the best so far, and whether this one is it (strictly lower;
+    step 0, the base before any update, does not count)."""
+    if step > 0 and (best is None or val_loss < best["val_loss"]):
+        return {"step": step, "val_loss": val_loss, "since": 0}, True
+    return (best | {"since": best["since"] + 1} if best else best), False
 
 
 def diverged(name: str, step: int, steps: int, loss: float, learning_rate: float, spec: TrainSpec) -> str:
@@ -422,10 +508,22 @@ def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, 
         if val_rows and (step % spec.eval_every == 0 or step == steps):
             row["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device, ranks), 6)
         log.append(row)
+        stop = False
+        if "val_loss" in row and (spec.early_stopping_patience or spec.keep == "best"):
+            progress.best, improved = track_best(progress.best, step, row["val_loss"])
+            if improved and spec.keep == "best":  # every rank takes part in gathering; the main keeps them
+                progress.best["weights"] = ranks.trained_state(model)
+            patience = spec.early_stopping_patience
+            if patience and progress.best and progress.best["since"] >= patience and step < steps:
+                row["stopped"] = (f"early: no lower validation loss in {patience} evaluations since step "
+                                  f"{progress.best['step']}")
+                stop = True
         # refresh=False: the loss shows with the bar's next draw, so a log gets no line per step
         progress_bar.set_postfix(refresh=False, loss=f"{loss_sum:.3f}",
                                  **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
         progress.step = step
+        if stop:
+            break
         if step < steps and ranks.any(cadence.due(step)):
             started = time.perf_counter()
             state = _snapshot(model, optimizer, scheduler, progress, ranks)
@@ -489,8 +587,13 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
               f"{', resuming from the previous adapter' if resumed else ''}"
               f"{f', continuing from the checkpoint at step {progress.step}' if saved else ''}\n"
               f"  memory estimate {memory.describe(needed)}")
+    mix = _mix_of(spec) if len(spec.sources) > 1 else None
+    if mix and ranks.main:
+        print(f"  mix of {sum(mix.values())} training records: {mix_words(mix)}")
     if not saved:  # step 0: where the run starts, and what it was estimated to need
         start = {"step": 0, "estimated_memory_mb": round(needed.total / 2**20, 1)}
+        if mix:
+            start["mix"] = {Path(path).name: n for path, n in mix.items()}
         if val_rows:
             start["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device, ranks), 6)
         progress.log.append(start)
@@ -503,7 +606,18 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
         facts["processes"] = str(ranks.world)
     if checkpointing:
         facts["gradient_checkpointing"] = "true"
+    if mix and not spec.packing:  # what the steps took of each source (a packed row mixes them)
+        taken = collections.Counter(Path(train_rows[i].source).name
+                                    for i in rows_trained(len(train_rows), spec.batch_size, spec.seed, progress.step * spec.grad_accum))
+        log[-1]["mix_trained"] = {Path(path).name: taken[Path(path).name] for path in mix}
     trained = ranks.trained_state(model) if ranks.distributed else None  # every process takes part
+    best = progress.best
+    if spec.keep == "best" and best and best["step"] != log[-1]["step"]:
+        trained = best["weights"]
+        log[-1]["kept_step"] = best["step"]
+    if ranks.main and (log[-1].get("stopped") or "kept_step" in log[-1]):
+        print(f"  {'stopped ' + log[-1]['stopped'] + '; ' if log[-1].get('stopped') else ''}"
+              f"kept the adapter of step {log[-1].get('kept_step', log[-1]['step'])}")
     if ranks.main:
         _save(ranks.unwrap(model), base_dir, out_dir, model_name, log, trained)
         if val_rows:
@@ -608,13 +722,20 @@ def tasks(build: ModelBuild) -> list[Task]:
     if model.train.template == "chat" and build.base_has_chat_template is False:
         raise BuildError(no_chat_template(f"model {model.name!r}: its base {model.base.text}"))
     inputs = paths.base_files() + model.train.data_files
-    return [Task(model.name, "LoRA fine-tune (PyTorch + PEFT)", run,
+    shown = paths.preview
+    look = Task(f"{paths.data_name}.preview", "what the loss sees: the first records as tokenized, loss tokens marked",
+                write_preview, {"spec": model.train, "base_dir": paths.base, "out_path": shown,
+                                "names": {str(f): build.input_name(f) for f in model.train.data_files},
+                                "title": f"{paths.data_name}: what the loss sees"},
+                model.train.split_params() | {"shown": PREVIEWED}, inputs=inputs, outputs=[shown])
+    return [look, Task(model.name, "LoRA fine-tune (PyTorch + PEFT)", run,
                  {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,
                   "threads": build.spec.threads, "work": paths.train_work, "inputs": inputs,
                   "slots": (build.spec.cache / ".locks", build.spec.build.max_parallel_train)},
                  model.train.params(), inputs=inputs,
                  outputs=paths.adapter_files(), clean=[paths.adapter], scratch=[paths.train_work],
-                 cacheable=not model.train.resume, after=build.after_preflight)]  # a resumed adapter depends on the one before it
+                 cacheable=not model.train.resume,  # a resumed adapter depends on the one before it
+                 after=[f"train:{look.name}", *build.after_preflight])]
 
 
 if __name__ == "__main__":

@@ -309,7 +309,7 @@ def test_default_spec_fine_tunes_and_every_route_carries_it(default_build):
         "quantize:smollm2-demo-merged-Q4_K_M", "quantize:smollm2-demo-merged-Q4_K_M-no-imatrix",
         "quantize:smollm2-demo-merged-Q8_0", "quantize:smollm2-demo-merged.imatrix", "quantize:smollm2-demo.calibration"]
     assert [t for t in ran if not t.startswith("quantize:")] == [
-        "import:smollm2-demo", "train:smollm2-demo", "adapter:smollm2-demo", "merge:smollm2-demo",
+        "import:smollm2-demo", "train:smollm2-demo.preview", "train:smollm2-demo", "adapter:smollm2-demo", "merge:smollm2-demo",
         "convert:smollm2-demo", "convert:smollm2-demo-merged", "eval:smollm2-demo.heldout",
         "eval:smollm2-demo.prompts", "eval:smollm2-demo-F16", "eval:smollm2-demo-Q4_K_M",
         "eval:smollm2-demo-Q4_K_M-no-imatrix", "eval:smollm2-demo-Q8_0", "eval:smollm2-demo-base",

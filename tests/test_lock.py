@@ -27,7 +27,7 @@ def test_lock_records_every_artifact_task_with_its_facts_and_no_host_paths(locke
     assert data["format"] == lock.FORMAT and data["spec"] == "models.toml"
     tasks = data["models"]["m"]["tasks"]
     assert sorted(tasks) == ["adapter:m", "convert:m", "convert:m-merged", "merge:m", "package:m-Q8_0",
-                             "package:m-lora", "quantize:m-merged-Q8_0", "train:m"]
+                             "package:m-lora", "quantize:m-merged-Q8_0", "train:m", "train:m.preview"]
     train = tasks["train:m"]
     assert train["params"]["lora"]["r"] == 8 and train["versions"]["stage.train"]
     assert {"data.jsonl", "tiny/config.json", "tiny/model.safetensors", "tiny/tokenizer.json"} <= set(train["inputs"])

@@ -1,6 +1,7 @@
 """train: PEFT LoRA training, on the real SmolLM2 and on tiny models, and its place in the graph."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -62,6 +63,39 @@ def test_cpu_training_is_deterministic(tiny_llama, tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
+def test_the_best_validation_loss_is_tracked():
+    best, improved = train.track_best(None, 0, 3.0)
+    assert best is None and not improved, "step 0, the base before any update, is not a candidate"
+    best, improved = train.track_best(best, 1, 2.0)
+    assert improved and best == {"step": 1, "val_loss": 2.0, "since": 0}
+    best, improved = train.track_best(best, 2, 2.0)
+    assert not improved and best["since"] == 1 and best["step"] == 1, "equal is not better"
+    best, improved = train.track_best(best, 3, 1.5)
+    assert improved and best["since"] == 0 and best["step"] == 3
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_best_step_and_is_the_run_cut_there(tiny_llama, tmp_path):
+    """A constant, too high learning rate: the validation loss stops falling, patience ends the run,
+    and keep = "best" saves the adapter of the lowest validation loss. With a constant schedule a run
+    that simply ends at that step trains the same weights, so the two adapters are the same bytes."""
+    options = dict(max_steps=40, batch_size=4, learning_rate=0.05, schedule="constant", eval_every=1, validation=0.25)
+    stopped = train_spec(**options, early_stopping_patience=2, keep="best")
+    train.run(tiny_llama, tmp_path / "stopped", stopped, "tiny", threads=2)
+    log = read_log(tmp_path / "stopped")
+    last = log[-1]
+    assert last["stopped"].startswith("early: no lower validation loss in 2 evaluations") and last["step"] < 40
+    validated = {r["step"]: r["val_loss"] for r in log if "val_loss" in r and r["step"] > 0}
+    best = min(validated, key=lambda step: (validated[step], step))
+    assert last.get("kept_step", last["step"]) == best and last["step"] == best + 2
+    cut = train_spec(**options | {"max_steps": best})
+    train.run(tiny_llama, tmp_path / "cut", cut, "tiny", threads=2)
+    assert (tmp_path / "stopped" / lora.WEIGHTS).read_bytes() == (tmp_path / "cut" / lora.WEIGHTS).read_bytes()
+    with pytest.raises(Exception, match="follow the validation loss, and no record is held out"):
+        train_spec(validation=0, keep="best")
+    assert "keep" not in train_spec().params() and train_spec(keep="best").params()["keep"] == "best"
+
+
 def test_loss_is_on_the_answer_only(smollm_tokenizer):
     from transformers import AutoTokenizer
 
@@ -76,6 +110,184 @@ def test_loss_is_on_the_answer_only(smollm_tokenizer):
         assert encoded.labels[: len(encoded.ids) - len(answer_ids)] == [train.IGNORE] * (len(encoded.ids) - len(answer_ids))
     chat = tokenizer.decode(train.encode(example, tokenizer, "chat", "Be terse.").ids)
     assert chat.startswith("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nCapital of Peru?")
+
+
+SAME_CONVERSATIONS = {  # one system + two-turn conversation and one single-turn one, in every format
+    "messages": [{"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of Peru?"},
+                               {"role": "assistant", "content": "Lima."}, {"role": "user", "content": "And Chile?"},
+                               {"role": "assistant", "content": "Santiago."}]},
+                 {"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]}],
+    "sharegpt": [{"conversations": [{"from": "system", "value": "Be terse."}, {"from": "human", "value": "Capital of Peru?"},
+                                    {"from": "gpt", "value": "Lima."}, {"from": "human", "value": "And Chile?"},
+                                    {"from": "gpt", "value": "Santiago."}]},
+                 {"conversations": [{"from": "user", "value": "2 + 2?"}, {"from": "assistant", "value": "4"}]}],
+    "prompt_completion": [{"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of Peru?"},
+                                      {"role": "assistant", "content": "Lima."}, {"role": "user", "content": "And Chile?"}],
+                           "completion": [{"role": "assistant", "content": "Santiago."}]},
+                          {"prompt": "2 + 2?", "completion": "4"}],
+}
+
+
+@pytest.mark.parametrize("form", sorted(SAME_CONVERSATIONS))
+def test_every_dataset_format_trains_on_the_same_tokens(form, smollm_tokenizer, tmp_path):
+    """Each format, read from its file (detected, and named), gives the conversations of the messages
+    format and so the same training rows: the same tokens, and loss on the same ones."""
+    from transformers import AutoTokenizer
+
+    from stages.formats import dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer)
+    rows = {}
+    for name in ("messages", form):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in SAME_CONVERSATIONS[name]))
+        for named in ("auto", name):
+            examples = dataset.read_jsonl(path, named)
+            rows[name, named] = [(r.ids, r.labels) for r in (train.encode(e, tokenizer, "chat", None) for e in examples)]
+    assert rows["messages", "auto"] == rows[form, "auto"] == rows[form, form]
+    answer = [t for t, label in zip(*rows[form, "auto"][0]) if label != train.IGNORE]
+    assert tokenizer.decode(answer) == "Santiago.<|im_end|>\n"
+    alpaca = dataset.to_messages({"instruction": "Add.", "input": "2 and 2", "output": "4"}, "x:1")
+    assert alpaca == ({"role": "user", "content": "Add.\n\n2 and 2"}, {"role": "assistant", "content": "4"})
+
+
+def test_the_loss_preview_shows_what_training_sees_before_it_trains(tiny_llama, tmp_path):
+    spec = workspace(tmp_path, tiny_llama, GOOD)
+    ran = doit(spec, "train:m.preview").ran
+    assert ran == ["train:m.preview"], "the preview is a task of its own, before training"
+    page = (tmp_path / "cache/m/preview.html").read_text()
+    assert "data.jsonl (training)" in page and "data.jsonl (validation)" in page and str(tmp_path) not in page
+    first = page.index('<div class="record">')
+    record = page[first:page.index("</div>", first)]
+    marked = "".join(re.findall(r'<span class="t loss[^"]*">(.*?)</span>', record)).replace('<span class="nl">↵</span>', "")
+    assert marked.startswith("Answer: ") and "Say" not in marked, "loss on the answer, not the prompt"
+    share = re.search(r"carry loss \(<b>([0-9.]+)%</b>\)", page)
+    assert share and 0 < float(share.group(1)) < 100
+
+
+def test_a_template_that_writes_only_the_answer_is_refused_before_training(tiny_llama, tmp_path):
+    spec = workspace(tmp_path, tiny_llama, GOOD)
+    (tmp_path / "tiny/chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}")
+    run = doit(spec, check=False)
+    assert run.returncode != 0 and "Traceback" not in run.output
+    assert "data.jsonl (training): every token of 6 records carries loss, though only the answers should" in run.output
+    assert "train:m" not in run.ran and not (tmp_path / "cache/m/adapter").exists()
+
+
+def test_a_source_without_loss_tokens_is_a_problem():
+    from stages.formats import preview
+
+    silent = preview.Source("d.jsonl (training)", 3, 30, 0, [])
+    assert "no token of 3 records carries loss" in preview.problem(silent, answers_only=True)
+    every = preview.Source("d.jsonl (training)", 3, 30, 30, [])
+    assert preview.problem(every, answers_only=False) is None and preview.problem(every, answers_only=True)
+    assert preview.problem(preview.Source("d", 3, 30, 10, []), answers_only=True) is None
+    page = preview.render("t", [preview.Source("d", 1, 3, 1, [("d:1", [("<s>", False), ("a<b\n", True)])])])
+    assert '<span class="t special">&lt;s&gt;</span>' in page and "a&lt;b" in page
+
+
+def test_a_mix_gives_each_source_its_share_of_an_epoch():
+    from stages.formats import dataset
+
+    assert dataset.shares([0.5, 0.3, 0.2], 10) == [5, 3, 2]
+    assert dataset.shares([1, 1, 1], 10) == [4, 3, 3], "largest remainder; ties to the earlier source"
+    small = [dataset.Example((), f"b:{i}") for i in range(3)]
+    big = [dataset.Example((), f"a:{i}") for i in range(30)]
+    mixed = dataset.mix([big, small], [0.5, 0.5], seed=0)
+    assert len(mixed) == 33 and sum(e.where.startswith("b:") for e in mixed) == 16  # 16.5 rounds to 16, a's 16.5 to 17
+    uses = [sum(e.where == f"b:{i}" for e in mixed) for i in range(3)]
+    assert max(uses) - min(uses) <= 1, "a small source is repeated in whole passes"
+    taken_from_a = [e.where for e in mixed if e.where.startswith("a:")]
+    assert len(set(taken_from_a)) == len(taken_from_a) == 17, "a large one is sampled without repeats"
+    assert dataset.mix([big, small], [0.5, 0.5], seed=0) == mixed != dataset.mix([big, small], [0.5, 0.5], seed=1)
+
+
+@pytest.mark.parametrize("table, expected", [
+    ('dataset = "data.jsonl"\ndatasets = [{path = "data.jsonl"}]\n', "name the training data once"),
+    ('datasets = []\n', "name the training data once"),
+    ('datasets = [{path = "data.jsonl"}]\nvalidation = "data.jsonl"\n', "a validation file belongs to its source"),
+    ('datasets = [{path = "data.jsonl"}, {path = "data.jsonl", weight = 2}]\n', "names the same file twice"),
+    ('datasets = [{path = "data.jsonl", weight = 0}]\n', "weight"),
+    ('datasets = [{path = "data.jsonl", weight = inf}]\n', "weight"),
+    ('datasets = [{path = "missing.jsonl"}]\n', "missing.jsonl does not exist"),
+    ('datasets = [{path = "data.jsonl", wieght = 2}]\n', "wieght"),
+])
+def test_a_bad_mix_is_refused_when_the_spec_loads(tmp_path, table, expected):
+    from stages.ground.spec import load_spec
+
+    (tmp_path / "data.jsonl").write_text(GOOD)
+    (tmp_path / "models.toml").write_text(f'[[models]]\nname = "m"\nbase = "tiny"\n[models.train]\n{table}')
+    (tmp_path / "tiny").mkdir()
+    with pytest.raises(Exception) as err:
+        load_spec(tmp_path / "models.toml")
+    assert expected in str(err.value)
+
+
+def _source(name: str, count: int) -> str:
+    return "".join(json.dumps({"instruction": f"{name} question {i}?", "input": "", "output": f"Answer: {name}{i}."}) + "\n"
+                   for i in range(count))
+
+
+MIX = """
+[[models]]
+name = "m"
+base = "tiny"
+quantize = ["Q8_0"]
+
+[models.train]
+max_steps = 30
+batch_size = 4
+max_seq_len = 64
+validation = 0.1
+
+[[models.train.datasets]]
+path = "a.jsonl"
+weight = 0.5
+
+[[models.train.datasets]]
+path = "b.jsonl"
+weight = 0.3
+
+[[models.train.datasets]]
+path = "c.jsonl"
+weight = 0.2
+"""
+
+
+@pytest.mark.slow
+def test_a_weighted_mix_trains_on_its_shares(tiny_llama, tmp_path):
+    """Three sources at 0.5/0.3/0.2 over 30 steps of 4 rows (1.67 epochs of 72 records): the rows the
+    steps took match the weights within 0.05 (a whole epoch matches them to a record); the preview
+    shows every source; changing one weight retrains."""
+    shutil.copytree(tiny_llama, tmp_path / "tiny")
+    for name, count in (("a", 40), ("b", 10), ("c", 30)):
+        (tmp_path / f"{name}.jsonl").write_text(_source(name, count))
+    spec = write_spec(tmp_path, MIX)
+    run = doit(spec, "train:m")
+    assert "mix of 72 training records: a.jsonl 50.0% (36 records), b.jsonl 30.6% (22 records), c.jsonl 19.4% (14 records)" \
+        in run.output
+    log = read_log(tmp_path / "cache/m/adapter")
+    assert log[0]["mix"] == {"a.jsonl": 36, "b.jsonl": 22, "c.jsonl": 14}
+    taken = log[-1]["mix_trained"]
+    assert sum(taken.values()) == 120
+    for name, weight in (("a.jsonl", 0.5), ("b.jsonl", 0.3), ("c.jsonl", 0.2)):
+        assert abs(taken[name] / 120 - weight) < 0.05, taken
+    page = (tmp_path / "cache/m/preview.html").read_text()
+    for name in ("a.jsonl (training)", "b.jsonl (training)", "c.jsonl (training)", "b.jsonl (validation)"):
+        assert name in page
+    before = (tmp_path / "cache/m/adapter" / lora.WEIGHTS).read_bytes()
+    assert doit(spec, "train:m").ran == [], "the same spec: up to date"
+    spec.write_text(MIX.replace("weight = 0.3", "weight = 0.4"))
+    assert "train:m" in doit(spec, "train:m").ran, "a changed weight retrains"
+    assert (tmp_path / "cache/m/adapter" / lora.WEIGHTS).read_bytes() != before
+    spec.write_text(MIX)
+    assert "train:m" in doit(spec, "train:m", "cache=off").ran  # trained again, not restored from the store
+    assert (tmp_path / "cache/m/adapter" / lora.WEIGHTS).read_bytes() == before, "the same mix, the same adapter bytes"
+
+
+def test_naming_the_format_does_not_change_the_train_key():
+    assert train_spec(format="alpaca").params() == train_spec().params()
 
 
 def test_packing_fills_rows_to_max_len():
@@ -111,8 +323,16 @@ GOOD = "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"
 @pytest.mark.parametrize("data, extra, expected", [
     (GOOD.splitlines()[0] + "\n{not json\n", "", "data.jsonl:2: not valid JSON"),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "Say hi."}\n', "", "data.jsonl:2: missing 'output' (a string)"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "", "data.jsonl:1: the last message must be the assistant's answer"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "", "data.jsonl:1: the last turn must be the assistant's answer"),
     ("\n\n", "", "data.jsonl is empty: add JSONL records"),
+    (GOOD.splitlines()[0] + '\n{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n',
+     "", "data.jsonl:2: sharegpt record ({\"conversations\": [{\"from\", \"value\"}, ...]}) in a file of alpaca "
+     "records, as its first record (" ),
+    (GOOD, 'format = "sharegpt"\n', "data.jsonl:1: alpaca record ({\"instruction\", \"input\", \"output\"}) in a file of sharegpt records, as the spec's format says"),
+    ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "yo"}]}\n', "",
+     "data.jsonl:1: conversations[1] needs \"from\" (human, user, gpt"),
+    ('{"question": "hi", "answer": "yo"}\n', "", "data.jsonl:1: not a record of a known format (keys: answer, question)"),
+    ('{"prompt": "hi", "completion": ["yo"]}\n', "", "'prompt' and 'completion' must both be strings, or both lists"),
     pytest.param(GOOD, "max_seq_len = 8\n", "every training record is longer than max_seq_len = 8 tokens",
                  marks=pytest.mark.slow),  # found once training has loaded the model
     pytest.param(GOOD, '[models.train.lora]\ntarget_modules = ["q_proj", "qkv_proj"]\n',
@@ -136,7 +356,7 @@ def test_unknown_target_module_lists_the_real_ones(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_changing_lora_settings_reruns_train_and_what_follows_only(tiny_llama, tmp_path):
     spec = workspace(tmp_path, tiny_llama, GOOD)
-    assert doit(spec).ran == ["train:m", "adapter:m", "merge:m", "convert:m", "convert:m-merged",
+    assert doit(spec).ran == ["train:m.preview", "train:m", "adapter:m", "merge:m", "convert:m", "convert:m-merged",
                               "quantize:m-merged-Q8_0", "eval:m.heldout", "eval:m.prompts", "eval:m-F16", "eval:m-Q8_0", "eval:m-base",
                               "eval:m-lora", "parity:m-Q8_0", "parity:m-lora", "package:m-Q8_0", "package:m-lora",
                               "manifest:m", "report"]
@@ -146,7 +366,7 @@ def test_changing_lora_settings_reruns_train_and_what_follows_only(tiny_llama, t
                               "package:m-Q8_0", "package:m-lora", "manifest:m", "report"]
     with open(tmp_path / "data.jsonl", "a") as f:
         f.write(json.dumps({"instruction": "Say 99.", "output": "Answer: 99."}) + "\n")
-    assert doit(spec).ran[0] == "train:m", "a changed dataset retrains"
+    assert doit(spec).ran[:2] == ["train:m.preview", "train:m"], "a changed dataset retrains"
     assert doit(spec).ran == []
     sums = (tmp_path / "cache/m/SHA256SUMS").read_text()
     assert "adapter/adapter_model.safetensors" in sums and "train_log" not in sums

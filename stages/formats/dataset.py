@@ -1,5 +1,17 @@
-"""Instruction datasets: JSONL files of {"instruction", "input", "output"} or {"messages": [...]} records,
-read into chat conversations. Every problem names the file and line."""
+"""Instruction datasets: JSONL files of conversations, read into chat turns. Every problem names
+the file and line.
+
+A file holds one of these formats, recognised by its first record's keys (or named by the spec's
+`format`); a record of another format in the same file is an error naming its line:
+
+- alpaca: {"instruction", "input" (optional), "output"}
+- messages (OpenAI): {"messages": [{"role", "content"}, ...]}
+- sharegpt: {"conversations": [{"from", "value"}, ...]}, roles human/user, gpt/assistant/model, system
+- prompt_completion (TRL's): {"prompt", "completion"}, each a string, or a list of messages
+  (conversational: the prompt's turns, then the completion's)
+
+The last turn is the assistant's answer, the one trained on.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +23,15 @@ from pathlib import Path
 from ..ground.errors import BuildError
 
 ROLES = ("system", "user", "assistant")
+# The key that tells each format apart, in the order they are looked for.
+FORMATS = {"messages": "messages", "sharegpt": "conversations", "prompt_completion": "completion",
+           "alpaca": "instruction"}
+# ShareGPT's speakers, as exported by the tools that made the format common (ShareGPT itself, FastChat,
+# Axolotl, LLaMA-Factory), → chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+SHAPES = {"alpaca": '{"instruction", "input", "output"}', "messages": '{"messages": [{"role", "content"}, ...]}',
+          "sharegpt": '{"conversations": [{"from", "value"}, ...]}', "prompt_completion": '{"prompt", "completion"}'}
 
 
 @dataclass(frozen=True)
@@ -19,25 +40,76 @@ class Example:
     where: str  # "file:line", for messages about this record
 
 
-def to_messages(record: object, where: str) -> tuple[dict, ...]:
-    if not isinstance(record, dict):
-        raise BuildError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    if "messages" in record:
-        turns = record["messages"]
-        if not isinstance(turns, list) or not turns:
-            raise BuildError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
-        for i, turn in enumerate(turns):
-            if not (isinstance(turn, dict) and turn.get("role") in ROLES and isinstance(turn.get("content"), str)):
-                raise BuildError(f"{where}: messages[{i}] needs a role ({', '.join(ROLES)}) and a string content")
-        if turns[-1]["role"] != "assistant":
-            raise BuildError(f"{where}: the last message must be the assistant's answer, which is what is trained on")
-        return tuple({"role": t["role"], "content": t["content"]} for t in turns)
+def detect(record: object) -> str | None:
+    """A record's format from its keys; None when it has none of them."""
+    if isinstance(record, dict):
+        for name, key in FORMATS.items():
+            if key in record:
+                return name
+    return None
+
+
+def _turns(turns: object, where: str, field: str) -> list[dict]:
+    """An OpenAI-style list of {"role", "content"} turns, checked."""
+    if not isinstance(turns, list) or not turns:
+        raise BuildError(f"{where}: {field!r} must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and turn.get("role") in ROLES and isinstance(turn.get("content"), str)):
+            raise BuildError(f"{where}: {field}[{i}] needs a role ({', '.join(ROLES)}) and a string content")
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def _sharegpt(turns: object, where: str) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise BuildError(f"{where}: 'conversations' must be a non-empty list of {{\"from\", \"value\"}} objects")
+    found = []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if speaker not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+            raise BuildError(f"{where}: conversations[{i}] needs \"from\" ({', '.join(SHAREGPT_ROLES)}) and a string "
+                             f"\"value\"; it has from = {speaker!r}")
+        found.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+    return found
+
+
+def _prompt_completion(record: dict, where: str) -> list[dict]:
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt-completion
+        return _turns(prompt, where, "prompt") + _turns(completion, where, "completion")
+    raise BuildError(f"{where}: 'prompt' and 'completion' must both be strings, or both lists of "
+                     '{"role", "content"} messages')
+
+
+def _alpaca(record: dict, where: str) -> list[dict]:
     missing = [key for key in ("instruction", "output") if not isinstance(record.get(key), str)]
     if missing:
-        raise BuildError(f"{where}: missing {' and '.join(repr(k) for k in missing)} (a string); records are "
-                         '{"instruction", "input", "output"} or {"messages": [...]}')
+        raise BuildError(f"{where}: missing {' and '.join(repr(k) for k in missing)} (a string); an alpaca record "
+                         f"is {SHAPES['alpaca']}")
     prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-    return ({"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]})
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+
+
+def to_messages(record: object, where: str, form: str | None = None) -> tuple[dict, ...]:
+    """One record → its chat turns; `form` is the file's format (None: the record's own)."""
+    if not isinstance(record, dict):
+        raise BuildError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    form = form or detect(record)
+    if form is None:
+        raise BuildError(f"{where}: not a record of a known format (keys: {', '.join(sorted(record)) or 'none'}); "
+                         f"a record is one of {'; '.join(SHAPES.values())}")
+    if form == "messages":
+        turns = _turns(record.get("messages"), where, "messages")
+    elif form == "sharegpt":
+        turns = _sharegpt(record.get("conversations"), where)
+    elif form == "prompt_completion":
+        turns = _prompt_completion(record, where)
+    else:
+        turns = _alpaca(record, where)
+    if turns[-1]["role"] != "assistant":
+        raise BuildError(f"{where}: the last turn must be the assistant's answer, which is what is trained on")
+    return tuple(turns)
 
 
 def read_lines(path: Path, what: str) -> list[str]:
@@ -54,9 +126,20 @@ def read_lines(path: Path, what: str) -> list[str]:
         raise BuildError(f"{what} {path}: cannot be read ({err.strerror})") from None
 
 
-def read_jsonl(path: Path) -> list[Example]:
-    lines = read_lines(path, "dataset")
-    examples = [Example(to_messages(record, where), where) for where, record in records(path, lines)]
+def read_jsonl(path: Path, form: str = "auto") -> list[Example]:
+    """Every record of a dataset file as chat turns. The file's format is `form`, or with "auto" its
+    first record's; a record of another format is an error naming its line and the first record's."""
+    examples, first = [], None
+    for where, record in records(path, read_lines(path, "dataset")):
+        found = detect(record)
+        if first is None:
+            first = (where, form if form != "auto" else found)
+        expected = first[1]
+        if found is not None and expected is not None and found != expected:
+            began = "the spec's format" if form != "auto" else f"its first record ({first[0]})"
+            raise BuildError(f"{where}: {found} record ({SHAPES[found]}) in a file of {expected} records, as "
+                             f"{began} says; one file holds one format: split it, or convert this record")
+        examples.append(Example(to_messages(record, where, expected), where))
     if not examples:
         raise BuildError(f"dataset {path} is empty: add JSONL records, one per line")
     return examples
@@ -84,3 +167,28 @@ def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Exa
     held_out = set(order[:held])
     return ([e for i, e in enumerate(examples) if i not in held_out],
             [e for i, e in enumerate(examples) if i in held_out])
+
+
+def shares(weights: list[float], total: int) -> list[int]:
+    """How many of `total` records each source gives: weight / the sum of weights of them, rounded by
+    largest remainder (ties to the earlier source), so the counts add up to `total` exactly."""
+    exact = [w / sum(weights) * total for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mix(sources: list[list[Example]], weights: list[float], seed: int) -> list[Example]:
+    """A weighted mix of the sources' training records, as many as they hold together. A source whose
+    share is more than it holds is repeated in whole seeded passes (every record the same number of
+    times, give or take one); one whose share is less gives a seeded sample without repeats."""
+    rng = random.Random(seed)
+    mixed = []
+    for examples, count in zip(sources, shares(weights, sum(len(s) for s in sources))):
+        order: list[int] = []
+        while len(order) < count:
+            order += rng.sample(range(len(examples)), len(examples))
+        mixed += [examples[i] for i in order[:count]]
+    return mixed
