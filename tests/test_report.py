@@ -93,7 +93,8 @@ def test_mermaid_flowchart_is_the_doit_graph_and_renders_with_mermaid(built, tmp
     source = re.search(r"```mermaid\n(.*?)\n```", (built / "REPORT.md").read_text(), re.S).group(1)
     labels = dict(re.findall(r'^  (t\d+)\["([^"]+)"\]$', source, re.M))
     edges = {(labels[a], labels[b]) for a, b in re.findall(r"^  (t\d+) --> (t\d+)$", source, re.M)}
-    for edge in [("import:smollm2-demo", "train:smollm2-demo"), ("train:smollm2-demo", "adapter:smollm2-demo"),
+    for edge in [("import:smollm2-demo", "train:smollm2-demo.preview"), ("train:smollm2-demo.preview", "train:smollm2-demo"),
+                 ("train:smollm2-demo", "adapter:smollm2-demo"),
                  ("train:smollm2-demo", "merge:smollm2-demo"), ("merge:smollm2-demo", "convert:smollm2-demo-merged"),
                  ("convert:smollm2-demo-merged", "quantize:smollm2-demo-merged.imatrix"),
                  ("quantize:smollm2-demo-merged.imatrix", "quantize:smollm2-demo-merged-Q4_K_M"),
