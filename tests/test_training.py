@@ -230,7 +230,7 @@ def test_a_killed_build_resumes_to_the_same_adapter_bytes(tiny_llama, tmp_path):
     assert not (tmp_path / "whole/cache/m/adapter.work").exists(), "checkpoints are removed when the stage completes"
     trials = random.Random(14)
     continued = 0
-    for trial in range(3):  # and two more with keep = "best" below
+    for trial in range(3):  # and one more with keep = "best" below
         folder = tmp_path / f"killed-{trial}"
         spec = workspace(folder, tiny_llama, checkpoint_every=3, max_steps=80)
         kill_during_training(spec, folder, trials.uniform(0, 2.0))  # the 80 steps take about 4 s
@@ -252,15 +252,12 @@ def test_a_killed_run_that_keeps_its_best_resumes_to_the_same_adapter(tiny_llama
     last = json.loads((tmp_path / "whole/cache/m/adapter/train_log.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 80 and last["kept_step"] < 80, "a best before the end, so it must travel"
     trials = random.Random(15)
-    continued = 0
-    for trial in range(2):
-        folder = tmp_path / f"killed-{trial}"
-        spec = workspace(folder, tiny_llama, **options)
-        kill_during_training(spec, folder, trials.uniform(1.0, 2.5))
-        output = build(spec, "train").stdout
-        continued += "continuing from the checkpoint at step" in output
-        assert adapter_bytes(folder) == expected, f"trial {trial}: the resumed run kept another adapter"
-    assert continued >= 1, "none of 2 kills landed after a checkpoint"
+    folder = tmp_path / "killed"
+    spec = workspace(folder, tiny_llama, **options)
+    kill_during_training(spec, folder, trials.uniform(1.0, 2.5))
+    output = build(spec, "train").stdout
+    assert "continuing from the checkpoint at step" in output, "the kill landed after a checkpoint"
+    assert adapter_bytes(folder) == expected, "the resumed run kept another adapter"
 
 
 @pytest.mark.slow
