@@ -15,11 +15,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import package
 from .formats.metrics import FIGURES, figure
 from .ground import runlog
 from .ground.atomic import atomic_file
 from .ground.errors import BuildError
 from .ground.spec import SELECT_METRICS, ModelSpec, SelectSpec, Spec
+from .ground.task import ModelBuild
 
 TRAIN_COLUMNS = ("train_loss", "val_loss")
 
@@ -57,21 +59,15 @@ def rows(spec: Spec, models: list[ModelSpec]) -> list[Row]:
     failures = runlog.read_failures(spec.cache)
     found = []
     for model in models:
-        root = spec.cache / model.name
-        cells = last_losses(root / "adapter" / "train_log.jsonl")
-        for release in released(model):
-            path = root / "eval" / f"{release}.json"
+        build = ModelBuild.of(spec, model)
+        cells = last_losses(build.paths.root / "adapter" / "train_log.jsonl")
+        for release in (r.variant for r in package.releases(build)):  # each quant type, and the lora route
+            path = build.paths.eval(release)
             result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
             cells |= {f"{release}.{column}": figure(result, column) for column in FIGURES}
         failed = [error for task, error in failures.items() if _task_of(task, model.name)]
         found.append(Row(model.name, model.varied, cells, failed[0] if failed else None))
     return found
-
-
-def released(model: ModelSpec) -> list[str]:
-    """What a variant ships, as package.releases names it: each quant type (or the converted GGUF),
-    and with a LoRA the adapter route."""
-    return [*(model.quantize or [model.outtype.upper()]), *(["lora"] if model.has_adapter else [])]
 
 
 def _task_of(task: str, model: str) -> bool:

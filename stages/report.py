@@ -431,7 +431,7 @@ def speed_words(results: list[dict]) -> str:
 
 
 def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
-    results = [_read_json(model.results.get(v, model.root / "eval" / f"{v}.json")) for v in model.variants]
+    results = [_read_json(model.results[v]) for v in model.variants]
     by_variant = {r["variant"]: r for r in results}
     speed = results[0]["speed"]
     blocks: list[Block] = [Heading(2, model.name), Heading(3, "Quality and speed of every GGUF")]

@@ -148,21 +148,10 @@ def batch_order(count: int, size: int, rng: random.Random | None) -> list[list[i
     return [order[k:k + size] for k in range(0, count, size)]
 
 
-def rows_trained(count: int, size: int, seed: int, batches_taken: int) -> list[int]:
-    """The row numbers the training loop takes in `batches_taken` batches (it draws the same seeded
-    passes as `_fit`, however often the run was resumed)."""
-    rng, pending, taken = random.Random(seed), [], []
-    for _ in range(batches_taken):
-        if not pending:
-            pending = batch_order(count, size, rng)
-        taken += pending.pop(0)
-    return taken
-
-
 def mix_words(counts: dict[str, int]) -> str:
     """A mix as the train stage prints it: each file's name, share and records."""
     total = sum(counts.values())
-    return ", ".join(f"{Path(path).name} {n / total:.1%} ({n} records)" for path, n in counts.items())
+    return ", ".join(f"{name} {n / total:.1%} ({n} records)" for name, n in counts.items())
 
 
 def batches(rows: list[Encoded], size: int, rng: random.Random | None) -> list[list[Encoded]]:
@@ -290,14 +279,9 @@ def split_examples(spec: TrainSpec) -> tuple[list[datasets.Example], list[datase
     return mixed, [e for _, held_out in parts for e in held_out]
 
 
-def _mix_of(spec: TrainSpec) -> dict[str, int]:
-    """The training mix: each source's file → how many of its records an epoch holds."""
-    return dict(collections.Counter(source_of(e) for e in split_examples(spec)[0]))
-
-
-def _rows(spec: TrainSpec, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
-    """Training and validation rows, tokenized, masked and (optionally) packed."""
-    train_examples, val_examples = split_examples(spec)
+def _rows(spec: TrainSpec, tokenizer, split: tuple[list, list]) -> tuple[list[Encoded], list[Encoded]]:
+    """Training and validation rows of `split_examples`' records, tokenized, masked and (optionally) packed."""
+    train_examples, val_examples = split
     train_rows = make_rows(_encode_all(train_examples, tokenizer, spec, "training"), spec.max_seq_len, spec.packing)
     val_rows = make_rows(_encode_all(val_examples, tokenizer, spec, "validation"),
                          spec.max_seq_len, spec.packing) if val_examples else []
@@ -410,6 +394,20 @@ class Progress:
     best: dict | None = None  # the lowest validation loss so far: step, val_loss, evaluations since, weights (main)
 
 
+def next_batch(progress: Progress, count: int, size: int) -> list[int]:
+    """The next batch's row numbers: from the current seeded pass over `count` rows, or a new one."""
+    if not progress.pending:
+        progress.pending = batch_order(count, size, progress.data_order)
+    return progress.pending.pop(0)
+
+
+def rows_trained(count: int, size: int, seed: int, batches_taken: int) -> list[int]:
+    """The row numbers the training loop took in `batches_taken` batches: the same draws from the same
+    seed as `_fit`, however often the run was resumed."""
+    replay = Progress(0, random.Random(seed), [], [])
+    return [row for _ in range(batches_taken) for row in next_batch(replay, count, size)]
+
+
 def _snapshot(model, optimizer, scheduler, progress: Progress, ranks: Ranks) -> dict | None:
     """The checkpoint's content, on the main process (None elsewhere); every process's RNG is in it."""
     import torch
@@ -484,9 +482,7 @@ def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, 
     for step in progress_bar:
         started, tokens, loss_sum = time.perf_counter(), 0, 0.0
         for _ in range(spec.grad_accum):
-            if not progress.pending:
-                progress.pending = batch_order(len(train_rows), spec.batch_size, progress.data_order)
-            batch, weight = split_batch(progress.pending.pop(0), ranks)
+            batch, weight = split_batch(next_batch(progress, len(train_rows), spec.batch_size), ranks)
             tensors = {k: v.to(device) for k, v in collate([train_rows[i] for i in batch], pad_id).items()}
             loss = model(**tensors).loss * (weight / spec.grad_accum)
             loss.backward()  # DDP and FSDP exchange the gradients inside backward
@@ -563,7 +559,8 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
         torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_rows, val_rows = _rows(spec, tokenizer)
+    split = split_examples(spec)
+    train_rows, val_rows = _rows(spec, tokenizer, split)
     checkpointing, needed = check_memory(base_dir, spec, device, dtype, longest(train_rows, val_rows), limit)
     device = ranks.device if ranks.distributed else device
     torch.manual_seed(spec.seed)
@@ -587,13 +584,14 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
               f"{', resuming from the previous adapter' if resumed else ''}"
               f"{f', continuing from the checkpoint at step {progress.step}' if saved else ''}\n"
               f"  memory estimate {memory.describe(needed)}")
-    mix = _mix_of(spec) if len(spec.sources) > 1 else None
+    # The training mix: each source's file name → how many of its records an epoch holds.
+    mix = dict(collections.Counter(Path(source_of(e)).name for e in split[0])) if len(spec.sources) > 1 else None
     if mix and ranks.main:
         print(f"  mix of {sum(mix.values())} training records: {mix_words(mix)}")
     if not saved:  # step 0: where the run starts, and what it was estimated to need
         start = {"step": 0, "estimated_memory_mb": round(needed.total / 2**20, 1)}
         if mix:
-            start["mix"] = {Path(path).name: n for path, n in mix.items()}
+            start["mix"] = mix
         if val_rows:
             start["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device, ranks), 6)
         progress.log.append(start)
@@ -609,7 +607,7 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
     if mix and not spec.packing:  # what the steps took of each source (a packed row mixes them)
         taken = collections.Counter(Path(train_rows[i].source).name
                                     for i in rows_trained(len(train_rows), spec.batch_size, spec.seed, progress.step * spec.grad_accum))
-        log[-1]["mix_trained"] = {Path(path).name: taken[Path(path).name] for path in mix}
+        log[-1]["mix_trained"] = {name: taken[name] for name in mix}
     trained = ranks.trained_state(model) if ranks.distributed else None  # every process takes part
     best = progress.best
     if spec.keep == "best" and best and best["step"] != log[-1]["step"]:
@@ -684,7 +682,7 @@ def _run_ranks(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, 
                          f"set processes = {gpus} or fewer")
     # Refuse before launching, and decide for every rank: ranks measuring free memory themselves,
     # while the others load, could each decide differently.
-    rows = _rows(spec, AutoTokenizer.from_pretrained(base_dir))
+    rows = _rows(spec, AutoTokenizer.from_pretrained(base_dir), split_examples(spec))
     limit = memory_limit(spec, device)
     checkpointing, _ = check_memory(base_dir, spec, device, pick_dtype(spec.dtype, device), longest(*rows), limit)
     decided = spec.model_copy(update={"gradient_checkpointing": checkpointing})

@@ -217,10 +217,9 @@ def test_a_bad_mix_is_refused_when_the_spec_loads(tmp_path, table, expected):
     from stages.ground.spec import load_spec
 
     (tmp_path / "data.jsonl").write_text(GOOD)
-    (tmp_path / "models.toml").write_text(f'[[models]]\nname = "m"\nbase = "tiny"\n[models.train]\n{table}')
     (tmp_path / "tiny").mkdir()
     with pytest.raises(Exception) as err:
-        load_spec(tmp_path / "models.toml")
+        load_spec(write_spec(tmp_path, f'[[models]]\nname = "m"\nbase = "tiny"\n[models.train]\n{table}'))
     assert expected in str(err.value)
 
 
