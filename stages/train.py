@@ -359,7 +359,10 @@ def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device, dtype, c
         for weight_name, weight in model.named_parameters():  # refused here, not as a NaN loss at step 1
             hf.refuse_non_finite(weight.detach(), weight_name, base_dir, "use an intact copy of the base model")
         if checkpointing:  # recompute each layer in backward instead of keeping its activations
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # earlier releases (5.17 ran the GPU rows of bench/train_scale.py)
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = lora_targets(spec, linear_module_names(model), is_moe(model), base_dir)
     if spec.resume and (out_dir / lora.WEIGHTS).is_file():
         return PeftModel.from_pretrained(model, out_dir, is_trainable=True), True

@@ -55,8 +55,13 @@ def estimate(shape: Shape, *, weight_bytes: int, batch: int, seq_len: int, check
     if processes > 1:  # each process takes its share of every batch
         batch = -(-batch // processes)
     tokens = batch * seq_len
+    activation_bytes = weight_bytes
     if qlora:
-        weights = int(shape.linear_params * NF4_BYTES + (shape.params - shape.linear_params) * weight_bytes)
+        # PEFT's prepare_model_for_kbit_training makes every parameter not stored in 4 bits float32
+        # (embeddings, norms, lm_head), and so the residual stream they feed: measured on an H200,
+        # a Llama-7B shape peaked at 16.2 GB where bf16 counts for both gave 12.1 (BENCHMARKS.md).
+        weights = int(shape.linear_params * NF4_BYTES + (shape.params - shape.linear_params) * 4)
+        activation_bytes = 4
     else:
         weights = shape.params * weight_bytes
     state_bytes = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}[optimizer]  # per trained parameter, in float32 or 8 bits
@@ -64,8 +69,8 @@ def estimate(shape: Shape, *, weight_bytes: int, batch: int, seq_len: int, check
     # What a decoder layer keeps for backward, per token: the norms' inputs, float32 copies and
     # outputs, q, k, v and their rotated copies, the attention output, and the gated MLP's
     # intermediate tensors. Calibrated on SmolLM2-135M against the measured peak (BENCHMARKS.md).
-    per_layer = tokens * (12 * shape.hidden + 4 * shape.kv_width + 6 * shape.intermediate) * weight_bytes
-    layer_input = tokens * shape.hidden * weight_bytes
+    per_layer = tokens * (12 * shape.hidden + 4 * shape.kv_width + 6 * shape.intermediate) * activation_bytes
+    layer_input = tokens * shape.hidden * activation_bytes
     activations = shape.layers * layer_input + per_layer if checkpointing else shape.layers * per_layer
     # The logits in the model's dtype, their float32 copy for the loss, and that copy's gradient.
     logits = tokens * shape.vocab * (weight_bytes + 8)
