@@ -99,6 +99,11 @@ def task_manifest():
     yield from TASKS["manifest"]
 
 
+def task_track():
+    """report_to = ["mlflow"]: the build's record in MLflow (parameters, losses, eval figures, digests)"""
+    yield from TASKS["track"]
+
+
 def task_report():
     """REPORT.md + report.html: what each variant costs, the fine-tune's effect, build times, the graph"""
     return TASKS["report"][0]

@@ -22,7 +22,7 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from . import (__version__, adapter, convert, evaluate, experiments, import_, manifest, merge, package, parity,
-               quantize, serve, train)
+               quantize, serve, track, train)
 from .ground import llamacpp, lock, registry, runlog
 from .ground.cache import ActionCache, ActionKey, Recipe
 from .ground.errors import BuildError
@@ -38,10 +38,11 @@ from .manifest import Producer
 # The lifecycle, in order: each module declares its tasks (`tasks(build)`), its `REVISION` (bumped
 # when its code changes the bytes it writes) and the `TOOLS` whose versions shape those bytes.
 STAGE_MODULES = {"import": import_, "train": train, "adapter": adapter, "merge": merge, "convert": convert,
-                 "quantize": quantize, "eval": evaluate, "parity": parity, "package": package}
+                 "quantize": quantize, "eval": evaluate, "parity": parity, "package": package, "track": track}
 # What `doit` builds; push, pull and verify run only when named. `select` chooses among a matrix's
-# variants (stages.experiments) before the chosen one is packaged.
-STAGES = (*[s for s in STAGE_MODULES if s != "package"], "select", "package", "manifest")
+# variants (stages.experiments) before the chosen one is packaged; `track` records the build in
+# MLflow after its manifest.
+STAGES = (*[s for s in STAGE_MODULES if s not in ("package", "track")], "select", "package", "manifest", "track")
 MANIFEST_REVISION = 1
 
 

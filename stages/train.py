@@ -39,7 +39,7 @@ from .ground.progress import bar, quiet_library_bars
 from .ground.spec import TrainSpec
 from .ground.task import ModelBuild, Task
 from .ground.units import parse_size
-from .training import checkpoint, distributed, memory
+from .training import checkpoint, distributed, memory, tracking
 from .training.targets import is_moe, linear_module_names, lora_targets
 from .training.distributed import Ranks
 
@@ -473,7 +473,8 @@ def diverged(name: str, step: int, steps: int, loss: float, learning_rate: float
 
 
 def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, spec: TrainSpec, steps: int,
-         pad_id: int, device, name: str, ranks: Ranks, checkpoints: Path | None) -> list[dict]:
+         pad_id: int, device, name: str, ranks: Ranks, checkpoints: Path | None,
+         events: tracking.EventWriter) -> list[dict]:
     """The training loop from `progress` on; returns the log, one row per step plus the validation losses."""
     batches_per_epoch = math.ceil(len(train_rows) / spec.batch_size)
     cadence = checkpoint.Cadence(spec.checkpoint_every if checkpoints else 0)
@@ -507,6 +508,7 @@ def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, 
         if val_rows and (step % spec.eval_every == 0 or step == steps):
             row["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device, ranks), 6)
         log.append(row)
+        events.write(row)
         stop = False
         if "val_loss" in row and (spec.early_stopping_patience or spec.keep == "best"):
             progress.best, improved = track_best(progress.best, step, row["val_loss"])
@@ -549,9 +551,11 @@ def _save(model, base_dir: Path, out_dir: Path, model_name: str, log: list[dict]
 
 
 def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int,
-          checkpoints: Path | None, ranks: Ranks, limit: tuple[int, str] | None = None) -> dict[str, str]:
+          checkpoints: Path | None, ranks: Ranks, limit: tuple[int, str] | None = None,
+          events: Path | None = None) -> dict[str, str]:
     """One process's part of a run (all of it when there is one): train, and save on the main process.
-    `limit`: the memory the launching process measured, so that every rank decides as it did."""
+    `limit`: the memory the launching process measured, so that every rank decides as it did.
+    `events`: TensorBoard's folder for this run (report_to), written by the main process."""
     import torch
     from transformers import AutoTokenizer, get_scheduler
 
@@ -591,6 +595,7 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
     mix = dict(collections.Counter(Path(source_of(e)).name for e in split[0])) if len(spec.sources) > 1 else None
     if mix and ranks.main:
         print(f"  mix of {sum(mix.values())} training records: {mix_words(mix)}")
+    event_writer = tracking.EventWriter(events if ranks.main else None)
     if not saved:  # step 0: where the run starts, and what it was estimated to need
         start = {"step": 0, "estimated_memory_mb": round(needed.total / 2**20, 1)}
         if mix:
@@ -598,8 +603,12 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
         if val_rows:
             start["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device, ranks), 6)
         progress.log.append(start)
-    log = _fit(model, optimizer, scheduler, progress, train_rows, val_rows, spec, steps, pad_id, device, model_name,
-               ranks, checkpoints)
+        event_writer.write(start)
+    try:
+        log = _fit(model, optimizer, scheduler, progress, train_rows, val_rows, spec, steps, pad_id, device,
+                   model_name, ranks, checkpoints, event_writer)
+    finally:
+        event_writer.close()
     facts = {"device": device.split(":")[0], "dtype": str(dtype).removeprefix("torch.")}
     if device == "cpu":  # the SIMD kernels torch picked and how many threads split the sums shape the floats
         facts |= {"cpu_kernels": torch.backends.cpu.get_cpu_capability(), "threads": str(torch.get_num_threads())}
@@ -646,7 +655,8 @@ def run_key(spec: TrainSpec, inputs: list[Path], threads: int) -> str:
 
 
 def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int = 0,
-        work: Path | None = None, inputs: list[Path] = (), slots: tuple[Path, int] | None = None) -> dict[str, str]:
+        work: Path | None = None, inputs: list[Path] = (), slots: tuple[Path, int] | None = None,
+        events: Path | None = None) -> dict[str, str]:
     """Train and save the adapter; returns the platform facts that shaped its bytes, for the lock.
 
     With a work folder, checkpoints go under work/checkpoints (keyed by the run's inputs) and a
@@ -654,7 +664,7 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
     (folder, count): at most count trainings of this cache run at once (`[build] max_parallel_train`)."""
     if slots:
         with buildlock.slot(*slots, "train"):
-            return run(base_dir, out_dir, spec, model_name, threads, work, inputs)
+            return run(base_dir, out_dir, spec, model_name, threads, work, inputs, events=events)
     out_dir = Path(out_dir)
     if spec.processes > 1:  # the cores are shared between the processes
         threads = max(1, (threads or available_cores()) // spec.processes)
@@ -663,18 +673,18 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
         key = run_key(spec, inputs, threads or available_cores())
         checkpoints = checkpoint.folder_for(work / "checkpoints", key)
     if spec.processes == 1:
-        facts = train(base_dir, out_dir, spec, model_name, threads, checkpoints, Ranks())
+        facts = train(base_dir, out_dir, spec, model_name, threads, checkpoints, Ranks(), events=events)
     elif work is None:
         raise BuildError("training with processes > 1 needs a work folder for its job")
     else:
-        facts = _run_ranks(base_dir, out_dir, spec, model_name, threads, checkpoints, work)
+        facts = _run_ranks(base_dir, out_dir, spec, model_name, threads, checkpoints, work, events)
     if work:
         shutil.rmtree(work, ignore_errors=True)
     return facts
 
 
 def _run_ranks(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int, checkpoints: Path | None,
-               work: Path) -> dict[str, str]:
+               work: Path, events: Path | None) -> dict[str, str]:
     """processes > 1: check what can be checked here, launch the ranks, and move their adapter into place."""
     from transformers import AutoTokenizer
 
@@ -690,7 +700,8 @@ def _run_ranks(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, 
     checkpointing, _ = check_memory(base_dir, spec, device, pick_dtype(spec.dtype, device), longest(*rows), limit)
     decided = spec.model_copy(update={"gradient_checkpointing": checkpointing})
     job = {"base_dir": str(base_dir), "spec": decided.model_dump(mode="json"), "model_name": model_name,
-           "threads": threads, "checkpoints": str(checkpoints), "resume_from": str(out_dir), "limit": list(limit)}
+           "threads": threads, "checkpoints": str(checkpoints), "resume_from": str(out_dir), "limit": list(limit),
+           "events": str(events) if events else None}
     folder = distributed.launch(job, work, spec.processes, threads)
     with atomic_dir(out_dir) as tmp:  # the ranks' finished adapter takes the empty temp folder's place
         tmp.rmdir()
@@ -709,7 +720,7 @@ def _rank_main(job_path: str) -> None:
         shutil.copytree(job["resume_from"], adapter, dirs_exist_ok=True)  # the previous adapter, to start from
     ranks.barrier()
     facts = train(Path(job["base_dir"]), adapter, spec, job["model_name"], job["threads"],
-                  Path(job["checkpoints"]), ranks, tuple(job["limit"]))
+                  Path(job["checkpoints"]), ranks, tuple(job["limit"]), Path(job["events"]) if job["events"] else None)
     if ranks.main:
         (folder / distributed.FACTS).write_text(json.dumps(facts), encoding="utf-8")
     ranks.leave()
@@ -732,7 +743,8 @@ def tasks(build: ModelBuild) -> list[Task]:
     return [look, Task(model.name, "LoRA fine-tune (PyTorch + PEFT)", run,
                  {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,
                   "threads": build.spec.threads, "work": paths.train_work, "inputs": inputs,
-                  "slots": (build.spec.cache / ".locks", build.spec.build.max_parallel_train)},
+                  "slots": (build.spec.cache / ".locks", build.spec.build.max_parallel_train),
+                  "events": paths.events if "tensorboard" in model.train.report_to else None},
                  model.train.params(), inputs=inputs,
                  outputs=paths.adapter_files(), clean=[paths.adapter], scratch=[paths.train_work],
                  cacheable=not model.train.resume,  # a resumed adapter depends on the one before it

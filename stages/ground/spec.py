@@ -145,6 +145,10 @@ class DataSource(Strict):
         return {"weight": self.weight, "validation": validation}
 
 
+# What each report_to tracker imports: the optional extras of pyproject.toml.
+TRACKERS = {"tensorboard": ("tensorboard",), "mlflow": ("mlflow", "sqlalchemy")}
+
+
 class TrainSpec(Strict):
     dataset: Path | None = None  # JSONL of conversations: alpaca, OpenAI messages, ShareGPT or prompt-completion records
     datasets: list[DataSource] = Field(default_factory=list)  # or several, mixed by weight
@@ -182,6 +186,21 @@ class TrainSpec(Strict):
     checkpoint_every: int | str = "10min"
     processes: int = Field(default=1, ge=1)  # >1: DDP over that many processes (torchrun's agent, torch.distributed)
     fsdp: bool = False  # shard the weights over the processes instead of copying them (FSDP2)
+    # Experiment tracking (optional extras): TensorBoard event files as the run trains, an MLflow run
+    # once the build is done. Neither changes the task's key or the adapter's bytes.
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value):
+        import importlib.util
+
+        for tracker, modules in TRACKERS.items():
+            missing = [m for m in modules if importlib.util.find_spec(m) is None]
+            if tracker in value and missing:
+                raise ValueError(f"report_to = [\"{tracker}\"] needs {' and '.join(missing)}, which is not "
+                                 f"installed: pip install -e '.[{tracker}]' (or take \"{tracker}\" out of report_to)")
+        return list(dict.fromkeys(value))
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -272,7 +291,7 @@ class TrainSpec(Strict):
         """What shapes the adapter besides the data files themselves (their bytes are inputs)."""
         # Checkpoints and the memory limit change when the work is saved or refused, never its result.
         params = self.model_dump(mode="json", exclude={"dataset", "datasets", "validation", "resume", "max_memory",
-                                                       "checkpoint_every", "format"})
+                                                       "checkpoint_every", "format", "report_to"})
         if self.datasets:  # a single dataset's params stay as they were before mixes
             params["datasets"] = [s.params() for s in self.sources]
         for key, default in (("early_stopping_patience", 0), ("keep", "last")):  # so they did before these were added

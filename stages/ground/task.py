@@ -74,6 +74,17 @@ class ModelPaths:
         return self.data / "imatrix" / "calibration.txt"
 
     @property
+    def events(self) -> Path:
+        """TensorBoard's event files of this model's training runs (report_to): one folder per model
+        under cache/tensorboard, so that `tensorboard --logdir cache/tensorboard` shows them side by side."""
+        return self.root.parent / "tensorboard" / self.root.name
+
+    @property
+    def mlflow_run(self) -> Path:
+        """Which MLflow run the track stage recorded this build in (report_to)."""
+        return self.root / "mlflow-run.json"
+
+    @property
     def train_work(self) -> Path:
         """The train stage's checkpoints and job files while it runs; removed when it completes."""
         return self.root / "adapter.work"
