@@ -93,7 +93,7 @@ def conversations(eval_spec: EvalSpec, train: TrainSpec | None) -> list[tuple[tu
     from .train import split_examples
 
     _, held_out = split_examples(train)
-    return [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out]
+    return [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out if not e.is_text]  # raw text asks nothing
 
 
 def write_prompts(eval_spec: EvalSpec, train: TrainSpec | None, base_dir: Path, out_path: Path) -> None:

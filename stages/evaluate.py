@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import accuracy
-from .formats import ggufheader
+from .formats import dataset, ggufheader
 from .ground import llamacpp
 from .ground.atomic import atomic_file
 from .ground.device import available_cores
@@ -434,14 +434,16 @@ def check_gate(result_path: Path, variant: str, gate: GateSpec) -> None:
 # ---- the held-out conversations ----
 
 def heldout_records(train: TrainSpec, base_dir: Path) -> list[dict]:
-    """The validation records as the train stage writes them (chat template, system prompt)."""
+    """The validation records as the train stage writes them (chat template, system prompt); a raw-text
+    record is all answer, as all of it is trained on."""
     from transformers import AutoTokenizer
 
     from .train import prompt_and_answer, split_examples
 
     _, held_out = split_examples(train)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    return [dict(zip(("prompt", "answer"), prompt_and_answer(e.messages, tokenizer, train.template, train.system)))
+    return [{"prompt": "", "answer": e.text} if e.is_text else
+            dict(zip(("prompt", "answer"), prompt_and_answer(e.messages, tokenizer, train.template, train.system)))
             for e in held_out]
 
 
@@ -467,6 +469,14 @@ def eval_text(build: ModelBuild) -> tuple[Path | None, str | None]:
     return None, None
 
 
+def answers_prompts(build: ModelBuild) -> bool:
+    """Whether eval answers prompts: a prompts file, or held-out conversations (raw text has none)."""
+    model = build.model
+    if not model.eval.answers_prompts(model.train) or isinstance(model.eval.prompts, Path):
+        return model.eval.answers_prompts(model.train)
+    return any(dataset.file_format(s.path, s.format) != "text" for s in model.train.sources if s.validation)
+
+
 def task_name(build: ModelBuild, variant: str) -> str:
     # The base's eval is its matrix's where the variants share their data (ModelPaths.data).
     return f"{build.paths.data_name if variant == 'base' else build.model.name}-{variant}"
@@ -486,7 +496,7 @@ def tasks(build: ModelBuild) -> list[Task]:
             model.train.split_params(),
             inputs=paths.base_files() + model.train.data_files, outputs=[text], artifact=False))
 
-    prompts = paths.prompts if model.eval.answers_prompts(model.train) else None
+    prompts = paths.prompts if answers_prompts(build) else None
     if isinstance(model.eval.prompts, Path):
         accuracy.read_prompts_file(model.eval.prompts)  # a bad record fails `doit` before training, not after it
     if prompts:

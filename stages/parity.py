@@ -130,7 +130,7 @@ def _held_out(train: TrainSpec | None) -> list[tuple[tuple[dict, ...], str]]:
     from .train import split_examples
 
     _, held_out = split_examples(train)
-    return [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out]
+    return [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out if not e.is_text]
 
 
 def run(*, release: Release, train: TrainSpec | None, base_dir: Path, modelfile_system: str | None,
@@ -250,7 +250,7 @@ def tasks(build: ModelBuild) -> list[Task]:
     """parity:<model>-<variant> for every release; its package waits for it."""
     model, paths = build.model, build.paths
     found = []
-    answers = model.eval.answers_prompts(model.train)
+    answers = evaluate.answers_prompts(build)
     for release in package.releases(build):
         out = paths.root / "parity" / f"{release.variant}.json"
         eval_result = paths.eval(release.variant) if answers else None

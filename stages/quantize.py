@@ -65,8 +65,8 @@ def calibration_text(train: TrainSpec, base_dir: Path) -> str:
 
     training, _ = split_examples(train)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    return "".join("".join(prompt_and_answer(e.messages, tokenizer, train.template, train.system)) + "\n"
-                   for e in training)
+    return "".join((e.text if e.is_text else "".join(prompt_and_answer(e.messages, tokenizer, train.template,
+                                                                          train.system))) + "\n" for e in training)
 
 
 def write_calibration(train: TrainSpec, base_dir: Path, out_path: Path) -> None:

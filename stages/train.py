@@ -109,6 +109,11 @@ def prompt_and_answer(messages: tuple[dict, ...], tokenizer, template: str, syst
 
 
 def encode(example: datasets.Example, tokenizer, template: str, system: str | None) -> Encoded:
+    if example.is_text:  # continued pretraining: BOS where the model has one, the text, EOS; loss on all of it
+        adds_bos = tokenizer.bos_token_id is not None and _adds_bos(tokenizer.name_or_path, tokenizer)
+        bos = [tokenizer.bos_token_id] if adds_bos else []
+        ids = bos + tokenizer(example.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return Encoded(ids, list(ids), source_of(example))
     prompt, answer = prompt_and_answer(example.messages, tokenizer, template, system)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
@@ -175,6 +180,7 @@ def share(items: list, ranks: Ranks) -> list[tuple]:
 
 
 def _encode_all(examples, tokenizer, spec: TrainSpec, what: str) -> list[Encoded]:
+    """The conversations' rows: each record, or packed; a long one is left out unless packed."""
     encoded = [encode(e, tokenizer, spec.template, spec.system) for e in examples]
     fitting = [e for e in encoded if len(e.ids) <= spec.max_seq_len or spec.packing]
     if not fitting:
@@ -210,7 +216,8 @@ def _previewed(name: str, what: str, examples: list[datasets.Example], spec: Tra
               [(tokenizer.decode([token]), label != IGNORE) for token, label in zip(row.ids, row.labels)])
              for e, row in zip(examples[:PREVIEWED], encoded)]
     return preview.Source(f"{name} ({what})", len(examples), sum(len(r.ids) for r in encoded),
-                          sum(label != IGNORE for r in encoded for label in r.labels), shown)
+                          sum(label != IGNORE for r in encoded for label in r.labels), shown,
+                          raw_text=all(e.is_text for e in examples))
 
 
 def write_preview(spec: TrainSpec, base_dir: Path, out_path: Path, names: dict[str, str], title: str) -> None:
@@ -281,11 +288,17 @@ def split_examples(spec: TrainSpec) -> tuple[list[datasets.Example], list[datase
 
 def _rows(spec: TrainSpec, tokenizer, split: tuple[list, list]) -> tuple[list[Encoded], list[Encoded]]:
     """Training and validation rows of `split_examples`' records, tokenized, masked and (optionally) packed."""
-    train_examples, val_examples = split
-    train_rows = make_rows(_encode_all(train_examples, tokenizer, spec, "training"), spec.max_seq_len, spec.packing)
-    val_rows = make_rows(_encode_all(val_examples, tokenizer, spec, "validation"),
-                         spec.max_seq_len, spec.packing) if val_examples else []
-    return train_rows, val_rows
+    return tuple(_rows_of(examples, tokenizer, spec, what) if examples else []
+                 for what, examples in zip(("training", "validation"), split))
+
+
+def _rows_of(examples: list[datasets.Example], tokenizer, spec: TrainSpec, what: str) -> list[Encoded]:
+    """Conversations as `packing` says; raw text always packed, its documents end to end (with EOS
+    between them) cut into rows of max_seq_len, so a long document is trained on whole."""
+    chats = [e for e in examples if not e.is_text]
+    texts = [encode(e, tokenizer, spec.template, spec.system) for e in examples if e.is_text]
+    rows = make_rows(_encode_all(chats, tokenizer, spec, what), spec.max_seq_len, spec.packing) if chats else []
+    return rows + (make_rows(texts, spec.max_seq_len, True) if texts else [])
 
 
 def memory_limit(spec: TrainSpec, device: str) -> tuple[int, str]:

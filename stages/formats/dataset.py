@@ -9,8 +9,10 @@ A file holds one of these formats, recognised by its first record's keys (or nam
 - sharegpt: {"conversations": [{"from", "value"}, ...]}, roles human/user, gpt/assistant/model, system
 - prompt_completion (TRL's): {"prompt", "completion"}, each a string, or a list of messages
   (conversational: the prompt's turns, then the completion's)
+- text: {"text"}, or a .txt file whose documents are separated by blank lines: raw text for
+  continued pretraining, trained on every token
 
-The last turn is the assistant's answer, the one trained on.
+In a conversation the last turn is the assistant's answer, the one trained on.
 """
 
 from __future__ import annotations
@@ -25,19 +27,25 @@ from ..ground.errors import BuildError
 ROLES = ("system", "user", "assistant")
 # The key that tells each format apart, in the order they are looked for.
 FORMATS = {"messages": "messages", "sharegpt": "conversations", "prompt_completion": "completion",
-           "alpaca": "instruction"}
+           "alpaca": "instruction", "text": "text"}
 # ShareGPT's speakers, as exported by the tools that made the format common (ShareGPT itself, FastChat,
 # Axolotl, LLaMA-Factory), → chat roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
 SHAPES = {"alpaca": '{"instruction", "input", "output"}', "messages": '{"messages": [{"role", "content"}, ...]}',
-          "sharegpt": '{"conversations": [{"from", "value"}, ...]}', "prompt_completion": '{"prompt", "completion"}'}
+          "sharegpt": '{"conversations": [{"from", "value"}, ...]}', "prompt_completion": '{"prompt", "completion"}',
+          "text": '{"text"}'}
 
 
 @dataclass(frozen=True)
 class Example:
     messages: tuple[dict, ...]  # chat turns; the last is the assistant's answer, the one trained on
     where: str  # "file:line", for messages about this record
+    text: str | None = None  # raw text instead (no turns): every token is trained on
+
+    @property
+    def is_text(self) -> bool:
+        return self.text is not None
 
 
 def detect(record: object) -> str | None:
@@ -126,9 +134,49 @@ def read_lines(path: Path, what: str) -> list[str]:
         raise BuildError(f"{what} {path}: cannot be read ({err.strerror})") from None
 
 
+def _text(record: dict, where: str) -> str:
+    if not isinstance(record.get("text"), str) or not record["text"].strip():
+        raise BuildError(f"{where}: 'text' must be a non-empty string (a raw-text record is {SHAPES['text']})")
+    return record["text"]
+
+
+def read_text_file(path: Path, form: str = "auto") -> list[Example]:
+    """A .txt file's documents, separated by blank lines, as raw-text examples ("file:line" of each's first line)."""
+    if form not in ("auto", "text"):
+        raise BuildError(f"dataset {path} is a .txt file, which is raw text, and the spec's format says {form}: "
+                         "give the records as JSONL, or set format = \"text\"")
+    examples, lines, start = [], [], 0
+    for number, line in enumerate([*read_lines(path, "dataset"), ""], start=1):
+        if line.strip():
+            start = start or number
+            lines.append(line)
+        elif lines:
+            examples.append(Example((), f"{path}:{start}", "\n".join(lines)))
+            lines, start = [], 0
+    if not examples:
+        raise BuildError(f"dataset {path} is empty: add text, documents separated by blank lines")
+    return examples
+
+
+def file_format(path: Path, form: str = "auto") -> str | None:
+    """A dataset file's format as read_jsonl would take it, from its first record alone (cheap)."""
+    if path.suffix == ".txt" or form != "auto":
+        return "text" if path.suffix == ".txt" else form
+    for line in read_lines(path, "dataset"):
+        if line.strip():
+            try:
+                return detect(json.loads(line))
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
 def read_jsonl(path: Path, form: str = "auto") -> list[Example]:
-    """Every record of a dataset file as chat turns. The file's format is `form`, or with "auto" its
-    first record's; a record of another format is an error naming its line and the first record's."""
+    """Every record of a dataset file as chat turns (or raw text). The file's format is `form`, or with
+    "auto" its first record's; a record of another format is an error naming its line and the first
+    record's. A .txt file is raw text (read_text_file)."""
+    if path.suffix == ".txt":
+        return read_text_file(path, form)
     examples, first = [], None
     for where, record in records(path, read_lines(path, "dataset")):
         found = detect(record)
@@ -139,7 +187,10 @@ def read_jsonl(path: Path, form: str = "auto") -> list[Example]:
             began = "the spec's format" if form != "auto" else f"its first record ({first[0]})"
             raise BuildError(f"{where}: {found} record ({SHAPES[found]}) in a file of {expected} records, as "
                              f"{began} says; one file holds one format: split it, or convert this record")
-        examples.append(Example(to_messages(record, where, expected), where))
+        if expected == "text" and isinstance(record, dict):
+            examples.append(Example((), where, _text(record, where)))
+        else:
+            examples.append(Example(to_messages(record, where, expected), where))
     if not examples:
         raise BuildError(f"dataset {path} is empty: add JSONL records, one per line")
     return examples

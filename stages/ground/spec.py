@@ -111,7 +111,7 @@ class LoraSpec(Strict):
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
 
 
-DatasetFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion"]
+DatasetFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"]
 
 
 def _fraction_or_file(value, info):
