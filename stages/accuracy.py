@@ -93,7 +93,9 @@ def conversations(eval_spec: EvalSpec, train: TrainSpec | None) -> list[tuple[tu
     from .train import split_examples
 
     _, held_out = split_examples(train)
-    return [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out if not e.is_text]  # raw text asks nothing
+    # Raw text asks nothing; a conversation with tools is answered in a tool protocol that greedy text
+    # generation through the template without its tools would not reproduce: both are left out.
+    return [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out if not e.is_text and not e.uses_tools]
 
 
 def write_prompts(eval_spec: EvalSpec, train: TrainSpec | None, base_dir: Path, out_path: Path) -> None:

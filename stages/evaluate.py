@@ -443,7 +443,7 @@ def heldout_records(train: TrainSpec, base_dir: Path) -> list[dict]:
     _, held_out = split_examples(train)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     return [{"prompt": "", "answer": e.text} if e.is_text else
-            dict(zip(("prompt", "answer"), prompt_and_answer(e.messages, tokenizer, train.template, train.system)))
+            dict(zip(("prompt", "answer"), prompt_and_answer(e.messages, tokenizer, train.template, train.system, e.tools)))
             for e in held_out]
 
 

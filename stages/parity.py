@@ -130,7 +130,7 @@ def _held_out(train: TrainSpec | None) -> list[tuple[tuple[dict, ...], str]]:
     from .train import split_examples
 
     _, held_out = split_examples(train)
-    return [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out if not e.is_text]
+    return [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out if not e.is_text and not e.uses_tools]
 
 
 def run(*, release: Release, train: TrainSpec | None, base_dir: Path, modelfile_system: str | None,

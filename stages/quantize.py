@@ -66,7 +66,8 @@ def calibration_text(train: TrainSpec, base_dir: Path) -> str:
     training, _ = split_examples(train)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     return "".join((e.text if e.is_text else "".join(prompt_and_answer(e.messages, tokenizer, train.template,
-                                                                          train.system))) + "\n" for e in training)
+                                                                          train.system, e.tools))) + "\n"
+                   for e in training)
 
 
 def write_calibration(train: TrainSpec, base_dir: Path, out_path: Path) -> None:

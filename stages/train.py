@@ -92,16 +92,37 @@ def _adds_bos(model_dir: str, tokenizer) -> bool:
     return _ADDS_BOS[model_dir]
 
 
-def prompt_and_answer(messages: tuple[dict, ...], tokenizer, template: str, system: str | None) -> tuple[str, str]:
-    """The text before the answer and the answer itself, as the template writes them."""
+def tools_problem(example: datasets.Example, tokenizer, template: str) -> str | None:
+    """Why this record's tools cannot be written as the model would see them, or None. Templates
+    ignore what they do not know, so one without tool support would silently drop the definitions."""
+    if not example.uses_tools:
+        return None
+    if template == "alpaca":
+        return f"{example.where}: a conversation with tools, which the Alpaca format cannot write; use template = \"chat\""
+    chat_template = tokenizer.chat_template or ""
+    needs = [word for word, used in (("tools", bool(example.tools)),
+                                     ("tool_calls", any(t.get("tool_calls") for t in example.messages))) if used]
+    missing = [word for word in needs if word not in chat_template]
+    if missing:
+        return (f"{example.where}: the conversation has {' and '.join(missing)}, which the base model's chat template "
+                "never reads, so training would drop them silently; use a base whose template supports tools "
+                "(Qwen2.5, Llama 3.1, Mistral's v3 and later), or records without them")
+    return None
+
+
+def prompt_and_answer(messages: tuple[dict, ...], tokenizer, template: str, system: str | None,
+                      tools: tuple[dict, ...] = ()) -> tuple[str, str]:
+    """The text before the answer and the answer itself, as the template writes them (with the
+    conversation's tool definitions, where it has them)."""
     turns = list(chat.with_system(messages, system))
     if template == "alpaca":  # BOS first where the model's tokenizer adds one, as llama.cpp will when serving
         bos = tokenizer.bos_token if tokenizer.bos_token and _adds_bos(tokenizer.name_or_path, tokenizer) else ""
         return bos + chat.alpaca_prompt(turns[:-1]), turns[-1]["content"] + tokenizer.eos_token
     if not tokenizer.chat_template:  # the graph refuses this first where it can see the base's files
         raise BuildError(no_chat_template(f"the base {tokenizer.name_or_path}"))
-    prompt = tokenizer.apply_chat_template(turns[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(turns, tokenize=False)
+    given = {"tools": list(tools)} if tools else {}
+    prompt = tokenizer.apply_chat_template(turns[:-1], tokenize=False, add_generation_prompt=True, **given)
+    full = tokenizer.apply_chat_template(turns, tokenize=False, **given)
     if not full.startswith(prompt):
         raise BuildError("the model's chat template does not write the conversation so far as a prefix of the "
                          "whole conversation, so the answer cannot be told apart; use template = \"alpaca\"")
@@ -114,7 +135,10 @@ def encode(example: datasets.Example, tokenizer, template: str, system: str | No
         bos = [tokenizer.bos_token_id] if adds_bos else []
         ids = bos + tokenizer(example.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return Encoded(ids, list(ids), source_of(example))
-    prompt, answer = prompt_and_answer(example.messages, tokenizer, template, system)
+    problem = tools_problem(example, tokenizer, template)
+    if problem:
+        raise BuildError(problem)
+    prompt, answer = prompt_and_answer(example.messages, tokenizer, template, system, example.tools)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, source_of(example))

@@ -5,8 +5,10 @@ A file holds one of these formats, recognised by its first record's keys (or nam
 `format`); a record of another format in the same file is an error naming its line:
 
 - alpaca: {"instruction", "input" (optional), "output"}
-- messages (OpenAI): {"messages": [{"role", "content"}, ...]}
-- sharegpt: {"conversations": [{"from", "value"}, ...]}, roles human/user, gpt/assistant/model, system
+- messages (OpenAI): {"messages": [{"role", "content"}, ...]}, with "tools" (function schemas) beside
+  them and assistant turns of "tool_calls" and "tool" turns of their results where the data has them
+- sharegpt: {"conversations": [{"from", "value"}, ...]}, roles human/user, gpt/assistant/model, system,
+  and LLaMA-Factory's function_call (a {"name", "arguments"} call) and observation (its result), with "tools"
 - prompt_completion (TRL's): {"prompt", "completion"}, each a string, or a list of messages
   (conversational: the prompt's turns, then the completion's)
 - text: {"text"}, or a .txt file whose documents are separated by blank lines: raw text for
@@ -24,14 +26,15 @@ from pathlib import Path
 
 from ..ground.errors import BuildError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # The key that tells each format apart, in the order they are looked for.
 FORMATS = {"messages": "messages", "sharegpt": "conversations", "prompt_completion": "completion",
            "alpaca": "instruction", "text": "text"}
 # ShareGPT's speakers, as exported by the tools that made the format common (ShareGPT itself, FastChat,
 # Axolotl, LLaMA-Factory), → chat roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
+                  "function_call": "assistant", "observation": "tool"}
 SHAPES = {"alpaca": '{"instruction", "input", "output"}', "messages": '{"messages": [{"role", "content"}, ...]}',
           "sharegpt": '{"conversations": [{"from", "value"}, ...]}', "prompt_completion": '{"prompt", "completion"}',
           "text": '{"text"}'}
@@ -42,10 +45,16 @@ class Example:
     messages: tuple[dict, ...]  # chat turns; the last is the assistant's answer, the one trained on
     where: str  # "file:line", for messages about this record
     text: str | None = None  # raw text instead (no turns): every token is trained on
+    tools: tuple[dict, ...] = ()  # the functions the conversation may call (JSON schemas), for the chat template
 
     @property
     def is_text(self) -> bool:
         return self.text is not None
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tools defined, called or answered: rendered by a chat template that supports them."""
+        return bool(self.tools) or any(t["role"] == "tool" or t.get("tool_calls") for t in self.messages)
 
 
 def detect(record: object) -> str | None:
@@ -57,14 +66,66 @@ def detect(record: object) -> str | None:
     return None
 
 
+def _tool_call(call: object, where: str) -> dict:
+    """One call as chat templates take it: {"type": "function", "function": {"name", "arguments": {…}}}.
+    OpenAI writes the arguments as a JSON string; Hugging Face's templates expect the object."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    arguments = function.get("arguments", {}) if isinstance(function, dict) else None
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            arguments = None
+    if not isinstance(name, str) or not isinstance(arguments, dict):
+        raise BuildError(f"{where}: a tool call is {{\"function\": {{\"name\", \"arguments\"}}}} with a string name and "
+                         "arguments as an object (or its JSON text)")
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _turn(turn: object, where: str) -> dict | None:
+    """An OpenAI-style turn, checked and normalized; None when it is not one."""
+    if not isinstance(turn, dict) or turn.get("role") not in ROLES:
+        return None
+    calls = turn.get("tool_calls")
+    if calls is not None and (turn["role"] != "assistant" or not isinstance(calls, list) or not calls):
+        return None
+    if not isinstance(turn.get("content"), str) and not (calls and turn.get("content") is None):
+        return None
+    found = {"role": turn["role"], "content": turn.get("content") or ""}
+    if calls:
+        found["tool_calls"] = [_tool_call(c, where) for c in calls]
+    for key in ("tool_call_id", "name"):  # which call a tool's result answers, as some templates write it
+        if turn["role"] == "tool" and isinstance(turn.get(key), str):
+            found[key] = turn[key]
+    return found
+
+
 def _turns(turns: object, where: str, field: str) -> list[dict]:
-    """An OpenAI-style list of {"role", "content"} turns, checked."""
+    """An OpenAI-style list of {"role", "content"} turns (and tool calls), checked."""
     if not isinstance(turns, list) or not turns:
         raise BuildError(f"{where}: {field!r} must be a non-empty list of {{\"role\", \"content\"}} objects")
+    found = []
     for i, turn in enumerate(turns):
-        if not (isinstance(turn, dict) and turn.get("role") in ROLES and isinstance(turn.get("content"), str)):
-            raise BuildError(f"{where}: {field}[{i}] needs a role ({', '.join(ROLES)}) and a string content")
-    return [{"role": t["role"], "content": t["content"]} for t in turns]
+        checked = _turn(turn, where)
+        if checked is None:
+            raise BuildError(f"{where}: {field}[{i}] needs a role ({', '.join(ROLES)}) and a string content (an "
+                             "assistant's may be null beside a non-empty tool_calls list)")
+        found.append(checked)
+    return found
+
+
+def _tools(record: dict, where: str) -> tuple[dict, ...]:
+    """The record's tool definitions: a list of JSON schemas (or, as LLaMA-Factory writes it, its JSON text)."""
+    tools = record.get("tools") or []
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            tools = None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BuildError(f"{where}: 'tools' must be a list of function definitions (JSON objects)")
+    return tuple(tools)
 
 
 def _sharegpt(turns: object, where: str) -> list[dict]:
@@ -76,7 +137,14 @@ def _sharegpt(turns: object, where: str) -> list[dict]:
         if speaker not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
             raise BuildError(f"{where}: conversations[{i}] needs \"from\" ({', '.join(SHAREGPT_ROLES)}) and a string "
                              f"\"value\"; it has from = {speaker!r}")
-        found.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+        if speaker == "function_call":  # the call itself, as JSON text: {"name", "arguments"}
+            try:
+                call = json.loads(turn["value"])
+            except json.JSONDecodeError:
+                call = None
+            found.append({"role": "assistant", "content": "", "tool_calls": [_tool_call(call, where)]})
+        else:
+            found.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
     return found
 
 
@@ -190,7 +258,8 @@ def read_jsonl(path: Path, form: str = "auto") -> list[Example]:
         if expected == "text" and isinstance(record, dict):
             examples.append(Example((), where, _text(record, where)))
         else:
-            examples.append(Example(to_messages(record, where, expected), where))
+            messages = to_messages(record, where, expected)
+            examples.append(Example(messages, where, tools=_tools(record, where) if "tools" in record else ()))
     if not examples:
         raise BuildError(f"dataset {path} is empty: add JSONL records, one per line")
     return examples
