@@ -112,7 +112,9 @@ def write_prompts(eval_spec: EvalSpec, train: TrainSpec | None, base_dir: Path, 
         records.append({"prompt": text, "answer": answer})
     with atomic_file(out_path) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    print(f"{out_path.name}: {len(records)} prompts to answer")
+    print(f"{out_path.name}: {len(records)} prompts to answer"
+          + ("" if records else " (the held-out records are raw text or conversations with tools, which eval does "
+                                "not answer)"))
 
 
 def read_prompts(path: Path) -> list[Prompt]:

@@ -399,7 +399,7 @@ def run(job: Job, spec: EvalSpec, out_path: Path, model_root: Path, threads: int
         if not windows(documents, spec.context):
             raise BuildError(f"{job.text}: fewer than two tokens of held-out text; give eval more text")
         result["quality"] = quality(job, documents, spec.context, threads)
-    if job.prompts:
+    if job.prompts and accuracy.read_prompts(job.prompts):  # none where every held-out record is text or uses tools
         result["accuracy"] = answer_accuracy(job, spec, threads)
     result["speed"] = speed(job.subject, spec, threads)
     with atomic_file(out_path) as tmp:

@@ -125,8 +125,22 @@ dataset = "data.jsonl"
 validation = 0.25
 max_steps = 2
 batch_size = 4
+
+[[models]]
+name = "only-tools"
+base = "tiny"
+quantize = ["Q8_0"]
+
+[models.train]
+dataset = "tools.jsonl"
+validation = 0.25
+max_steps = 2
+batch_size = 4
 """)
+    (tmp_path / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:12]))
     ran = doit(spec).ran
+    result = json.loads((tmp_path / "cache/only-tools/eval/Q8_0.json").read_text())
+    assert result["quality"]["perplexity"] > 0 and "accuracy" not in result, "nothing to answer: no tool-free conversation"
     assert "train:m" in ran and "parity:m-Q8_0" in ran and "report" in ran
     heldout = (tmp_path / "cache/m/eval/heldout.jsonl").read_text()
     prompts = [json.loads(line) for line in (tmp_path / "cache/m/eval/prompts.jsonl").read_text().splitlines()]
