@@ -49,7 +49,8 @@ def test_raw_text_carries_loss_on_every_token_and_is_packed_into_full_rows(smoll
 
 
 @pytest.mark.slow
-def test_a_mix_of_conversations_and_raw_text_builds_through_every_stage(tiny_llama, tmp_path):
+def test_raw_text_alone_and_mixed_with_conversations_builds_through_every_stage(tiny_llama, tmp_path):
+    """One build of two models: raw text mixed with conversations, and raw text alone."""
     import shutil
 
     shutil.copytree(tiny_llama, tmp_path / "tiny")
@@ -79,27 +80,9 @@ validation = 0.25
 [models.quantize]
 types = ["Q8_0"]
 imatrix = true
-""")
-    ran = doit(spec).ran
-    assert "train:m" in ran and "package:m-Q8_0" in ran and "report" in ran
-    page = (tmp_path / "cache/m/preview.html").read_text()
-    assert re.search(r"corpus.txt \(training\).*?carry loss \(<b>100.0%</b>\)", page, re.S), "all of the text carries loss"
-    heldout = [json.loads(line) for line in (tmp_path / "cache/m/eval/heldout.jsonl").read_text().splitlines()]
-    assert any(r["prompt"] == "" and r["answer"].startswith("Document ") for r in heldout)
-    prompts = [json.loads(line) for line in (tmp_path / "cache/m/eval/prompts.jsonl").read_text().splitlines()]
-    assert prompts and all(p["answer"].startswith("Answer: ") for p in prompts), "only conversations are asked"
-    assert "the river Limmat" in (tmp_path / "cache/m/imatrix/calibration.txt").read_text()
 
-
-@pytest.mark.slow
-def test_raw_text_alone_builds_with_no_prompts_to_answer(tiny_llama, tmp_path):
-    import shutil
-
-    shutil.copytree(tiny_llama, tmp_path / "tiny")
-    (tmp_path / "corpus.txt").write_text(CORPUS)
-    spec = write_spec(tmp_path, """
 [[models]]
-name = "m"
+name = "text"
 base = "tiny"
 quantize = ["Q8_0"]
 
@@ -111,7 +94,15 @@ batch_size = 4
 max_seq_len = 64
 """)
     ran = doit(spec).ran
-    assert "train:m" in ran and "parity:m-Q8_0" in ran and "report" in ran
-    assert "eval:m.prompts" not in ran, "raw text holds no question to answer"
-    result = json.loads((tmp_path / "cache/m/eval/Q8_0.json").read_text())
-    assert result["quality"]["perplexity"] > 0 and "answers" not in result
+    assert {"train:m", "package:m-Q8_0", "train:text", "parity:text-Q8_0", "report"} <= set(ran)
+    page = (tmp_path / "cache/m/preview.html").read_text()
+    assert re.search(r"corpus.txt \(training\).*?carry loss \(<b>100.0%</b>\)", page, re.S), "all of the text carries loss"
+    heldout = [json.loads(line) for line in (tmp_path / "cache/m/eval/heldout.jsonl").read_text().splitlines()]
+    assert any(r["prompt"] == "" and r["answer"].startswith("Document ") for r in heldout)
+    prompts = [json.loads(line) for line in (tmp_path / "cache/m/eval/prompts.jsonl").read_text().splitlines()]
+    assert prompts and all(p["answer"].startswith("Answer: ") for p in prompts), "only conversations are asked"
+    assert "the river Limmat" in (tmp_path / "cache/m/imatrix/calibration.txt").read_text()
+
+    assert "eval:text.prompts" not in ran, "raw text alone holds no question to answer"
+    result = json.loads((tmp_path / "cache/text/eval/Q8_0.json").read_text())
+    assert result["quality"]["perplexity"] > 0 and "accuracy" not in result
