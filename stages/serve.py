@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 from . import package
@@ -41,14 +38,6 @@ def pick(spec: Spec, model_name: str | None, variant: str | None) -> tuple[packa
     return release, build.paths.package(release.variant)
 
 
-def command(release: package.Release, folder: Path, port: int, threads: int) -> list[str]:
-    """llama-server on the package's files, as the package ships them."""
-    template = folder / "chat_template.jinja" if release.lora and (folder / "chat_template.jinja").is_file() else None
-    return llamacpp.server_command(folder / release.gguf.name, lora=folder / release.lora.name if release.lora else None,
-                                   chat_template=template, mmproj=folder / release.mmproj.name if release.mmproj else None,
-                                   port=port, threads=threads, context=release_context(folder))
-
-
 def release_context(folder: Path) -> int:
     """The context the package's compose.yaml declares (what Docker Model Runner gives the model)."""
     for line in (folder / "compose.yaml").read_text(encoding="utf-8").splitlines():
@@ -67,39 +56,23 @@ def serve(spec: Spec, model_name: str | None, variant: str | None, port: str) ->
     except OSError:
         raise BuildError(f"doit serve: port {port} on 127.0.0.1 is in use (another server, or another `doit serve`); "
                          "stop it or say port=N for another") from None
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(command(release, folder, int(port), spec.threads), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
-    stop = lambda *_: process.terminate()  # noqa: E731 - Ctrl-C stops the server; the wait below then ends
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    work = tempfile.TemporaryDirectory(prefix="modelmake-serve-")
+    # The package's own files, as it ships them: the adapter route's GGUF LoRA and chat template too.
+    template = folder / "chat_template.jinja" if release.lora and (folder / "chat_template.jinja").is_file() else None
+    files = {"lora": folder / release.lora.name if release.lora else None, "chat_template": template,
+             "mmproj": folder / release.mmproj.name if release.mmproj else None}
+    # Ctrl-C and a kill both stop it (set here: a shell's background job starts with SIGINT ignored)
+    handlers = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # llama-server's own output stays out of the terminal; its end is shown if it fails to start
-        log = _drained(process, Path(work.name) / "llama-server.log")
-        llamacpp.wait_until_ready(process, url, log)
-        print(f"serving {release.model} {release.variant} ({folder}) at {url}/v1 — Ctrl-C stops it\n"
-              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-              f"       -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'", flush=True)
-        process.wait()
+        with llamacpp.serving(folder / release.gguf.name, **files, threads=spec.threads, port=int(port),
+                              context=release_context(folder)) as server:
+            print(f"serving {release.model} {release.variant} ({folder}) at {server.url}/v1 — Ctrl-C stops it\n"
+                  f"  curl {server.url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                  f"       -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'", flush=True)
+            server.process.wait()
+        raise BuildError(f"llama-server stopped by itself ({llamacpp.exit_words(server.process.returncode)}) while "
+                         f"serving {release.model} {release.variant}")
+    except KeyboardInterrupt:
         return f"stopped serving {release.model} {release.variant}"
     finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        work.cleanup()
-
-
-def _drained(process: subprocess.Popen, log: Path) -> Path:
-    """Copy llama-server's output into `log` in the background, so its pipe never fills."""
-    def copy():
-        with log.open("a", encoding="utf-8") as out:
-            for line in process.stderr:
-                out.write(line)
-                out.flush()
-
-    log.touch()
-    threading.Thread(target=copy, daemon=True).start()
-    return log
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

@@ -308,9 +308,9 @@ def test_fsdp_shards_and_trains_the_same_adapter_as_ddp(tiny_llama, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_rank_fails_the_task_clearly_and_the_rerun_resumes(tiny_llama, tmp_path):
-    whole = workspace(tmp_path / "whole", tiny_llama, processes=2, max_steps=150, checkpoint_every=3)
+    whole = workspace(tmp_path / "whole", tiny_llama, processes=2, max_steps=40, checkpoint_every=3)
     build(whole, "train")
-    spec = workspace(tmp_path / "killed", tiny_llama, processes=2, max_steps=150, checkpoint_every=3)
+    spec = workspace(tmp_path / "killed", tiny_llama, processes=2, max_steps=40, checkpoint_every=3)
     output = kill_during_training(spec, tmp_path / "killed", 0.3, rank=1)
     assert "training failed in rank 1 of 2: the process died of SIGKILL" in output, output[-3000:]
     assert "Traceback" not in output

@@ -153,6 +153,7 @@ class Server:
     """A running llama-server: its base URL and the two calls the parity check and `doit serve` make."""
 
     url: str
+    process: subprocess.Popen | None = None  # `doit serve` waits on it
 
     def post(self, path: str, body: dict) -> dict:
         request = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
@@ -218,21 +219,22 @@ def wait_until_ready(process: subprocess.Popen, url: str, log: Path, timeout: fl
 
 
 @contextlib.contextmanager
-def serving(model: Path, *, lora: Path | None = None, chat_template: Path | None = None, threads: int = 0,
-            context: int = 4096, flash_attention: bool | None = None):
-    """A llama-server on a free loopback port for the length of the `with`, stopped after it."""
-    port = free_port()
+def serving(model: Path, *, lora: Path | None = None, chat_template: Path | None = None, mmproj: Path | None = None,
+            threads: int = 0, context: int = 4096, flash_attention: bool | None = None, port: int | None = None):
+    """A llama-server on a loopback port (default: a free one) for the length of the `with`, stopped
+    after it; its own output goes to a log whose end a failed start shows."""
+    port = port or free_port()
     with tempfile.TemporaryDirectory(prefix="modelmake-server-") as work:
         log = Path(work) / "llama-server.log"
         with log.open("w", encoding="utf-8") as out:
-            process = subprocess.Popen(server_command(model, lora=lora, chat_template=chat_template, port=port,
-                                                      threads=threads, context=context,
+            process = subprocess.Popen(server_command(model, lora=lora, chat_template=chat_template, mmproj=mmproj,
+                                                      port=port, threads=threads, context=context,
                                                       flash_attention=flash_attention),
                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_until_ready(process, url, log)
-            yield Server(url)
+            yield Server(url, process)
         finally:
             process.terminate()
             try:

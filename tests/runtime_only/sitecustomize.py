@@ -4,7 +4,7 @@ on a user's machine after README command 1."""
 
 import re
 import sys
-from importlib import abc, metadata
+from importlib import metadata
 
 from packaging.requirements import Requirement
 
@@ -32,17 +32,15 @@ def runtime_closure(root: str = "modelmake") -> set[str]:
     return seen
 
 
-class _OnlyRuntime(abc.MetaPathFinder):
-    def __init__(self):
-        allowed = runtime_closure()
-        self.refused = {module for module, dists in metadata.packages_distributions().items()
-                        if not any(_key(d) in allowed for d in dists)}
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname.partition(".")[0] in self.refused:
-            raise ModuleNotFoundError(f"No module named {fullname!r} (not a runtime dependency of modelmake)",
-                                      name=fullname)
-        return None
+def refused_modules() -> set[str]:
+    """The top-level modules installed here that no runtime dependency of modelmake brings."""
+    allowed = runtime_closure()
+    return {module for module, dists in metadata.packages_distributions().items()
+            if not any(_key(d) in allowed for d in dists)}
 
 
-sys.meta_path.insert(0, _OnlyRuntime())
+# None in sys.modules is how Python itself marks a module as absent: `import tensorboard` raises
+# ModuleNotFoundError and importlib.util.find_spec("tensorboard") returns None, as where it is not
+# installed (libraries such as accelerate probe optional packages with find_spec).
+for _module in refused_modules():
+    sys.modules.setdefault(_module, None)
