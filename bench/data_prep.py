@@ -19,7 +19,6 @@ import statistics
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from stages import train  # noqa: E402
 from stages.formats import dataset  # noqa: E402
-from stages.ground.spec import TrainSpec  # noqa: E402
+from train_scale import default_train  # noqa: E402  (this folder is first on sys.path)
 
 FORMATS = {"alpaca.jsonl": 0.5, "messages.jsonl": 0.3, "sharegpt.jsonl": 0.2}
 
@@ -52,11 +51,6 @@ def write_sources(folder: Path, records: int) -> list[Path]:
         (folder / name).write_text("".join(lines))
         paths.append(folder / name)
     return paths
-
-
-def default_train(**fields) -> TrainSpec:
-    table = tomllib.loads((REPO / "models.toml").read_text())["models"][0]["train"]
-    return TrainSpec.model_validate(table | fields, context={"spec_dir": REPO})
 
 
 def step_seconds(base: Path, steps: int) -> float:

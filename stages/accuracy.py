@@ -90,11 +90,16 @@ def read_prompts_file(path: Path) -> list[tuple[tuple[dict, ...], str]]:
 def conversations(eval_spec: EvalSpec, train: TrainSpec | None) -> list[tuple[tuple[dict, ...], str]]:
     if isinstance(eval_spec.prompts, Path):
         return read_prompts_file(eval_spec.prompts)
+    return held_out_conversations(train)
+
+
+def held_out_conversations(train: TrainSpec) -> list[tuple[tuple[dict, ...], str]]:
+    """The validation split's conversations as (turns asked, the answer). Raw text asks nothing; a
+    conversation with tools is answered in a tool protocol that greedy text generation through the
+    template without its tools would not reproduce: both are left out."""
     from .train import split_examples
 
     _, held_out = split_examples(train)
-    # Raw text asks nothing; a conversation with tools is answered in a tool protocol that greedy text
-    # generation through the template without its tools would not reproduce: both are left out.
     return [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out if not e.is_text and not e.uses_tools]
 
 

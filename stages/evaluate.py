@@ -347,10 +347,12 @@ def speed(subject: Subject, spec: EvalSpec, threads: int) -> dict:
             "prompt_tokens_per_s": statistics.median(prompt_speeds), "gen_tokens_per_s": statistics.median(gen_speeds)}
 
 
-def answer_accuracy(job: Job, spec: EvalSpec, threads: int) -> dict:
+def answer_accuracy(job: Job, spec: EvalSpec, threads: int) -> dict | None:
     """Greedy answers to every prompt, scored; the reference variant's answers, where there is one,
     from its eval JSON (its task runs first)."""
     prompts = accuracy.read_prompts(job.prompts)
+    if not prompts:  # every held-out record is raw text or uses tools (accuracy.held_out_conversations)
+        return None
     with _vocabulary(job.subject.model) as vocab:
         tokenized = [llamacpp.prompt_tokens(vocab, p.text) for p in prompts]
     with _llama(job.subject, max(map(len, tokenized)) + spec.max_new_tokens, threads, logits_all=False) as llm:
@@ -399,8 +401,9 @@ def run(job: Job, spec: EvalSpec, out_path: Path, model_root: Path, threads: int
         if not windows(documents, spec.context):
             raise BuildError(f"{job.text}: fewer than two tokens of held-out text; give eval more text")
         result["quality"] = quality(job, documents, spec.context, threads)
-    if job.prompts and accuracy.read_prompts(job.prompts):  # none where every held-out record is text or uses tools
-        result["accuracy"] = answer_accuracy(job, spec, threads)
+    scores = answer_accuracy(job, spec, threads) if job.prompts else None
+    if scores:
+        result["accuracy"] = scores
     result["speed"] = speed(job.subject, spec, threads)
     with atomic_file(out_path) as tmp:
         tmp.write_text(json.dumps(_rounded(result), indent=2) + "\n", encoding="utf-8")
@@ -438,13 +441,11 @@ def heldout_records(train: TrainSpec, base_dir: Path) -> list[dict]:
     record is all answer, as all of it is trained on."""
     from transformers import AutoTokenizer
 
-    from .train import prompt_and_answer, split_examples
+    from .train import split_examples, written
 
     _, held_out = split_examples(train)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    return [{"prompt": "", "answer": e.text} if e.is_text else
-            dict(zip(("prompt", "answer"), prompt_and_answer(e.messages, tokenizer, train.template, train.system, e.tools)))
-            for e in held_out]
+    return [dict(zip(("prompt", "answer"), written(e, tokenizer, train.template, train.system))) for e in held_out]
 
 
 def write_heldout(train: TrainSpec, base_dir: Path, out_path: Path) -> None:
@@ -472,8 +473,9 @@ def eval_text(build: ModelBuild) -> tuple[Path | None, str | None]:
 def answers_prompts(build: ModelBuild) -> bool:
     """Whether eval answers prompts: a prompts file, or held-out conversations (raw text has none)."""
     model = build.model
-    if not model.eval.answers_prompts(model.train) or isinstance(model.eval.prompts, Path):
-        return model.eval.answers_prompts(model.train)
+    asks = model.eval.answers_prompts(model.train)
+    if not asks or isinstance(model.eval.prompts, Path):
+        return asks
     return any(dataset.file_format(s.path, s.format) != "text" for s in model.train.sources if s.validation)
 
 

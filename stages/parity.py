@@ -124,15 +124,6 @@ def trained_tokens(tokenizer, train: TrainSpec | None, messages: tuple[dict, ...
             tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
-def _held_out(train: TrainSpec | None) -> list[tuple[tuple[dict, ...], str]]:
-    if not train:
-        return []
-    from .train import split_examples
-
-    _, held_out = split_examples(train)
-    return [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out if not e.is_text and not e.uses_tools]
-
-
 def run(*, release: Release, train: TrainSpec | None, base_dir: Path, modelfile_system: str | None,
         out_path: Path, threads: int = 0, eval_spec: EvalSpec | None = None, eval_result: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="modelmake-parity-") as work:
@@ -173,7 +164,7 @@ def _check(release: Release, train: TrainSpec | None, base_dir: Path, modelfile_
     # default spec's Q4_K_M greedy answers differ from the eval's in 3 of 27 for that reason alone).
     with llamacpp.serving(release.gguf, lora=release.lora, chat_template=shipped, threads=threads,
                           flash_attention=False) as server:
-        for conversation in conversations(_held_out(train), train.system if train else None):
+        for conversation in conversations(accuracy.held_out_conversations(train) if train else [], train.system if train else None):
             try:
                 trained, answer = trained_tokens(tokenizer, train, conversation.messages)
             except Exception as err:  # noqa: BLE001 - training could not have had this conversation either:

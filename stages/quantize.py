@@ -61,13 +61,11 @@ def calibration_text(train: TrainSpec, base_dir: Path) -> str:
     prompt, end of turn), one after another: the text the fine-tuned model was shaped on."""
     from transformers import AutoTokenizer
 
-    from .train import prompt_and_answer, split_examples
+    from .train import split_examples, written
 
     training, _ = split_examples(train)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    return "".join((e.text if e.is_text else "".join(prompt_and_answer(e.messages, tokenizer, train.template,
-                                                                          train.system, e.tools))) + "\n"
-                   for e in training)
+    return "".join("".join(written(e, tokenizer, train.template, train.system)) + "\n" for e in training)
 
 
 def write_calibration(train: TrainSpec, base_dir: Path, out_path: Path) -> None:

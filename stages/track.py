@@ -20,10 +20,12 @@ from pathlib import Path
 from .ground.atomic import atomic_file
 from .ground.errors import BuildError
 from .ground.task import ModelBuild, Task
+from .training.tracking import SCALARS
 
 REVISION = 1
 TOOLS = ()  # it writes no artifact: the MLflow version shapes nothing a later task reads
-STEP_METRICS = {"train_loss": "train/loss", "val_loss": "eval/loss", "learning_rate": "train/learning_rate"}
+# The train log's figures under the names TensorBoard shows them by, less the speed (a timing, not a result).
+STEP_METRICS = {key: tag for key, tag in SCALARS.items() if key != "tokens_per_s"}
 
 
 # ---- what is recorded (pure) ----

@@ -129,6 +129,13 @@ def prompt_and_answer(messages: tuple[dict, ...], tokenizer, template: str, syst
     return prompt, full[len(prompt):]
 
 
+def written(example: datasets.Example, tokenizer, template: str, system: str | None) -> tuple[str, str]:
+    """A record as the train stage writes it: (the prompt, the answer); raw text is all answer."""
+    if example.is_text:
+        return "", example.text
+    return prompt_and_answer(example.messages, tokenizer, template, system, example.tools)
+
+
 def encode(example: datasets.Example, tokenizer, template: str, system: str | None) -> Encoded:
     if example.is_text:  # continued pretraining: BOS where the model has one, the text, EOS; loss on all of it
         adds_bos = tokenizer.bos_token_id is not None and _adds_bos(tokenizer.name_or_path, tokenizer)
@@ -251,7 +258,7 @@ def write_preview(spec: TrainSpec, base_dir: Path, out_path: Path, names: dict[s
 
     sources = preview_sources(spec, AutoTokenizer.from_pretrained(base_dir), names)
     for source in sources:
-        wrong = preview.problem(source, answers_only=True)
+        wrong = preview.problem(source, answers_only=not source.raw_text)  # raw text: every token, by design
         if wrong:
             raise BuildError(wrong)
     with atomic_file(out_path) as tmp:

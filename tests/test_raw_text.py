@@ -6,6 +6,7 @@ import re
 
 import pytest
 from helpers import doit, write_spec
+from test_train import SPEC
 
 from stages import train
 from stages.formats import dataset
@@ -80,19 +81,7 @@ validation = 0.25
 [models.quantize]
 types = ["Q8_0"]
 imatrix = true
-
-[[models]]
-name = "text"
-base = "tiny"
-quantize = ["Q8_0"]
-
-[models.train]
-dataset = "corpus.txt"
-validation = 0.25
-max_steps = 2
-batch_size = 4
-max_seq_len = 64
-""")
+""" + SPEC.replace('name = "m"', 'name = "text"').replace("data.jsonl", "corpus.txt") + "max_seq_len = 64\n")
     ran = doit(spec).ran
     assert {"train:m", "package:m-Q8_0", "train:text", "parity:text-Q8_0", "report"} <= set(ran)
     page = (tmp_path / "cache/m/preview.html").read_text()

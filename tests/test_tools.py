@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers import doit, write_spec
+from test_train import SPEC
 
 from stages import train
 from stages.formats import dataset
@@ -114,29 +115,7 @@ def test_tool_calling_data_builds_and_its_conversations_stay_out_of_the_answers(
     records += [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"Answer: {i}."}]}
                 for i in range(12)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    spec = write_spec(tmp_path, """
-[[models]]
-name = "m"
-base = "tiny"
-quantize = ["Q8_0"]
-
-[models.train]
-dataset = "data.jsonl"
-validation = 0.25
-max_steps = 2
-batch_size = 4
-
-[[models]]
-name = "only-tools"
-base = "tiny"
-quantize = ["Q8_0"]
-
-[models.train]
-dataset = "tools.jsonl"
-validation = 0.25
-max_steps = 2
-batch_size = 4
-""")
+    spec = write_spec(tmp_path, SPEC + SPEC.replace('name = "m"', 'name = "only-tools"').replace("data.jsonl", "tools.jsonl"))
     (tmp_path / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:12]))
     ran = doit(spec).ran
     result = json.loads((tmp_path / "cache/only-tools/eval/Q8_0.json").read_text())

@@ -66,6 +66,14 @@ def detect(record: object) -> str | None:
     return None
 
 
+def _parsed(text: str) -> object:
+    """JSON text inside a record (a call's arguments, LLaMA-Factory's tools), or None when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
 def _tool_call(call: object, where: str) -> dict:
     """One call as chat templates take it: {"type": "function", "function": {"name", "arguments": {…}}}.
     OpenAI writes the arguments as a JSON string; Hugging Face's templates expect the object."""
@@ -73,10 +81,7 @@ def _tool_call(call: object, where: str) -> dict:
     name = function.get("name") if isinstance(function, dict) else None
     arguments = function.get("arguments", {}) if isinstance(function, dict) else None
     if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            arguments = None
+        arguments = _parsed(arguments)
     if not isinstance(name, str) or not isinstance(arguments, dict):
         raise BuildError(f"{where}: a tool call is {{\"function\": {{\"name\", \"arguments\"}}}} with a string name and "
                          "arguments as an object (or its JSON text)")
@@ -119,10 +124,7 @@ def _tools(record: dict, where: str) -> tuple[dict, ...]:
     """The record's tool definitions: a list of JSON schemas (or, as LLaMA-Factory writes it, its JSON text)."""
     tools = record.get("tools") or []
     if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError:
-            tools = None
+        tools = _parsed(tools)
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise BuildError(f"{where}: 'tools' must be a list of function definitions (JSON objects)")
     return tuple(tools)
@@ -138,11 +140,7 @@ def _sharegpt(turns: object, where: str) -> list[dict]:
             raise BuildError(f"{where}: conversations[{i}] needs \"from\" ({', '.join(SHAREGPT_ROLES)}) and a string "
                              f"\"value\"; it has from = {speaker!r}")
         if speaker == "function_call":  # the call itself, as JSON text: {"name", "arguments"}
-            try:
-                call = json.loads(turn["value"])
-            except json.JSONDecodeError:
-                call = None
-            found.append({"role": "assistant", "content": "", "tool_calls": [_tool_call(call, where)]})
+            found.append({"role": "assistant", "content": "", "tool_calls": [_tool_call(_parsed(turn["value"]), where)]})
         else:
             found.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
     return found
@@ -230,13 +228,8 @@ def file_format(path: Path, form: str = "auto") -> str | None:
     """A dataset file's format as read_jsonl would take it, from its first record alone (cheap)."""
     if path.suffix == ".txt" or form != "auto":
         return "text" if path.suffix == ".txt" else form
-    for line in read_lines(path, "dataset"):
-        if line.strip():
-            try:
-                return detect(json.loads(line))
-            except json.JSONDecodeError:
-                return None
-    return None
+    first = next((line for line in read_lines(path, "dataset") if line.strip()), None)
+    return detect(_parsed(first)) if first else None
 
 
 def read_jsonl(path: Path, form: str = "auto") -> list[Example]:

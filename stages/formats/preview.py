@@ -33,7 +33,7 @@ def problem(source: Source, answers_only: bool) -> str | None:
     if source.records and source.loss_tokens == 0:
         return (f"{source.name}: no token of {source.records} records carries loss: every answer is empty once "
                 "tokenized; check the records' last (assistant) turns")
-    if answers_only and not source.raw_text and source.records and source.loss_tokens == source.tokens:
+    if answers_only and source.records and source.loss_tokens == source.tokens:
         return (f"{source.name}: every token of {source.records} records carries loss, though only the answers "
                 "should: the chat template writes nothing before the answer (no prompt, no generation header); "
                 "use a template that writes the conversation before the answer, or template = \"alpaca\"")

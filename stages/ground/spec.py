@@ -195,9 +195,9 @@ class TrainSpec(Strict):
     def _trackers_installed(cls, value):
         import importlib.util
 
-        for tracker, modules in TRACKERS.items():
-            missing = [m for m in modules if importlib.util.find_spec(m) is None]
-            if tracker in value and missing:
+        for tracker in value:
+            missing = [m for m in TRACKERS[tracker] if importlib.util.find_spec(m) is None]
+            if missing:
                 raise ValueError(f"report_to = [\"{tracker}\"] needs {' and '.join(missing)}, which is not "
                                  f"installed: pip install -e '.[{tracker}]' (or take \"{tracker}\" out of report_to)")
         return list(dict.fromkeys(value))
