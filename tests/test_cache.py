@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FINETUNE_SPEC, REPO, Registry, doit, finetune_workspace, fresh_clone
+from helpers import FINETUNE_SPEC, REPO, Registry, doit, finetune_workspace, fresh_clone, scratch_folder
 
 import blake3
 
@@ -103,9 +103,9 @@ def test_a_blob_found_good_again_is_trusted_by_its_new_stat(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def switched(tmp_path_factory, tiny_llama):
+def switched(request, tiny_llama):
     """r = 8, then r = 16, then r = 8 again, in one workspace with its local store."""
-    folder = tmp_path_factory.mktemp("switch")
+    folder = scratch_folder(request, "switch")
     spec = finetune_workspace(folder, tiny_llama)
     first = doit(spec, "lock")
     first_sums = sums(spec)
@@ -200,10 +200,10 @@ def remote_spec(host: str, push: bool = True, spec: str = FINETUNE_SPEC) -> str:
 
 
 @pytest.fixture(scope="module")
-def pushed(tmp_path_factory, tiny_llama):
+def pushed(request, tiny_llama):
     """A tiny fine-tuned model built once with push = true to its own registry."""
-    folder = tmp_path_factory.mktemp("pushed")
-    with Registry(tmp_path_factory.mktemp("cache-registry")) as running:
+    folder = scratch_folder(request, "pushed")
+    with Registry(scratch_folder(request, "cache-registry")) as running:
         spec = finetune_workspace(folder, tiny_llama, remote_spec(running.host))
         result = doit(spec)
         yield {"folder": folder, "spec": spec, "registry": running, "output": result.output, "sums": sums(spec)}

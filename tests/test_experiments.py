@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from helpers import doit, finetune_workspace, leftovers
+from helpers import doit, finetune_workspace, leftovers, scratch_folder
 
 from stages import convert, experiments
 
@@ -42,9 +42,9 @@ VARIANTS = ["m@r4-lr1e-3", "m@r4-lr1e-2", "m@r8-lr1e-3", "m@r8-lr1e-2"]
 
 
 @pytest.fixture(scope="module")
-def matrix_build(tmp_path_factory, tiny_llama):
+def matrix_build(request, tiny_llama):
     """The 2x2 matrix built by `doit -n 2`, from a GGUF base (so the import is one of the shared tasks)."""
-    folder = tmp_path_factory.mktemp("matrix")
+    folder = scratch_folder(request, "matrix")
     spec = finetune_workspace(folder, tiny_llama, MATRIX)
     convert.run(folder / "tiny", folder / "tiny.gguf", "f32", "tiny")
     return spec, doit(spec, "-n", "2")

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 from gguf import GGUFReader
-from helpers import make_sentencepiece_tokenizer, make_tiny_model
+from helpers import make_sentencepiece_tokenizer, make_tiny_model, scratch_folder
 from test_convert import hf_tensors, llama_cpp_logits, prompt_ids, transformers_logits
 
 from stages import convert
@@ -151,10 +151,10 @@ SPM_TEXTS = ["Hello world, the answer is 42.\n\nAnswer: Athens.  Two  spaces é 
 
 @pytest.fixture(scope="module", params=[("llama2", "llama"), ("gemma", "gemma2"), ("gemma", "gemma3"), ("llama2", "phi3")],
                 ids=["llama2-llama", "gemma-gemma2", "gemma-gemma3", "llama2-phi3"])
-def sentencepiece_model(request, tmp_path_factory):
+def sentencepiece_model(request):
     """A tiny model with a real SentencePiece tokenizer (1000 pieces in 1024 embedding rows), converted."""
     style, arch = request.param
-    folder = tmp_path_factory.mktemp(f"spm-{style}-{arch}")
+    folder = scratch_folder(request, f"spm-{style}-{arch}")
     tokenizer_dir = make_sentencepiece_tokenizer(folder / "tokenizer", style)
     model_dir = make_tiny_model(folder / "model", arch, tokenizer_dir, vocab_size=1024)
     out = folder / "m.gguf"

@@ -14,6 +14,7 @@ from helpers import (
     make_peft_adapter,
     make_sentencepiece_tokenizer,
     make_tiny_model,
+    scratch_folder,
     write_spec,
 )
 from safetensors.numpy import load_file
@@ -87,10 +88,10 @@ def llama_cpp_dequantized(path, out):
 
 # The fast tier round-trips one family (Gemma 3: its stored 1 + w norms take the most care); the rest are slow.
 @pytest.fixture(scope="module", params=[f if f == "gemma3" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
-def round_trip(request, tmp_path_factory, smollm_tokenizer):
+def round_trip(request, smollm_tokenizer):
     """A wide tiny model of one family, its GGUFs of every type, and each imported back."""
     family = request.param
-    folder = tmp_path_factory.mktemp(f"import-{family}")
+    folder = scratch_folder(request, f"import-{family}")
     model = make_tiny_model(folder / "model", family, smollm_tokenizer, **WIDE)
     ggufs = {kind: folder / f"m.{kind}.gguf" for kind in TYPES}
     for kind in TYPES[:3]:

@@ -7,14 +7,14 @@ import shutil
 
 import pytest
 import yaml
-from helpers import FINETUNE_SPEC, REPO, doit, finetune_workspace, fresh_clone
+from helpers import FINETUNE_SPEC, REPO, doit, finetune_workspace, fresh_clone, scratch_folder
 
 from stages.ground import lock
 
 
 @pytest.fixture(scope="module")
-def locked(tmp_path_factory, tiny_llama):
-    folder = tmp_path_factory.mktemp("locked")
+def locked(request, tiny_llama):
+    folder = scratch_folder(request, "locked")
     spec = finetune_workspace(folder, tiny_llama)
     first = doit(spec, "lock")
     return {"folder": folder, "spec": spec, "lock": folder / "models.lock", "output": first.output,

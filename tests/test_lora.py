@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import doit, leftovers, lora_targets, make_peft_adapter, make_tiny_model, write_spec
+from helpers import doit, leftovers, lora_targets, make_peft_adapter, make_tiny_model, scratch_folder, write_spec
 from safetensors.torch import load_file
 from test_convert import PRETOKENIZER, llama_cpp_logits, prompt_ids, transformers_logits
 
@@ -25,10 +25,10 @@ def peft_model(base_dir, adapter_dir):
 @pytest.fixture(scope="module", params=[("llama", False), ("mistral", False), ("qwen2", False), ("qwen3", False),
                                         ("gemma2", False), ("gemma3", False), ("phi3", False), ("llama", True)],
                 ids=["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "llama-rslora"])
-def adapted(request, tmp_path_factory):
+def adapted(request):
     arch, rslora = request.param
     base = request.getfixturevalue(f"tiny_{arch}")
-    folder = tmp_path_factory.mktemp(f"lora-{arch}")
+    folder = scratch_folder(request, f"lora-{arch}")
     lora_dir = make_peft_adapter(folder / "adapter", base, rslora=rslora)
     merged = folder / "merged"
     merge.run(lora_dir, base, merged)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import llama_cpp
 import pytest
+from helpers import scratch_folder
 
 from stages import convert, parity, report
 from stages.formats import chat, ggufheader, modelfile
@@ -25,8 +26,8 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_release(tiny_llama, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("parity")
+def tiny_release(request, tiny_llama):
+    folder = scratch_folder(request, "parity")
     gguf_path = folder / "tiny.F16.gguf"
     convert.run(tiny_llama, gguf_path, "f16", "tiny")
     data = folder / "data.jsonl"

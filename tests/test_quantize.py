@@ -2,15 +2,15 @@
 
 import pytest
 from gguf import GGUFReader
-from helpers import leftovers
+from helpers import leftovers, scratch_folder
 
 from stages import convert, quantize
 from stages.ground.errors import BuildError
 
 
 @pytest.fixture(scope="module")
-def tiny_f16(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "tiny.F16.gguf"
+def tiny_f16(request, tiny_llama):
+    out = scratch_folder(request, "q") / "tiny.F16.gguf"
     convert.run(tiny_llama, out, "f16", "tiny")
     return out
 
