@@ -146,6 +146,13 @@ def gate_failures(result: dict, gate: GateSpec) -> list[str]:
         failures += _quality_failures(result.get("quality"), gate)
     if gate.needs_answers:
         failures += _accuracy_failures(result.get("accuracy"), gate)
+    if gate.min_preference_accuracy is not None:
+        pairs = result.get("preference")
+        if not pairs:
+            failures.append("it has no held-out preference pairs to gate on")
+        elif pairs["accuracy"] < gate.min_preference_accuracy:
+            failures.append(f"it prefers the chosen answer in {pairs['accuracy']:.2%} of {pairs['pairs']} held-out pairs, "
+                            f"under min_preference_accuracy = {gate.min_preference_accuracy}")
     return failures
 
 
@@ -246,6 +253,32 @@ def read_documents(path: Path) -> list[list[tuple[str, bool]]]:
             raise BuildError(f"{path}:{number}: not a {{\"prompt\", \"answer\"}} record; a .jsonl eval text holds "
                              "one such record per line (or give a plain text file)") from None
     return documents
+
+
+def read_pairs(path: Path) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) of each held-out preference record: those with "rejected" beside the answer."""
+    if path.suffix != ".jsonl":
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    return [(r["prompt"], r["answer"], r["rejected"]) for r in records if "rejected" in r]
+
+
+def preference_accuracy(job: Job, pairs: list[tuple[str, str, str]], context: int, threads: int) -> dict:
+    """How often the variant, run by llama.cpp, gives each held-out pair's chosen answer a higher mean token
+    log-probability than the rejected one: what the train stage measures in PyTorch, on what ships."""
+    margins = []
+    with _llama(job.subject, context, threads, logits_all=True) as llm:
+        for prompt, *answers in pairs:
+            asked = llamacpp.prompt_tokens(llm, prompt)
+            means = []
+            for answer in answers:
+                tokens = (asked + llm.tokenize(answer.encode("utf-8"), add_bos=False, special=True))[:context]
+                targets = np.asarray(tokens[len(asked):])
+                logp = log_softmax(window_logits(llm, tokens)[len(asked) - 1:len(tokens) - 1])
+                means.append(float(logp[np.arange(len(targets)), targets].mean()) if len(targets) else -math.inf)
+            margins.append(means[0] - means[1])
+    return {"pairs": len(pairs), "accuracy": sum(m > 0 for m in margins) / len(pairs),
+            "mean_logp_margin": statistics.fmean(margins)}
 
 
 def tokenize(subject: Subject, documents: list[list[tuple[str, bool]]], max_tokens: int) -> list[Window]:
@@ -401,6 +434,9 @@ def run(job: Job, spec: EvalSpec, out_path: Path, model_root: Path, threads: int
         if not windows(documents, spec.context):
             raise BuildError(f"{job.text}: fewer than two tokens of held-out text; give eval more text")
         result["quality"] = quality(job, documents, spec.context, threads)
+        pairs = read_pairs(job.text)[:spec.max_prompts]
+        if pairs:
+            result["preference"] = preference_accuracy(job, pairs, spec.context, threads)
     scores = answer_accuracy(job, spec, threads) if job.prompts else None
     if scores:
         result["accuracy"] = scores
@@ -419,6 +455,8 @@ def _print_summary(result: dict) -> None:
             parts.append(f"KL {quality['kl_divergence']:.5f}, top-1 {quality['top1_agreement']:.1%}")
     if scores := result.get("accuracy"):
         parts.append(f"exact match {scores['exact_match']:.0%}, chrF {scores['chrf']:.1f} ({scores['prompts']} prompts)")
+    if pairs := result.get("preference"):
+        parts.append(f"prefers the chosen answer in {pairs['accuracy']:.0%} of {pairs['pairs']} held-out pairs")
     speed_ = result["speed"]
     parts.append(f"{speed_['prompt_tokens_per_s']:.0f} / {speed_['gen_tokens_per_s']:.1f} t/s "
                  f"(prompt / generation, {speed_['threads']} threads)")
@@ -438,14 +476,21 @@ def check_gate(result_path: Path, variant: str, gate: GateSpec) -> None:
 
 def heldout_records(train: TrainSpec, base_dir: Path) -> list[dict]:
     """The validation records as the train stage writes them (chat template, system prompt); a raw-text
-    record is all answer, as all of it is trained on."""
+    record is all answer, as all of it is trained on; a preference pair's answer is the chosen one, with
+    the rejected one beside it."""
     from transformers import AutoTokenizer
 
-    from .train import split_examples, written
+    from .train import rejected_answer, split_examples, written
 
     _, held_out = split_examples(train)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    return [dict(zip(("prompt", "answer"), written(e, tokenizer, train.template, train.system))) for e in held_out]
+    records = []
+    for example in held_out:
+        record = dict(zip(("prompt", "answer"), written(example, tokenizer, train.template, train.system)))
+        if example.is_preference:
+            record["rejected"] = rejected_answer(example, tokenizer, train.template, train.system)
+        records.append(record)
+    return records
 
 
 def write_heldout(train: TrainSpec, base_dir: Path, out_path: Path) -> None:

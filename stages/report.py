@@ -323,7 +323,8 @@ def _gate_words(gate: dict | None) -> str:
         return ""
     words = {"max_ppl_increase": "ppl ≤ +{:.1%}", "max_kl": "KL ≤ {}", "min_top1": "top-1 ≥ {:.0%}",
              "min_exact_match": "exact ≥ {:.0%}", "max_exact_match_drop": "exact drop ≤ {:.0%}",
-             "min_chrf": "chrF ≥ {}", "min_terminated": "ends turn ≥ {:.0%}"}
+             "min_chrf": "chrF ≥ {}", "min_terminated": "ends turn ≥ {:.0%}",
+             "min_preference_accuracy": "prefers chosen ≥ {:.0%}"}
     return ", ".join(words[k].format(v) for k, v in gate.items() if v is not None)
 
 
@@ -458,6 +459,13 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
     blocks.append(Table(["variant", "GGUF", "size", "bits/weight", "perplexity", "answer ppl", "Δ ppl",
                          "KL", "top-1", "exact match", "chrF", "BLEU", "same answers", "prompt t/s", "gen t/s",
                          "gate"], variant_rows(results, model.gates)))
+    paired = [r for r in results if r.get("preference")]
+    if paired:
+        blocks += [Text("Held-out preference pairs: how often each variant, run by llama.cpp, gives the chosen answer a "
+                        "higher mean token log-probability than the rejected one, and the mean of that difference."),
+                   Table(["variant", "pairs", "prefers chosen", "mean log-prob margin"],
+                         [[r["variant"], str(r["preference"]["pairs"]), f"{r['preference']['accuracy']:.0%}",
+                           f"{r['preference']['mean_logp_margin']:+.4f}"] for r in paired])]
 
     if model.releases:
         parities = read_parities(model.root, model.releases)
@@ -492,6 +500,9 @@ def model_blocks(model: ModelInputs, images: dict[str, bytes]) -> list[Block]:
         if base["quality"].get("answer_perplexity"):
             rows.append(["answer perplexity", _num(base["quality"]["answer_perplexity"]),
                          _num(tuned["quality"]["answer_perplexity"])])
+        if base.get("preference") and tuned.get("preference"):
+            rows.append(["prefers the chosen answer (held-out pairs)", f"{base['preference']['accuracy']:.0%}",
+                         f"{tuned['preference']['accuracy']:.0%}"])
         log = train_log(model.train_log)
         val = [r["val_loss"] for r in log if "val_loss" in r]
         if len(val) >= 2:
@@ -554,6 +565,7 @@ HEADLINE = [
     ("exact match", lambda r: (r.get("accuracy") or {}).get("exact_match"), lambda v: f"{v:.0%}"),
     ("chrF", lambda r: (r.get("accuracy") or {}).get("chrf"), lambda v: f"{v:.1f}"),
     ("BLEU", lambda r: (r.get("accuracy") or {}).get("bleu"), lambda v: f"{v:.1f}"),
+    ("prefers chosen", lambda r: (r.get("preference") or {}).get("accuracy"), lambda v: f"{v:.0%}"),
     ("gen t/s", lambda r: r["speed"]["gen_tokens_per_s"], lambda v: f"{v:,.1f}"),
 ]
 HISTORY_KEPT = 20  # results per variant in cache/<model>/eval/history.jsonl

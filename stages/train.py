@@ -1,7 +1,8 @@
 """train: a LoRA adapter on the user's instruction data, with PyTorch and PEFT.
 
 Loss is on the answer tokens only; the prompt is written with the base model's own chat
-template. On CPU the run is deterministic: the same inputs, seed and thread count give the
+template. With method = "dpo" or "orpo" the records are preference pairs and the loss is theirs
+(stages.training.preference); DPO's reference is the model as the run starts, scored once. On CPU the run is deterministic: the same inputs, seed and thread count give the
 same adapter bytes. The folder written holds the PEFT adapter (adapter_model.safetensors,
 adapter_config.json) and train_log.jsonl, whose timings make it a report, not an artifact.
 
@@ -37,9 +38,9 @@ from .ground.errors import BuildError
 from .ground.hashing import canonical_json, file_blake3, tool_versions
 from .ground.progress import bar, quiet_library_bars
 from .ground.spec import TrainSpec
-from .ground.task import ModelBuild, Task
+from .ground.task import ModelBuild, ModelPaths, Task
 from .ground.units import parse_size
-from .training import checkpoint, distributed, memory, tracking
+from .training import checkpoint, distributed, memory, preference, tracking
 from .training.targets import is_moe, linear_module_names, lora_targets
 from .training.distributed import Ranks
 
@@ -57,6 +58,18 @@ class Encoded:
     ids: list[int]
     labels: list[int]
     source: str = ""  # the file of the record (a packed row of several records: none)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A preference record as trained on: the same prompt tokens, then the chosen or the rejected answer."""
+
+    chosen: Encoded
+    rejected: Encoded
+
+    @property
+    def longest(self) -> int:
+        return max(len(self.chosen.ids), len(self.rejected.ids))
 
 
 def source_of(example: datasets.Example) -> str:
@@ -151,6 +164,35 @@ def encode(example: datasets.Example, tokenizer, template: str, system: str | No
     return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, source_of(example))
 
 
+def rejected_answer(example: datasets.Example, tokenizer, template: str, system: str | None) -> str:
+    """A preference pair's rejected answer as the template writes it after the pair's prompt."""
+    return prompt_and_answer(example.messages[:-1] + (example.rejected,), tokenizer, template, system)[1]
+
+
+def encode_pair(example: datasets.Example, tokenizer, template: str, system: str | None) -> Pair:
+    """A preference record's two conversations, written as `encode` writes one, sharing their prompt."""
+    prompt, chosen = prompt_and_answer(example.messages, tokenizer, template, system)
+    rejected = rejected_answer(example, tokenizer, template, system)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def side(answer: str) -> Encoded:
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return Encoded(prompt_ids + ids, [IGNORE] * len(prompt_ids) + ids, source_of(example))
+
+    return Pair(side(chosen), side(rejected))
+
+
+def method_problem(examples: list[datasets.Example], method: str) -> str | None:
+    """Why the records cannot train with `method`, or None: preference methods take pairs, SFT takes the rest."""
+    if method == "sft":
+        pair = next((e for e in examples if e.is_preference), None)
+        return pair and (f"{pair.where}: a preference record ({datasets.SHAPES['preference']}) and [models.train] "
+                         "method = \"sft\"; train on pairs with method = \"dpo\" or \"orpo\", or give SFT records")
+    other = next((e for e in examples if not e.is_preference), None)
+    return other and (f"{other.where}: method = \"{method}\" trains on preference records "
+                      f"({datasets.SHAPES['preference']}), and this one is not; give every file of this model pairs")
+
+
 def make_rows(encoded: list[Encoded], max_len: int, packing: bool) -> list[Encoded]:
     """Training rows: one example each, or examples packed end to end into rows of max_len."""
     if not packing:
@@ -160,6 +202,11 @@ def make_rows(encoded: list[Encoded], max_len: int, packing: bool) -> list[Encod
         ids += e.ids
         labels += e.labels
     return [Encoded(ids[i:i + max_len], labels[i:i + max_len]) for i in range(0, len(ids), max_len)]
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int):
+    """TRL's layout of a preference batch: the chosen rows, then the rejected ones."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
 
 
 def collate(rows: list[Encoded], pad_id: int):
@@ -210,14 +257,20 @@ def share(items: list, ranks: Ranks) -> list[tuple]:
     return [(item, 1.0) for item in mine] + [(items[0], 0.0)] * (math.ceil(len(items) / ranks.world) - len(mine))
 
 
-def _encode_all(examples, tokenizer, spec: TrainSpec, what: str) -> list[Encoded]:
-    """The conversations' rows: each record, or packed; a long one is left out unless packed."""
-    encoded = [encode(e, tokenizer, spec.template, spec.system) for e in examples]
-    fitting = [e for e in encoded if len(e.ids) <= spec.max_seq_len or spec.packing]
+def _length(row: Encoded | Pair) -> int:
+    return row.longest if isinstance(row, Pair) else len(row.ids)
+
+
+def _encode_all(examples, tokenizer, spec: TrainSpec, what: str) -> list[Encoded] | list[Pair]:
+    """The conversations' rows (or pairs): each record, or packed; a long one is left out unless packed."""
+    encoder = encode if spec.method == "sft" else encode_pair
+    encoded = [encoder(e, tokenizer, spec.template, spec.system) for e in examples]
+    fitting = [e for e in encoded if _length(e) <= spec.max_seq_len or spec.packing]
     if not fitting:
-        files = ", ".join(dict.fromkeys(e.source for e in encoded))
+        files = ", ".join(dict.fromkeys(source_of(e) for e in examples))
         raise BuildError(f"{files}: every {what} record is longer than max_seq_len = {spec.max_seq_len} tokens "
-                         f"(shortest {min(len(e.ids) for e in encoded)}); raise max_seq_len or enable packing")
+                         f"(shortest {min(map(_length, encoded))}); raise max_seq_len"
+                         f"{' or enable packing' if spec.method == 'sft' else ''}")
     if len(fitting) < len(encoded):
         print(f"  {len(encoded) - len(fitting)} {what} records longer than {spec.max_seq_len} tokens were left out")
     return fitting
@@ -292,6 +345,70 @@ def _validation_loss(model, rows: list[Encoded], spec: TrainSpec, pad_id: int, d
     return total / count
 
 
+def _preference_loss(model, pairs: list[Pair], references: list[tuple[float, float]] | None, spec: TrainSpec,
+                     pad_id: int, device) -> tuple[preference.Scored, int]:
+    """One batch of pairs scored by DPO (against `references`) or ORPO, and the tokens it read."""
+    import torch
+
+    tensors = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
+    logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+    if spec.method == "dpo":
+        reference = torch.tensor([c for c, _ in references] + [r for _, r in references], device=logits.device)
+        scored = preference.dpo(logits, tensors["labels"], reference, spec.beta)
+    else:
+        scored = preference.orpo(logits, tensors["labels"], tensors["input_ids"], tensors["attention_mask"], spec.beta)
+    return scored, int(tensors["attention_mask"].sum())
+
+
+def reference_logps(model, pairs: list[Pair], spec: TrainSpec, pad_id: int, device) -> list[tuple[float, float]]:
+    """DPO's reference: each pair's (chosen, rejected) log-probabilities under the model as the run starts (the
+    base, its LoRA starting at zero, or start_from's adapter), scored once before the first step, as TRL's
+    precompute_ref_log_probs does: no second copy of the model in memory and no second forward per step."""
+    import torch
+
+    model.eval()
+    found = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), spec.batch_size):
+            part = pairs[start:start + spec.batch_size]
+            tensors = {k: v.to(device) for k, v in collate_pairs(part, pad_id).items()}
+            logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+            logps = preference.sequence_logps(logits, tensors["labels"])[0].tolist()
+            found += list(zip(logps[:len(part)], logps[len(part):]))
+    model.train()
+    return found
+
+
+def _preference_validation(model, pairs: list[Pair], references: list[tuple[float, float]] | None, spec: TrainSpec,
+                           pad_id: int, device, ranks: Ranks) -> dict[str, float]:
+    """The held-out pairs' mean loss, and how often the model gives the chosen answer the higher mean
+    token log-probability (preference.Scored.prefers_chosen): the held-out preference accuracy."""
+    import torch
+
+    model.eval()
+    total, wins, count = 0.0, 0.0, 0.0
+    numbered = list(range(len(pairs)))
+    with torch.no_grad():
+        for batch, weight in share([numbered[k:k + spec.batch_size] for k in range(0, len(pairs), spec.batch_size)],
+                                   ranks):
+            part = [pairs[i] for i in batch]
+            scored, _ = _preference_loss(model, part, [references[i] for i in batch] if references else None,
+                                         spec, pad_id, device)
+            wins += int(scored.prefers_chosen.sum()) * weight
+            total += float(scored.loss) * len(part) * weight
+            count += len(part) * weight
+    model.train()
+    total, wins, count = ranks.total(total, wins, count)
+    return {"val_loss": total / count, "val_preference_accuracy": wins / count}
+
+
+def validate(model, rows, references, spec: TrainSpec, pad_id: int, device, ranks: Ranks) -> dict[str, float]:
+    """The validation figures of a log row: the held-out loss, and for pairs their preference accuracy."""
+    if spec.method == "sft":
+        return {"val_loss": _validation_loss(model, rows, spec, pad_id, device, ranks)}
+    return _preference_validation(model, rows, references, spec, pad_id, device, ranks)
+
+
 def _normalize_config(path: Path, model_name: str) -> None:
     """Make adapter_config.json the same on every machine: PEFT records the base's host path
     and keeps target_modules in a set, whose order changes from process to process."""
@@ -311,6 +428,9 @@ def split_examples(spec: TrainSpec) -> tuple[list[datasets.Example], list[datase
             parts.append((examples, datasets.read_jsonl(source.validation, source.format)))
         else:
             parts.append(datasets.split(examples, source.validation, spec.seed))
+        problem = method_problem([e for part in parts[-1] for e in part], spec.method)
+        if problem:
+            raise BuildError(problem)
     if len(parts) == 1:
         return parts[0]
     mixed = datasets.mix([train for train, _ in parts], [s.weight for s in spec.sources], spec.seed)
@@ -326,6 +446,8 @@ def _rows(spec: TrainSpec, tokenizer, split: tuple[list, list]) -> tuple[list[En
 def _rows_of(examples: list[datasets.Example], tokenizer, spec: TrainSpec, what: str) -> list[Encoded]:
     """Conversations as `packing` says; raw text always packed, its documents end to end (with EOS
     between them) cut into rows of max_seq_len, so a long document is trained on whole."""
+    if spec.method != "sft":  # preference pairs, never packed
+        return _encode_all(examples, tokenizer, spec, what)
     chats = [e for e in examples if not e.is_text]
     texts = [encode(e, tokenizer, spec.template, spec.system) for e in examples if e.is_text]
     rows = make_rows(_encode_all(chats, tokenizer, spec, what), spec.max_seq_len, spec.packing) if chats else []
@@ -348,9 +470,12 @@ def check_memory(base_dir: Path, spec: TrainSpec, device: str, dtype, seq_len: i
     shape = memory.shape_of(AutoConfig.from_pretrained(base_dir), list(spec.lora.target_modules), spec.lora.r)
     cpu = device == "cpu"
 
+    rows_per_record = 1 if spec.method == "sft" else 2  # a pair is a chosen and a rejected row
+
     def need(**change) -> memory.Estimate:
         options = {"batch": spec.batch_size, "checkpointing": bool(spec.gradient_checkpointing), "qlora": spec.qlora,
                    "optimizer": spec.optimizer} | change
+        options["batch"] *= rows_per_record
         return memory.estimate(shape, weight_bytes=dtype.itemsize, seq_len=seq_len,
                                processes=spec.processes, sharded=spec.fsdp, cpu=cpu, **options)
 
@@ -375,13 +500,15 @@ def check_memory(base_dir: Path, spec: TrainSpec, device: str, dtype, seq_len: i
     return checkpointing, needed
 
 
-def longest(*row_lists: list[Encoded]) -> int:
+def longest(*row_lists: list[Encoded] | list[Pair]) -> int:
     """The longest row: batches are padded to theirs, so no batch is wider."""
-    return max(len(r.ids) for rows in row_lists for r in rows)
+    return max(_length(r) for rows in row_lists for r in rows)
 
 
-def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device, dtype, checkpointing: bool):
-    """The base with LoRA layers: fresh, or the previous build's adapter when resuming."""
+def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device, dtype, checkpointing: bool,
+                start_adapter: Path | None = None):
+    """The base with LoRA layers: fresh, the previous build's adapter when resuming, or `start_adapter`
+    (another model's, start_from) to train on."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoConfig
 
@@ -410,6 +537,8 @@ def _lora_model(base_dir: Path, out_dir: Path, spec: TrainSpec, device, dtype, c
     targets = lora_targets(spec, linear_module_names(model), is_moe(model), base_dir)
     if spec.resume and (out_dir / lora.WEIGHTS).is_file():
         return PeftModel.from_pretrained(model, out_dir, is_trainable=True), True
+    if start_adapter:
+        return PeftModel.from_pretrained(model, start_adapter, is_trainable=True), False
     # A vision tower has layers of the same names (q_proj, …); a LoRA trained on text leaves them alone.
     vision = any(hf.is_vision(name) for name, _ in model.named_modules())
     config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
@@ -439,6 +568,8 @@ class Progress:
     pending: list[list[int]]  # the batches left of the current pass, as row numbers
     log: list[dict]
     best: dict | None = None  # the lowest validation loss so far: step, val_loss, evaluations since, weights (main)
+    # DPO: the reference's log-probabilities of each pair, {"train": […], "validation": […]}, scored at step 0
+    references: dict | None = None
 
 
 def next_batch(progress: Progress, count: int, size: int) -> list[int]:
@@ -466,7 +597,8 @@ def _snapshot(model, optimizer, scheduler, progress: Progress, ranks: Ranks) -> 
         return None
     return {"step": progress.step, "lora": trained, "optimizer": optimized,
             "scheduler": scheduler.state_dict(), "data_order": progress.data_order.getstate(),
-            "pending": progress.pending, "log": progress.log, "rng": every_rng, "best": progress.best}
+            "pending": progress.pending, "log": progress.log, "rng": every_rng, "best": progress.best,
+            "references": progress.references}
 
 
 def _restore_weights(state: dict, model) -> None:
@@ -490,7 +622,7 @@ def _restore(state: dict, model, optimizer, scheduler, ranks: Ranks) -> Progress
         torch.cuda.set_rng_state_all(rng["cuda"])
     data_order = random.Random()
     data_order.setstate(state["data_order"])
-    return Progress(state["step"], data_order, state["pending"], state["log"], state.get("best"))
+    return Progress(state["step"], data_order, state["pending"], state["log"], state.get("best"), state.get("references"))
 
 
 def track_best(best: dict | None, step: int, val_loss: float) -> tuple[dict, bool]:
@@ -527,17 +659,29 @@ def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, 
     progress_bar = bar(range(progress.step + 1, steps + 1), desc=f"train {name}", unit="step",
                        initial=progress.step, total=steps, disable=not ranks.main,
                        file=sys.stdout if ranks.distributed else None)  # the launcher passes on the main rank's stdout
+    references = progress.references or {}
     for step in progress_bar:
         started, tokens, loss_sum = time.perf_counter(), 0, 0.0
+        rewards: dict[str, float] = {}  # preference methods: the step's mean rewards, as TRL logs them
         for _ in range(spec.grad_accum):
             batch, weight = split_batch(next_batch(progress, len(train_rows), spec.batch_size), ranks)
-            tensors = {k: v.to(device) for k, v in collate([train_rows[i] for i in batch], pad_id).items()}
-            loss = model(**tensors).loss * (weight / spec.grad_accum)
+            if spec.method == "sft":
+                tensors = {k: v.to(device) for k, v in collate([train_rows[i] for i in batch], pad_id).items()}
+                loss, read = model(**tensors).loss, int(tensors["attention_mask"].sum())
+            else:
+                scored, read = _preference_loss(model, [train_rows[i] for i in batch],
+                                                [references["train"][i] for i in batch] if references else None,
+                                                spec, pad_id, device)
+                loss = scored.loss
+                for key, value in scored.metrics().items():
+                    rewards[key] = rewards.get(key, 0.0) + value * weight / spec.grad_accum
+            loss = loss * (weight / spec.grad_accum)
             loss.backward()  # DDP and FSDP exchange the gradients inside backward
             loss_sum += loss.item()
-            tokens += int(tensors["attention_mask"].sum()) * weight
+            tokens += read * weight
         if ranks.distributed:
-            loss_sum, tokens = ranks.total(loss_sum / ranks.world, tokens)
+            loss_sum, tokens, *summed = ranks.total(loss_sum / ranks.world, tokens, *(v / ranks.world for v in rewards.values()))
+            rewards = dict(zip(rewards, summed))
         if not math.isfinite(loss_sum):  # every rank sees the same total, so all stop together
             progress_bar.close()
             raise BuildError(diverged(name, step, steps, loss_sum, scheduler.get_last_lr()[0], spec))
@@ -548,9 +692,10 @@ def _fit(model, optimizer, scheduler, progress: Progress, train_rows, val_rows, 
                "train_loss": round(loss_sum, 6), "learning_rate": scheduler.get_last_lr()[0],
                "step_s": round(time.perf_counter() - started, 4),
                "tokens_per_s": round(tokens / (time.perf_counter() - started), 1),
-               "peak_memory_mb": round(_peak_memory_mb(device), 1)}
+               "peak_memory_mb": round(_peak_memory_mb(device), 1)} | {k: round(v, 6) for k, v in rewards.items()}
         if val_rows and (step % spec.eval_every == 0 or step == steps):
-            row["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device, ranks), 6)
+            row |= {k: round(v, 6) for k, v in validate(model, val_rows, references.get("validation"), spec, pad_id,
+                                                         device, ranks).items()}
         log.append(row)
         events.write(row)
         stop = False
@@ -596,10 +741,11 @@ def _save(model, base_dir: Path, out_dir: Path, model_name: str, log: list[dict]
 
 def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int,
           checkpoints: Path | None, ranks: Ranks, limit: tuple[int, str] | None = None,
-          events: Path | None = None) -> dict[str, str]:
+          events: Path | None = None, start_adapter: Path | None = None) -> dict[str, str]:
     """One process's part of a run (all of it when there is one): train, and save on the main process.
     `limit`: the memory the launching process measured, so that every rank decides as it did.
-    `events`: TensorBoard's folder for this run (report_to), written by the main process."""
+    `events`: TensorBoard's folder for this run (report_to), written by the main process.
+    `start_adapter`: the adapter of the model named by start_from, which this run continues."""
     import torch
     from transformers import AutoTokenizer, get_scheduler
 
@@ -617,7 +763,7 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
     torch.manual_seed(spec.seed)
     if device == "cpu":
         torch.use_deterministic_algorithms(True)
-    model, resumed = _lora_model(base_dir, out_dir, spec, device, dtype, checkpointing)
+    model, resumed = _lora_model(base_dir, out_dir, spec, device, dtype, checkpointing, start_adapter)
     steps = spec.max_steps or spec.epochs * math.ceil(math.ceil(len(train_rows) / spec.batch_size) / spec.grad_accum)
     saved = checkpoint.latest(checkpoints) if checkpoints else None
     state = checkpoint.load(saved) if saved else None
@@ -627,11 +773,16 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
     optimizer = _optimizer(model, spec)
     scheduler = get_scheduler(spec.schedule, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=steps)
     progress = _restore(state, model, optimizer, scheduler, ranks) if state else Progress(0, random.Random(spec.seed), [], [])
+    if spec.method == "dpo" and progress.references is None:  # the model as it starts: the reference
+        progress.references = {"train": reference_logps(model, train_rows, spec, pad_id, device),
+                               "validation": reference_logps(model, val_rows, spec, pad_id, device)}
     if ranks.main:
         print(f"train {model_name}: device {device}, dtype {str(dtype).removeprefix('torch.')}, "
               f"{len(train_rows)} training / {len(val_rows)} validation rows, {steps} steps"
               f"{f', {ranks.world} processes' if ranks.world > 1 else ''}"
               f"{', gradient checkpointing' if checkpointing else ''}{', QLoRA (4-bit NF4 base)' if spec.qlora else ''}"
+              f"{f', {spec.method.upper()} (beta {spec.beta:g}) on {len(train_rows)} pairs' if spec.method != 'sft' else ''}"
+              f"{f', continuing the adapter of {spec.start_from}' if start_adapter else ''}"
               f"{', resuming from the previous adapter' if resumed else ''}"
               f"{f', continuing from the checkpoint at step {progress.step}' if saved else ''}\n"
               f"  memory estimate {memory.describe(needed)}")
@@ -645,7 +796,9 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
         if mix:
             start["mix"] = mix
         if val_rows:
-            start["val_loss"] = round(_validation_loss(model, val_rows, spec, pad_id, device, ranks), 6)
+            start |= {k: round(v, 6) for k, v in validate(model, val_rows, progress.references and
+                                                           progress.references["validation"], spec, pad_id, device,
+                                                           ranks).items()}
         progress.log.append(start)
         event_writer.write(start)
     try:
@@ -675,7 +828,9 @@ def train(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threa
     if ranks.main:
         _save(ranks.unwrap(model), base_dir, out_dir, model_name, log, trained)
         if val_rows:
+            accuracy = [r["val_preference_accuracy"] for r in (log[0], log[-1]) if "val_preference_accuracy" in r]
             print(f"  validation loss {log[0]['val_loss']:.4f} → {log[-1]['val_loss']:.4f}; "
+                  f"{'held-out preference accuracy {:.1%} → {:.1%}; '.format(*accuracy) if len(accuracy) == 2 else ''}"
                   f"peak memory {max(r.get('peak_memory_mb', 0) for r in log):,.0f} MB measured, "
                   f"{needed.total / 2**20:,.0f} MB estimated")
     ranks.barrier()
@@ -700,7 +855,7 @@ def run_key(spec: TrainSpec, inputs: list[Path], threads: int) -> str:
 
 def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int = 0,
         work: Path | None = None, inputs: list[Path] = (), slots: tuple[Path, int] | None = None,
-        events: Path | None = None) -> dict[str, str]:
+        events: Path | None = None, start_adapter: Path | None = None) -> dict[str, str]:
     """Train and save the adapter; returns the platform facts that shaped its bytes, for the lock.
 
     With a work folder, checkpoints go under work/checkpoints (keyed by the run's inputs) and a
@@ -708,7 +863,7 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
     (folder, count): at most count trainings of this cache run at once (`[build] max_parallel_train`)."""
     if slots:
         with buildlock.slot(*slots, "train"):
-            return run(base_dir, out_dir, spec, model_name, threads, work, inputs, events=events)
+            return run(base_dir, out_dir, spec, model_name, threads, work, inputs, events=events, start_adapter=start_adapter)
     out_dir = Path(out_dir)
     if spec.processes > 1:  # the cores are shared between the processes
         threads = max(1, (threads or available_cores()) // spec.processes)
@@ -717,18 +872,19 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
         key = run_key(spec, inputs, threads or available_cores())
         checkpoints = checkpoint.folder_for(work / "checkpoints", key)
     if spec.processes == 1:
-        facts = train(base_dir, out_dir, spec, model_name, threads, checkpoints, Ranks(), events=events)
+        facts = train(base_dir, out_dir, spec, model_name, threads, checkpoints, Ranks(), events=events,
+                      start_adapter=start_adapter)
     elif work is None:
         raise BuildError("training with processes > 1 needs a work folder for its job")
     else:
-        facts = _run_ranks(base_dir, out_dir, spec, model_name, threads, checkpoints, work, events)
+        facts = _run_ranks(base_dir, out_dir, spec, model_name, threads, checkpoints, work, events, start_adapter)
     if work:
         shutil.rmtree(work, ignore_errors=True)
     return facts
 
 
 def _run_ranks(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int, checkpoints: Path | None,
-               work: Path, events: Path | None) -> dict[str, str]:
+               work: Path, events: Path | None, start_adapter: Path | None) -> dict[str, str]:
     """processes > 1: check what can be checked here, launch the ranks, and move their adapter into place."""
     from transformers import AutoTokenizer
 
@@ -745,7 +901,7 @@ def _run_ranks(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, 
     decided = spec.model_copy(update={"gradient_checkpointing": checkpointing})
     job = {"base_dir": str(base_dir), "spec": decided.model_dump(mode="json"), "model_name": model_name,
            "threads": threads, "checkpoints": str(checkpoints), "resume_from": str(out_dir), "limit": list(limit),
-           "events": str(events) if events else None}
+           "events": str(events) if events else None, "start_adapter": str(start_adapter) if start_adapter else None}
     folder = distributed.launch(job, work, spec.processes, threads)
     with atomic_dir(out_dir) as tmp:  # the ranks' finished adapter takes the empty temp folder's place
         tmp.rmdir()
@@ -764,7 +920,8 @@ def _rank_main(job_path: str) -> None:
         shutil.copytree(job["resume_from"], adapter, dirs_exist_ok=True)  # the previous adapter, to start from
     ranks.barrier()
     facts = train(Path(job["base_dir"]), adapter, spec, job["model_name"], job["threads"],
-                  Path(job["checkpoints"]), ranks, tuple(job["limit"]), Path(job["events"]) if job["events"] else None)
+                  Path(job["checkpoints"]), ranks, tuple(job["limit"]), Path(job["events"]) if job["events"] else None,
+                  Path(job["start_adapter"]) if job["start_adapter"] else None)
     if ranks.main:
         (folder / distributed.FACTS).write_text(json.dumps(facts), encoding="utf-8")
     ranks.leave()
@@ -778,6 +935,9 @@ def tasks(build: ModelBuild) -> list[Task]:
     if model.train.template == "chat" and build.base_has_chat_template is False:
         raise BuildError(no_chat_template(f"model {model.name!r}: its base {model.base.text}"))
     inputs = paths.base_files() + model.train.data_files
+    first = model.train.start_from  # the model whose adapter this run continues, trained first
+    start_adapter = ModelPaths.of(build.spec, next(m for m in build.spec.models if m.name == first)).adapter if first else None
+    trained_from = inputs + ([start_adapter / name for name in lora.ADAPTER_FILES] if first else [])
     shown = paths.preview
     look = Task(f"{paths.data_name}.preview", "what the loss sees: the first records as tokenized, loss tokens marked",
                 write_preview, {"spec": model.train, "base_dir": paths.base, "out_path": shown,
@@ -786,13 +946,14 @@ def tasks(build: ModelBuild) -> list[Task]:
                 model.train.split_params() | {"shown": PREVIEWED}, inputs=inputs, outputs=[shown])
     return [look, Task(model.name, "LoRA fine-tune (PyTorch + PEFT)", run,
                  {"base_dir": paths.base, "out_dir": paths.adapter, "spec": model.train, "model_name": model.name,
-                  "threads": build.spec.threads, "work": paths.train_work, "inputs": inputs,
+                  "threads": build.spec.threads, "work": paths.train_work, "inputs": trained_from,
                   "slots": (build.spec.cache / ".locks", build.spec.build.max_parallel_train),
-                  "events": paths.events if "tensorboard" in model.train.report_to else None},
-                 model.train.params(), inputs=inputs,
+                  "events": paths.events if "tensorboard" in model.train.report_to else None,
+                  "start_adapter": start_adapter},
+                 model.train.params(), inputs=trained_from,
                  outputs=paths.adapter_files(), clean=[paths.adapter], scratch=[paths.train_work],
                  cacheable=not model.train.resume,  # a resumed adapter depends on the one before it
-                 after=[f"train:{look.name}", *build.after_preflight])]
+                 after=[f"train:{look.name}", *build.after_preflight, *([f"train:{first}"] if first else [])])]
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ A file holds one of these formats, recognised by its first record's keys (or nam
   (conversational: the prompt's turns, then the completion's)
 - text: {"text"}, or a .txt file whose documents are separated by blank lines: raw text for
   continued pretraining, trained on every token
+- preference (DPO, ORPO; TRL's shapes): {"prompt" | "messages", "chosen", "rejected"}, the prompt a
+  string or the conversation so far, each answer a string or one assistant turn; or {"chosen",
+  "rejected"} as two whole conversations that differ only in their last (assistant) turn
 
 In a conversation the last turn is the assistant's answer, the one trained on.
 """
@@ -28,7 +31,7 @@ from ..ground.errors import BuildError
 
 ROLES = ("system", "user", "assistant", "tool")
 # The key that tells each format apart, in the order they are looked for.
-FORMATS = {"messages": "messages", "sharegpt": "conversations", "prompt_completion": "completion",
+FORMATS = {"preference": "chosen", "messages": "messages", "sharegpt": "conversations", "prompt_completion": "completion",
            "alpaca": "instruction", "text": "text"}
 # ShareGPT's speakers, as exported by the tools that made the format common (ShareGPT itself, FastChat,
 # Axolotl, LLaMA-Factory), → chat roles.
@@ -37,7 +40,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "function_call": "assistant", "observation": "tool"}
 SHAPES = {"alpaca": '{"instruction", "input", "output"}', "messages": '{"messages": [{"role", "content"}, ...]}',
           "sharegpt": '{"conversations": [{"from", "value"}, ...]}', "prompt_completion": '{"prompt", "completion"}',
-          "text": '{"text"}'}
+          "text": '{"text"}', "preference": '{"prompt" | "messages", "chosen", "rejected"}'}
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,15 @@ class Example:
     where: str  # "file:line", for messages about this record
     text: str | None = None  # raw text instead (no turns): every token is trained on
     tools: tuple[dict, ...] = ()  # the functions the conversation may call (JSON schemas), for the chat template
+    rejected: dict | None = None  # a preference pair's rejected answer; its chosen one is the last of messages
 
     @property
     def is_text(self) -> bool:
         return self.text is not None
+
+    @property
+    def is_preference(self) -> bool:
+        return self.rejected is not None
 
     @property
     def uses_tools(self) -> bool:
@@ -156,6 +164,36 @@ def _prompt_completion(record: dict, where: str) -> list[dict]:
                      '{"role", "content"} messages')
 
 
+def _answer(value: object, where: str, field: str) -> dict:
+    """A preference answer: a string, one assistant turn, or a list holding one."""
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    turns = value if isinstance(value, list) else [value]
+    checked = [_turn(turn, where) for turn in turns]
+    if len(checked) != 1 or checked[0] is None or checked[0]["role"] != "assistant":
+        raise BuildError(f"{where}: {field!r} must be the answer: a string, or one {{\"role\": \"assistant\", "
+                         "\"content\"} turn")
+    return checked[0]
+
+
+def _preference(record: dict, where: str) -> tuple[list[dict], dict]:
+    """A preference record's (prompt turns + chosen answer, rejected answer)."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if rejected is None:
+        raise BuildError(f"{where}: a preference record needs \"rejected\" beside \"chosen\" "
+                         f"({SHAPES['preference']})")
+    if "prompt" in record or "messages" in record:
+        asked = record.get("prompt", record.get("messages"))
+        prompt = [{"role": "user", "content": asked}] if isinstance(asked, str) else _turns(asked, where, "prompt")
+        return prompt + [_answer(chosen, where, "chosen")], _answer(rejected, where, "rejected")
+    # No prompt: two whole conversations, the same up to their answers (TRL's implicit prompt).
+    chosen, rejected = _turns(chosen, where, "chosen"), _turns(rejected, where, "rejected")
+    if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise BuildError(f"{where}: without a \"prompt\", \"chosen\" and \"rejected\" are whole conversations "
+                         "that must be the same up to their last turn, the assistant's answer")
+    return chosen, rejected[-1]
+
+
 def _alpaca(record: dict, where: str) -> list[dict]:
     missing = [key for key in ("instruction", "output") if not isinstance(record.get(key), str)]
     if missing:
@@ -250,6 +288,9 @@ def read_jsonl(path: Path, form: str = "auto") -> list[Example]:
                              f"{began} says; one file holds one format: split it, or convert this record")
         if expected == "text" and isinstance(record, dict):
             examples.append(Example((), where, _text(record, where)))
+        elif expected == "preference" and isinstance(record, dict):
+            chosen, rejected = _preference(record, where)
+            examples.append(Example(tuple(chosen), where, rejected=rejected))
         else:
             messages = to_messages(record, where, expected)
             examples.append(Example(messages, where, tools=_tools(record, where) if "tools" in record else ()))

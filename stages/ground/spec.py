@@ -111,7 +111,7 @@ class LoraSpec(Strict):
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
 
 
-DatasetFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"]
+DatasetFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference"]
 
 
 def _fraction_or_file(value, info):
@@ -189,6 +189,12 @@ class TrainSpec(Strict):
     # Experiment tracking (optional extras): TensorBoard event files as the run trains, an MLflow run
     # once the build is done. Neither changes the task's key or the adapter's bytes.
     report_to: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
+    # sft: supervised, on the answers. dpo / orpo: preference tuning on {prompt, chosen, rejected} records.
+    method: Literal["sft", "dpo", "orpo"] = "sft"
+    beta: float = Field(default=0.1, gt=0, allow_inf_nan=False)  # DPO's β (KL strength) or ORPO's λ, as TRL names both
+    # Another model of this spec whose adapter this run continues (SFT, then DPO on top): its train task
+    # runs first, and its adapter is where this one starts and, for DPO, the reference it is held near.
+    start_from: str | None = None
 
     @field_validator("report_to")
     @classmethod
@@ -223,6 +229,12 @@ class TrainSpec(Strict):
         if self.datasets and isinstance(self.validation, Path):
             raise ValueError("with [[models.train.datasets]], a validation file belongs to its source: set "
                              "validation = \"val.jsonl\" in that source's table (or a fraction here, for every source)")
+        if self.method != "sft" and self.packing:
+            raise ValueError(f"method = \"{self.method}\" scores each answer of a pair whole: packing does not apply; "
+                             "set packing = false")
+        if self.method != "sft" and self.resume:
+            raise ValueError(f"method = \"{self.method}\" starts from the base or another model's adapter: continue "
+                             "one with start_from = \"<model>\" instead of resume = true")
         paths = [s.path for s in self.datasets]
         if len(set(paths)) < len(paths):
             raise ValueError("[[models.train.datasets]] names the same file twice: give it one source, with the weight "
@@ -294,7 +306,8 @@ class TrainSpec(Strict):
                                                        "checkpoint_every", "format", "report_to"})
         if self.datasets:  # a single dataset's params stay as they were before mixes
             params["datasets"] = [s.params() for s in self.sources]
-        for key, default in (("early_stopping_patience", 0), ("keep", "last")):  # so they did before these were added
+        for key, default in (("early_stopping_patience", 0), ("keep", "last"), ("method", "sft"), ("beta", 0.1),
+                             ("start_from", None)):  # so they did before these were added
             if params[key] == default:
                 del params[key]
         return params | {"validation": self.validation if isinstance(self.validation, float) else "file"}
@@ -424,6 +437,8 @@ class GateSpec(Strict):
     max_exact_match_drop: float | None = Field(default=None, ge=0)  # exact match at most this far under the reference's
     min_chrf: float | None = Field(default=None, ge=0)  # sacrebleu's corpus chrF, 0–100
     min_terminated: float | None = Field(default=None, ge=0, le=1)  # share of answers that end their turn in time
+    # share of held-out preference pairs whose chosen answer the variant finds likelier (method = "dpo" / "orpo")
+    min_preference_accuracy: float | None = Field(default=None, ge=0, le=1)
 
     @property
     def needs_text(self) -> bool:
@@ -656,6 +671,11 @@ class ModelSpec(Strict):
             if self.eval.gate[variant].needs_text and not self.eval.text and not self.train:
                 raise ValueError(f"eval.gate.{variant} compares outputs on held-out text, and this model has none: "
                                  "set [models.eval] text = \"a held-out text file\"")
+            if self.eval.gate[variant].min_preference_accuracy is not None and not (
+                    self.train and self.train.method != "sft" and self.train.validates and not self.eval.text):
+                raise ValueError(f"eval.gate.{variant}.min_preference_accuracy gates on held-out preference pairs, and "
+                                 "this model has none: train it with method = \"dpo\" or \"orpo\" and a validation "
+                                 "split (and no [models.eval] text, which takes the held-out pairs' place)")
             if self.eval.gate[variant].needs_answers and not self.eval.answers_prompts(self.train):
                 raise ValueError(f"eval.gate.{variant} gates on answers, and this model has no prompts to answer: "
                                  "set [models.eval] prompts = \"prompts.jsonl\" (or train it with a validation split)")
@@ -808,6 +828,33 @@ class Spec(Strict):
             if (other := folded.setdefault(name.casefold(), name)) != name:
                 raise ValueError(f"model names {other!r} and {name!r} differ only in case: they would share one cache "
                                  "folder on macOS and Windows, whose file systems ignore case; rename one")
+        return self
+
+    @model_validator(mode="after")
+    def _start_from_a_trained_model(self):
+        """start_from names another model here that trains on the same base with the same LoRA shape, and
+        no chain of them comes back to where it started."""
+        by_name = {m.name: m for m in self.models}
+        for model in self.models:
+            if not model.train or model.train.start_from is None:
+                continue
+            where = f"model {model.name!r}: [models.train] start_from = {model.train.start_from!r}"
+            first = by_name.get(model.train.start_from)
+            if first is None or not first.train:
+                trained = ", ".join(m.name for m in self.models if m.train and m is not model) or "none"
+                raise ValueError(f"{where} names no model of this spec that trains (those that do: {trained})")
+            if first.base.text != model.base.text:
+                raise ValueError(f"{where}: its adapter was trained on {first.base.text} and this model's base is "
+                                 f"{model.base.text}; an adapter only continues on the base it was trained on")
+            if first.train.lora != model.train.lora:
+                raise ValueError(f"{where}: the adapter's shape is that model's [models.train.lora]; give this model "
+                                 "the same lora settings")
+            seen = [model.name]
+            while first is not None and first.train and first.train.start_from:
+                if first.name in seen:
+                    raise ValueError(f"{where}: start_from goes round in a circle ({' → '.join(seen + [first.name])})")
+                seen.append(first.name)
+                first = by_name.get(first.train.start_from)
         return self
 
 

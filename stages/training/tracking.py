@@ -10,7 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 SCALARS = {"train_loss": "train/loss", "val_loss": "eval/loss", "learning_rate": "train/learning_rate",
-           "tokens_per_s": "train/tokens_per_s"}
+           "tokens_per_s": "train/tokens_per_s",
+           # preference methods, under TRL's names
+           "rewards_chosen": "train/rewards/chosen", "rewards_rejected": "train/rewards/rejected",
+           "rewards_margin": "train/rewards/margins", "rewards_accuracy": "train/rewards/accuracies",
+           "val_preference_accuracy": "eval/preference_accuracy"}
 
 
 def scalars(row: dict) -> dict[str, float]:
