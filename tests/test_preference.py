@@ -217,12 +217,23 @@ def preference_pairs(count: int) -> str:
                    for a, b in ((rng.randint(1, 50), rng.randint(1, 50)) for _ in range(count)))
 
 
+def test_orpo_from_the_base_raises_held_out_preference_accuracy(tiny_llama, tmp_path):
+    """ORPO needs no reference: 12 steps on the base take the held-out pairs from a coin toss to all won."""
+    (tmp_path / "pairs.jsonl").write_text(preference_pairs(48))
+    spec = TrainSpec.model_validate({"dataset": str(tmp_path / "pairs.jsonl"), "method": "orpo", "validation": 0.25,
+                                     "max_steps": 12, "eval_every": 6, "batch_size": 4, "learning_rate": 1e-2,
+                                     "max_seq_len": 64})
+    train.run(tiny_llama, tmp_path / "adapter", spec, "m", threads=1)
+    log = [json.loads(line) for line in (tmp_path / "adapter" / train.LOG).read_text().splitlines()]
+    assert log[0]["val_preference_accuracy"] <= 0.5 and log[-1]["val_preference_accuracy"] == 1.0, (log[0], log[-1])
+    assert log[-1]["val_loss"] < log[0]["val_loss"] and log[-1]["rewards_margin"] > 0
+
+
 @pytest.mark.slow
-def test_dpo_continues_an_sft_adapter_and_orpo_trains_from_the_base_raising_held_out_preference_accuracy(
-        tiny_llama, tmp_path):
-    """One build: SFT, DPO on top of it (start_from), and ORPO on the base, each released; the held-out
-    pairs' preference accuracy, measured by llama.cpp on the quantized release, rises well above the
-    base's and passes its gate; the train log holds TRL's rewards."""
+def test_dpo_continues_an_sft_adapter_and_raises_held_out_preference_accuracy(tiny_llama, tmp_path):
+    """One build: SFT, then DPO on top of it (start_from), released; the held-out pairs' preference
+    accuracy, measured by llama.cpp on the quantized release, rises well above the base's and passes
+    its gate; the train log holds TRL's rewards."""
     shutil.copytree(tiny_llama, tmp_path / "tiny")
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"Answer: {i}."}) + "\n"
                                                  for i in range(8)))
@@ -242,28 +253,26 @@ max_seq_len = 64
 min_preference_accuracy = 0.9
 """
     spec = write_spec(tmp_path, TWO_MODELS.split('[models.train]\ndataset = "pairs.jsonl"')[0]
-                      + preference_table.format(method="dpo", extra='start_from = "sft"')
-                      + '\n[[models]]\nname = "orpo"\nbase = "tiny"\nquantize = ["Q8_0"]\n'
-                      + preference_table.format(method="orpo", extra=""))
+                      + preference_table.format(method="dpo", extra='start_from = "sft"'))
     ran = doit(spec).ran
     assert ran.index("train:sft") < ran.index("train:dpo"), "DPO continues the SFT adapter, so it trains after it"
-    assert {"package:dpo-Q8_0", "package:orpo-Q8_0", "report"} <= set(ran), "both pass their preference gates"
-    for name in ("dpo", "orpo"):
-        log = [json.loads(line) for line in (tmp_path / f"cache/{name}/adapter/train_log.jsonl").read_text().splitlines()]
-        assert log[-1]["val_preference_accuracy"] >= log[0]["val_preference_accuracy"] + 0.5, log[0]
-        assert {"rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"} <= set(log[-1])
-        shipped = json.loads((tmp_path / f"cache/{name}/eval/Q8_0.json").read_text())["preference"]
-        base = json.loads((tmp_path / f"cache/{name}/eval/base.json").read_text())["preference"]
-        assert shipped["pairs"] == base["pairs"] == 12
-        assert shipped["accuracy"] >= 0.9 and shipped["accuracy"] >= base["accuracy"] + 0.5, (shipped, base)
-    dpo_start = json.loads((tmp_path / "cache/dpo/adapter/train_log.jsonl").read_text().splitlines()[0])
-    assert dpo_start["val_loss"] == pytest.approx(math.log(2), abs=1e-6), "DPO's reference is the policy as it starts"
+    assert {"package:dpo-Q8_0", "report"} <= set(ran), "it passes its preference gate"
+    log = [json.loads(line) for line in (tmp_path / "cache/dpo/adapter/train_log.jsonl").read_text().splitlines()]
+    assert log[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6), "DPO's reference is the policy as it starts"
+    assert log[-1]["val_preference_accuracy"] >= log[0]["val_preference_accuracy"] + 0.5, log[0]
+    assert {"rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"} <= set(log[-1])
+    shipped = json.loads((tmp_path / "cache/dpo/eval/Q8_0.json").read_text())["preference"]
+    base = json.loads((tmp_path / "cache/dpo/eval/base.json").read_text())["preference"]
+    print(f"held-out preference accuracy: base {base['accuracy']:.0%}, DPO's Q8_0 {shipped['accuracy']:.0%} "
+          f"of {shipped['pairs']} pairs")
+    assert shipped["pairs"] == base["pairs"] == 12
+    assert shipped["accuracy"] >= 0.9 and shipped["accuracy"] >= base["accuracy"] + 0.5, (shipped, base)
     report = (tmp_path / "cache/report/REPORT.md").read_text()
     assert "Held-out preference pairs" in report and "prefers chosen ≥ 90%" in report
 
     spec.write_text(spec.read_text().replace('start_from = "sft"', 'start_from = "sft"\nbeta = 0.2'))
     again = doit(spec).ran
-    assert "train:dpo" in again and "train:sft" not in again and "train:orpo" not in again
+    assert "train:dpo" in again and "train:sft" not in again
 
 
 @pytest.mark.slow
@@ -272,7 +281,7 @@ def test_a_killed_dpo_run_resumes_with_its_reference_to_the_same_adapter_bytes(t
     from the half-trained adapter, they would hold the run near the wrong model."""
     from test_training import adapter_bytes, build, kill_during_training, spec_text
 
-    options = dict(method="dpo", checkpoint_every=3, max_steps=40, max_seq_len=64)
+    options = dict(method="dpo", checkpoint_every=3, max_steps=24, max_seq_len=64)
 
     def workspace(folder):
         shutil.copytree(tiny_llama, folder / "tiny")
@@ -283,7 +292,7 @@ def test_a_killed_dpo_run_resumes_with_its_reference_to_the_same_adapter_bytes(t
     expected = adapter_bytes(tmp_path / "whole")
     folder = tmp_path / "killed"
     spec = workspace(folder)
-    kill_during_training(spec, folder, 1.0)
+    kill_during_training(spec, folder, 0.5)
     output = build(spec, "train").stdout
     assert "continuing from the checkpoint at step" in output, "the kill landed after a checkpoint"
     assert adapter_bytes(folder) == expected, "the resumed DPO run wrote another adapter"

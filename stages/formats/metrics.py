@@ -11,12 +11,13 @@ FIGURES = {
     "exact_match": (("accuracy", "exact_match"), "answers equal to the reference answers"),
     "chrf": (("accuracy", "chrf"), "chrF of the answers"),
     "bleu": (("accuracy", "bleu"), "BLEU of the answers"),
+    "preference_accuracy": (("preference", "accuracy"), "held-out preference pairs whose chosen answer it finds likelier"),
     "size_mb": (("size_bytes",), "file size, MB"),
     "prompt_tps": (("speed", "prompt_tokens_per_s"), "prompt tokens per second"),
     "gen_tps": (("speed", "gen_tokens_per_s"), "generated tokens per second"),
 }
 # What the same build always measures the same (speeds do not): what a lock records and a selection uses.
-STABLE = ("perplexity", "kl", "top1", "exact_match", "chrf", "bleu", "size_mb")
+STABLE = ("perplexity", "kl", "top1", "exact_match", "chrf", "bleu", "preference_accuracy", "size_mb")
 
 
 def figure(result: dict, name: str):

@@ -522,13 +522,13 @@ class MergeSpec(Strict):
 # What [models.select] may choose on: eval figures that the same build always gives the same (speeds
 # do not), with the direction that is better.
 SELECT_METRICS = {"exact_match": True, "chrf": True, "bleu": True, "top1": True, "perplexity": False, "kl": False,
-                  "size_mb": False}
+                  "size_mb": False, "preference_accuracy": True}
 
 
 class SelectSpec(Strict):
     """[models.select]: which variant of the model's [models.matrix] ships under the model's own name."""
 
-    metric: Literal["exact_match", "chrf", "bleu", "top1", "perplexity", "kl", "size_mb"] = "exact_match"
+    metric: Literal["exact_match", "chrf", "bleu", "top1", "perplexity", "kl", "size_mb", "preference_accuracy"] = "exact_match"
     variant: str  # the release whose figure decides: a quant type, or "lora"
     maximize: bool | None = None  # default: what is better for the metric (higher exact match, lower perplexity)
 

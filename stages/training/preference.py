@@ -36,20 +36,30 @@ class Scored:
                 "rewards_margin": float(margins.mean()), "rewards_accuracy": float((margins > 0).float().mean())}
 
 
-def token_logps(logits, labels):
-    """log p of each next token (labels shifted by one), 0 where the label is IGNORE; and the mask."""
+def normalizers(logits):
+    """log Σ exp(logit) over the vocabulary at each position that predicts a next token."""
+    import torch
+
+    return torch.logsumexp(logits[:, :-1].float(), dim=-1)
+
+
+def token_logps(logits, labels, normalizer=None):
+    """log p of each next token (labels shifted by one), 0 where the label is IGNORE; and the mask.
+    log p is the token's logit minus `normalizers`, never a whole log-softmax: at a 49,152-token
+    vocabulary that would be one more float32 copy of the logits, kept for backward (and time to make)."""
     import torch
 
     labels = labels[:, 1:]
     mask = labels != IGNORE
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = torch.gather(logps, 2, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask, mask
+    if normalizer is None:
+        normalizer = normalizers(logits)
+    picked = torch.gather(logits[:, :-1], 2, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1).float()
+    return (picked - normalizer) * mask, mask
 
 
-def sequence_logps(logits, labels):
+def sequence_logps(logits, labels, normalizer=None):
     """Each row's answer log-probability: the sum over its answer tokens; and its mean over them."""
-    picked, mask = token_logps(logits, labels)
+    picked, mask = token_logps(logits, labels, normalizer)
     total = picked.sum(dim=1)
     return total, total / mask.sum(dim=1)
 
@@ -84,10 +94,11 @@ def orpo(logits, labels, input_ids, attention_mask, beta: float) -> Scored:
     import torch.nn.functional as F
 
     pairs = logits.shape[0] // 2
+    normalizer = normalizers(logits)  # once, for both the NLL's tokens and the answers'
     everything = input_ids[:pairs].masked_fill(attention_mask[:pairs] == 0, IGNORE)
-    picked, mask = token_logps(logits[:pairs], everything)
+    picked, mask = token_logps(logits[:pairs], everything, normalizer[:pairs])
     nll = -picked.sum() / mask.sum()
-    _, mean_logps = sequence_logps(logits, labels)
+    _, mean_logps = sequence_logps(logits, labels, normalizer)
     chosen, rejected = mean_logps[:pairs], mean_logps[pairs:]
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
     loss = nll - beta * F.logsigmoid(log_odds).mean()
