@@ -294,11 +294,20 @@ def preview_sources(spec: TrainSpec, tokenizer, names: dict[str, str]) -> list[p
 
 
 def _previewed(name: str, what: str, examples: list[datasets.Example], spec: TrainSpec, tokenizer) -> preview.Source:
-    """One file's records (of training or validation): counted, the first few token by token."""
-    encoded = [encode(e, tokenizer, spec.template, spec.system) for e in examples]
-    shown = [(f"{name}:{e.where.rsplit(':', 1)[-1]}",
-              [(tokenizer.decode([token]), label != IGNORE) for token, label in zip(row.ids, row.labels)])
-             for e, row in zip(examples[:PREVIEWED], encoded)]
+    """One file's records (of training or validation): counted, the first few token by token (a
+    preference pair as its two rows, the chosen and the rejected)."""
+    rows = []  # (the record's line, as the page names the row, the row)
+    for e in examples:
+        line = e.where.rsplit(":", 1)[-1]
+        if e.is_preference:
+            pair = encode_pair(e, tokenizer, spec.template, spec.system)
+            rows += [(f"{line} (chosen)", pair.chosen), (f"{line} (rejected)", pair.rejected)]
+        else:
+            rows.append((line, encode(e, tokenizer, spec.template, spec.system)))
+    encoded = [row for _, row in rows]
+    shown = [(f"{name}:{label}",
+              [(tokenizer.decode([token]), kept != IGNORE) for token, kept in zip(row.ids, row.labels)])
+             for label, row in rows[:PREVIEWED]]
     return preview.Source(f"{name} ({what})", len(examples), sum(len(r.ids) for r in encoded),
                           sum(label != IGNORE for r in encoded for label in r.labels), shown,
                           raw_text=all(e.is_text for e in examples))

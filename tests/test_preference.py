@@ -296,3 +296,19 @@ def test_a_killed_dpo_run_resumes_with_its_reference_to_the_same_adapter_bytes(t
     output = build(spec, "train").stdout
     assert "continuing from the checkpoint at step" in output, "the kill landed after a checkpoint"
     assert adapter_bytes(folder) == expected, "the resumed DPO run wrote another adapter"
+
+
+def test_the_preview_shows_both_answers_of_a_pair_with_only_their_tokens_carrying_loss(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    read(tmp_path, [{"prompt": "What is 2 + 3?", "chosen": "It is 5.", "rejected": "Maybe 6, who knows"}] * 4)
+    spec = TrainSpec.model_validate({"dataset": str(tmp_path / "pairs.jsonl"), "method": "dpo", "validation": 0.25})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    training = train.preview_sources(spec, tokenizer, {})[0]
+    labels = [label for label, _ in training.examples]
+    assert len(labels) == train.PREVIEWED and training.records == 3
+    assert [label.replace("chosen", "rejected") for label in labels[0:4:2]] == labels[1:4:2], "a pair's rows side by side"
+    for label, tokens in training.examples[:2]:
+        answer = "It is 5." if "chosen" in label else "Maybe 6, who knows"
+        assert "".join(text for text, carries in tokens if carries).startswith(answer), label
+        assert "What is 2 + 3?" in "".join(text for text, carries in tokens if not carries)
