@@ -117,9 +117,11 @@ def test_an_iq_type_made_with_the_matrix_is_llama_quantizes_and_loads_and_answer
     _llama_quantize("--imatrix", imatrix.name, f16, tmp_path / "tool.gguf", "IQ3_XXS", cwd=imatrix.parent)
     assert iq.read_bytes() == (tmp_path / "tool.gguf").read_bytes()
     assert _field(iq, "general.file_type") == 23
-    job = evaluate.Job("m", "IQ3_XXS", evaluate.Subject(iq), None, None, "", cache / "eval/prompts.jsonl")
+    prompts = tmp_path / "prompts.jsonl"  # the first 9 of the build's 27 prompts: it answers, the point here
+    prompts.write_text("".join((cache / "eval/prompts.jsonl").read_text().splitlines(keepends=True)[:9]))
+    job = evaluate.Job("m", "IQ3_XXS", evaluate.Subject(iq), None, None, "", prompts)
     scores = evaluate.answer_accuracy(job, evaluate.EvalSpec(), 0)
-    assert scores["prompts"] == 27 and sum(bool(a["answer"].strip()) for a in scores["answers"]) >= 20
+    assert scores["prompts"] == 9 and sum(bool(a["answer"].strip()) for a in scores["answers"]) >= 7
 
 
 @pytest.mark.slow
