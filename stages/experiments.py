@@ -61,10 +61,14 @@ def rows(spec: Spec, models: list[ModelSpec]) -> list[Row]:
     for model in models:
         build = ModelBuild.of(spec, model)
         cells = last_losses(build.paths.root / "adapter" / "train_log.jsonl")
+        # Preference accuracy is measured only where the model trains on pairs: elsewhere it is no column,
+        # not a figure missing (which would read as "not built").
+        pairs = bool(model.train) and model.train.method != "sft"
+        columns = [c for c in FIGURES if c != "preference_accuracy" or pairs]
         for release in (r.variant for r in package.releases(build)):  # each quant type, and the lora route
             path = build.paths.eval(release)
             result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-            cells |= {f"{release}.{column}": figure(result, column) for column in FIGURES}
+            cells |= {f"{release}.{column}": figure(result, column) for column in columns}
         failed = [error for task, error in failures.items() if _task_of(task, model.name)]
         found.append(Row(model.name, model.varied, cells, failed[0] if failed else None))
     return found
