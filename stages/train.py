@@ -2,9 +2,10 @@
 
 Loss is on the answer tokens only; the prompt is written with the base model's own chat
 template. With method = "dpo" or "orpo" the records are preference pairs and the loss is theirs
-(stages.training.preference); DPO's reference is the model as the run starts, scored once. On CPU the run is deterministic: the same inputs, seed and thread count give the
-same adapter bytes. The folder written holds the PEFT adapter (adapter_model.safetensors,
-adapter_config.json) and train_log.jsonl, whose timings make it a report, not an artifact.
+(stages.training.preference); DPO's reference is the model as the run starts, scored once.
+On CPU the run is deterministic: the same inputs, seed and thread count give the same adapter
+bytes. The folder written holds the PEFT adapter (adapter_model.safetensors, adapter_config.json)
+and train_log.jsonl, whose timings make it a report, not an artifact.
 
 Before the model is loaded the run is checked against the device's memory (stages.training.memory).
 While it trains, checkpoints let a killed build continue exactly (stages.training.checkpoint).
@@ -396,10 +397,8 @@ def _preference_validation(model, pairs: list[Pair], references: list[tuple[floa
 
     model.eval()
     total, wins, count = 0.0, 0.0, 0.0
-    numbered = list(range(len(pairs)))
     with torch.no_grad():
-        for batch, weight in share([numbered[k:k + spec.batch_size] for k in range(0, len(pairs), spec.batch_size)],
-                                   ranks):
+        for batch, weight in share(batch_order(len(pairs), spec.batch_size, None), ranks):
             part = [pairs[i] for i in batch]
             scored, _ = _preference_loss(model, part, [references[i] for i in batch] if references else None,
                                          spec, pad_id, device)

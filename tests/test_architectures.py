@@ -66,12 +66,14 @@ def test_doit_ships_an_architecture_modelmake_has_no_plan_for(arch, request, tmp
     # SmolLM3's LoRA adapts its (untied) output layer too: PEFT, the preflight, llama.cpp's LoRA converter
     # and the merge all take lm_head.
     targets = LORA_TARGETS.get(arch)
+    # Q8_0 alone: at the tiny models' width of 64, llama.cpp's Q4_K_M would fall back to other types anyway.
     spec = finetune_workspace(tmp_path, request.getfixturevalue(f"tiny_{arch}"),
-                              SPEC + (f"target_modules = {json.dumps(targets)}\n" if targets else ""))
+                              SPEC.replace('quantize = ["Q8_0", "Q4_K_M"]', 'quantize = ["Q8_0"]')
+                              + (f"target_modules = {json.dumps(targets)}\n" if targets else ""))
     ran = doit(spec).ran
     assert ran.index("import:m.preflight") < ran.index("train:m"), ran
     for task in ("adapter:m", "merge:m", "convert:m", "convert:m-merged", "quantize:m-merged-Q8_0",
-                 "quantize:m-merged-Q4_K_M", "eval:m-Q4_K_M", "eval:m-lora", "package:m-Q4_K_M", "package:m-lora",
+                 "eval:m-Q8_0", "eval:m-lora", "package:m-Q8_0", "package:m-lora",
                  "manifest:m"):
         assert task in ran, task
     cache = tmp_path / "cache/m"
@@ -97,7 +99,7 @@ def test_doit_ships_an_architecture_modelmake_has_no_plan_for(arch, request, tmp
     assert np.abs(unadapted - got).max() > 2e-2 * scale, "the LoRA changes the logits, so the next check bites"
     assert np.abs(adapted - got).max() <= 2e-3 * scale
 
-    for variant in ("Q8_0", "Q4_K_M"):
+    for variant in ("Q8_0",):
         result = json.loads((cache / f"eval/{variant}.json").read_text())
         assert result["quality"]["kl_divergence"] < 0.05, (variant, result["quality"])
         assert (cache / f"package/{variant}/m-{variant}.oci.tar").is_file()

@@ -270,10 +270,6 @@ min_preference_accuracy = 0.9
     report = (tmp_path / "cache/report/REPORT.md").read_text()
     assert "Held-out preference pairs" in report and "prefers chosen ≥ 90%" in report
 
-    spec.write_text(spec.read_text().replace('start_from = "sft"', 'start_from = "sft"\nbeta = 0.2'))
-    again = doit(spec).ran
-    assert "train:dpo" in again and "train:sft" not in again
-
 
 @pytest.mark.slow
 def test_a_killed_dpo_run_resumes_with_its_reference_to_the_same_adapter_bytes(tiny_llama, tmp_path):
@@ -281,7 +277,7 @@ def test_a_killed_dpo_run_resumes_with_its_reference_to_the_same_adapter_bytes(t
     from the half-trained adapter, they would hold the run near the wrong model."""
     from test_training import adapter_bytes, build, kill_during_training, spec_text
 
-    options = dict(method="dpo", checkpoint_every=3, max_steps=24, max_seq_len=64)
+    options = dict(method="dpo", checkpoint_every=3, max_steps=12, max_seq_len=64)
 
     def workspace(folder):
         shutil.copytree(tiny_llama, folder / "tiny")
@@ -292,7 +288,7 @@ def test_a_killed_dpo_run_resumes_with_its_reference_to_the_same_adapter_bytes(t
     expected = adapter_bytes(tmp_path / "whole")
     folder = tmp_path / "killed"
     spec = workspace(folder)
-    kill_during_training(spec, folder, 0.5)
+    kill_during_training(spec, folder, 0.3)
     output = build(spec, "train").stdout
     assert "continuing from the checkpoint at step" in output, "the kill landed after a checkpoint"
     assert adapter_bytes(folder) == expected, "the resumed DPO run wrote another adapter"
