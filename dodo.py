@@ -37,6 +37,9 @@ DOIT_CONFIG = {
     "verbosity": 2,
     "subtasks": True,  # `doit list` shows convert:NAME, quantize:NAME-Q4_K_M, …
     "sort": "definition",
+    # `-n N` under the Ray executor: threads that each wait for a task on the cluster (a process runner
+    # would fork the Ray driver, which Ray does not support).
+    "par_type": "thread" if SPEC.build.executor == "ray" else "process",
     # A variant of a [models.matrix] that fails does not stop the others (the build still exits non-zero).
     "continue": bool(SPEC.matrices),
     # `doit` alone builds and reports; push, pull and verify run only when named.

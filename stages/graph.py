@@ -28,6 +28,7 @@ from .ground.cache import ActionCache, ActionKey, Recipe
 from .ground.errors import BuildError
 from .ground.hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions
 from .ground.progress import quiet_library_bars
+from .ground.ray_executor import RayExecutor, ray_options
 from .ground.remote import Remote
 from .ground.spec import ModelSpec, Spec
 from .ground.store import Store, collect_garbage, measure
@@ -53,9 +54,10 @@ def versions(stage: str) -> dict[str, str]:
 
 
 def run_stage(func, kwargs: dict, outputs: list[Path], cache: Path, task: str, recipe: Recipe,
-              action_cache: ActionCache | None):
-    """doit python-action: restore the task's outputs from the action cache, or run the stage and
-    record them there; timed for the report. A BuildError becomes a one-paragraph failure."""
+              action_cache: ActionCache | None, cluster: tuple[RayExecutor, dict] | None = None):
+    """doit python-action: restore the task's outputs from the action cache, or run the stage (here, or
+    on the Ray cluster of `cluster`: its executor and the task's resources) and record them there;
+    timed for the report. A BuildError becomes a one-paragraph failure."""
     quiet_library_bars()
     try:
         with runlog.measured(cache, task) as run:
@@ -63,6 +65,11 @@ def run_stage(func, kwargs: dict, outputs: list[Path], cache: Path, task: str, r
             restored = action_cache.restore(recipe, key) if key else None
             if restored:
                 run |= restored  # the platform it was built on, for the lock
+            elif cluster:
+                executor, options = cluster
+                ran = executor.build(recipe, func, kwargs, options, key)
+                run["platform"] |= ran.pop("platform")
+                run |= ran  # the node and pid it ran on, its own time and memory
             else:
                 run["platform"] |= func(**kwargs) or {}  # a stage may report more of what shaped its bytes
             if key:
@@ -118,7 +125,20 @@ def run_check(func, kwargs: dict):
         return TaskFailed(str(err))
 
 
-def doit_task(stage: str, task: Task, build: ModelBuild, action_cache: ActionCache | None) -> dict:
+def cluster_options(stage: str, build: ModelBuild) -> dict:
+    """What a task of `stage` asks of a Ray node (`.options()`): the spec's resources for the stage, else
+    one CPU, and for training one GPU per process on cuda."""
+    train = build.model.train
+    if stage == "train" and train is not None:
+        request = train.resources if train.resources is not None else \
+            build.spec.build.resources.get("train", {"GPU": train.processes} if train.device == "cuda" else {})
+    else:
+        request = build.spec.build.resources.get(stage, {})
+    return ray_options(request)
+
+
+def doit_task(stage: str, task: Task, build: ModelBuild, action_cache: ActionCache | None,
+              executor: RayExecutor | None = None) -> dict:
     """A stage's task description → the doit task; every stage is wrapped the same way."""
     outputs, name = task.outputs, f"{stage}:{task.name}"
     cache = build.spec.cache
@@ -130,7 +150,8 @@ def doit_task(stage: str, task: Task, build: ModelBuild, action_cache: ActionCac
         "doc": task.doc,
         "actions": [*((run_check, [check, kwargs]) for check, kwargs in task.checks),
                     (run_stage, [task.action, task.kwargs, outputs, cache, name, recipe,
-                                 action_cache if task.cacheable else None])],
+                                 action_cache if task.cacheable else None,
+                                 (executor, cluster_options(stage, build)) if executor else None])],
         "file_dep": [str(p) for p in task.inputs],
         "targets": [str(p) for p in task.targets or outputs],
         "uptodate": [config_changed(fingerprint(task.params, task_versions)), outputs_intact],
@@ -139,6 +160,8 @@ def doit_task(stage: str, task: Task, build: ModelBuild, action_cache: ActionCac
     }
     if task.after:
         wired["task_dep"] = list(task.after)
+    if executor:  # doit's threads would each swap sys.stdout for a capturing copy, and Ray's log lines,
+        wired["io"] = {"capture": False}  # printed from its own thread, would land in several of them
     return wired
 
 
@@ -151,7 +174,8 @@ def producer(stage: str, task: Task, build: ModelBuild) -> Producer:
                     versions=versions(stage) | task.versions)
 
 
-def model_tasks(spec: Spec, model: ModelSpec, action_cache: ActionCache | None) -> dict[str, list[dict]]:
+def model_tasks(spec: Spec, model: ModelSpec, action_cache: ActionCache | None,
+                executor: RayExecutor | None = None) -> dict[str, list[dict]]:
     """Every task of one model, by stage, in lifecycle order: each stage's own, then the manifest
     over every artifact, and the push and verify tasks that run only when named."""
     build = ModelBuild.of(spec, model)
@@ -161,7 +185,7 @@ def model_tasks(spec: Spec, model: ModelSpec, action_cache: ActionCache | None) 
     built: list[Path] = []  # every artifact task's targets: what the manifest waits for
     for stage, module in STAGE_MODULES.items():
         for task in module.tasks(build):
-            wired[stage].append(doit_task(stage, task, build, action_cache))
+            wired[stage].append(doit_task(stage, task, build, action_cache, executor if stage != "track" else None))
             if task.artifact:
                 built.extend(task.targets or task.outputs)
                 producers.append(producer(stage, task, build))
@@ -402,6 +426,13 @@ def action_cache(spec: Spec) -> ActionCache:
     return ActionCache(Store(options.store or spec.cache / ".store"), remote)
 
 
+def ray_executor(spec: Spec) -> RayExecutor:
+    """[build] executor = "ray": tasks run on the cluster, files travel through the spec's action cache."""
+    transport = action_cache(spec)
+    return RayExecutor(spec.build.address, transport.store, transport.remote, spec.cache_options.store is not None,
+                       spec.source.parent if spec.source else None)
+
+
 def _built_keys(spec: Spec) -> dict[str, str]:
     """task → the action key its last run (or restore) had: what this checkout's build uses."""
     return {task: record["action_key"] for task, record in runlog.read_records(spec.cache).items()
@@ -500,9 +531,10 @@ def tasks(spec: Spec, use_cache: bool = True) -> dict[str, list[dict]]:
     `use_cache=False` (`doit cache=off`) runs every stale task instead of restoring it."""
     merged: dict[str, list[dict]] = {}
     cache = action_cache(spec) if use_cache else None
+    executor = ray_executor(spec) if spec.build.executor == "ray" else None
     seen: dict[str, tuple] = {}
     for model in spec.models:
-        for stage, stage_tasks in model_tasks(spec, model, cache).items():
+        for stage, stage_tasks in model_tasks(spec, model, cache, executor).items():
             merged.setdefault(stage, [])
             for task in stage_tasks:
                 # The variants of a matrix declare the tasks they share (the base's import, preflight and

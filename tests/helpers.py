@@ -398,3 +398,71 @@ def make_sentencepiece_tokenizer(folder: Path, style: str, vocab_size: int = 100
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     getattr(transformers, class_name).from_pretrained(folder, add_bos_token=True).save_pretrained(folder)
     return folder
+
+
+class RayCluster:
+    """A real Ray cluster on 127.0.0.1: a head node and a second node, each started with `ray start
+    --block` and one CPU, the second with one (logical) GPU; stopped on exit. Never `ray stop`, which
+    stops every Ray of the machine."""
+
+    def __init__(self, folder: Path):
+        import tempfile
+
+        self.folder = folder
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        # Ray's socket paths live under its temp folder and may not pass 107 bytes: a short one.
+        # Each node its own, as on separate machines (one folder would have both nodes relay each log line).
+        self.temp = Path(tempfile.mkdtemp(prefix="mmray-", dir="/tmp"))
+        self.processes: list[subprocess.Popen] = []
+
+    def _start(self, *args: str, log: str, temp: str) -> None:
+        import os
+
+        env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "RAY_ADDRESS")}
+        # A loopback test cluster needs no token (Ray 2.5x turns token auth on for `ray start --head`).
+        env |= {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                "RAY_AUTH_MODE": "disabled"}
+        ray = str(Path(sys.executable).parent / "ray")
+        self.processes.append(subprocess.Popen(
+            [ray, "start", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000",
+             "--disable-usage-stats", f"--temp-dir={self.temp / temp}", "--block", *args],
+            stdout=open(self.folder / log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True))
+
+    def nodes(self) -> list[dict]:
+        """The alive nodes, as the cluster lists them (a fresh driver each call)."""
+        script = (f"import json, ray; ray.init(address='{self.address}', configure_logging=False, log_to_driver=False); "
+                  "print(json.dumps([n for n in ray.nodes() if n['Alive']]))")
+        found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        return json.loads(found.stdout.strip().splitlines()[-1]) if found.returncode == 0 else []
+
+    def __enter__(self) -> "RayCluster":
+        import time
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._start("--head", f"--port={self.port}", "--include-dashboard=false", log="head.log", temp="h")
+        self._start(f"--address={self.address}", "--num-gpus=1", log="node.log", temp="n")
+        for _ in range(60):
+            if len(self.nodes()) == 2:
+                return self
+            time.sleep(1)
+        self.__exit__()
+        raise RuntimeError(f"the Ray cluster did not come up: {(self.folder / 'head.log').read_text()[-2000:]}")
+
+    def __exit__(self, *exc):
+        import os
+        import shutil
+        import signal
+
+        for process in reversed(self.processes):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        for process in self.processes:  # whatever outlived the polite stop: the whole process group
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp, ignore_errors=True)

@@ -106,19 +106,29 @@ def platform_facts() -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def peak_memory():
+    """The block's peak memory in this process: the yielded dict is filled as the block ends."""
+    per_task = _reset_peak()
+    found: dict = {}
+    with ResidentPeaks() as peaks:
+        yield found
+    found |= {"peak_rss_mb": round(_peak_mb(), 1), "peak_of": "task" if per_task else "process", **peaks.record()}
+
+
+@contextlib.contextmanager
 def measured(cache: Path, task: str):
     """Time the block and take its peak memory; write the record only if it succeeds. The block
     adds to the yielded run what else shaped its bytes (run["platform"]: train's device and dtype)
-    or that it restored its outputs from the action cache; on exit the run holds the whole record."""
-    per_task = _reset_peak()
+    or that it restored its outputs from the action cache; on exit the run holds the whole record.
+    What the block set itself wins: a task run elsewhere (a Ray worker) brings its own peak memory."""
     started, started_at = time.perf_counter(), time.time()
     run = {"platform": platform_facts()}
-    with ResidentPeaks() as peaks:
+    with peak_memory() as memory:
         yield run
-    run |= {"task": task, "build": BUILD, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    here = {"task": task, "build": BUILD, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "started_at": round(started_at, 3),  # seconds since the epoch: when tasks of `doit -n N` overlapped
-            "wall_s": round(time.perf_counter() - started, 3), "peak_rss_mb": round(_peak_mb(), 1),
-            "peak_of": "task" if per_task else "process", **peaks.record()}
+            "wall_s": round(time.perf_counter() - started, 3), **memory}
+    run |= {key: value for key, value in here.items() if key not in run}
     path = record_path(cache, task)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:

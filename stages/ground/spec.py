@@ -195,6 +195,13 @@ class TrainSpec(Strict):
     # Another model of this spec whose adapter this run continues (SFT, then DPO on top): its train task
     # runs first, and its adapter is where this one starts and, for DPO, the reference it is held near.
     start_from: str | None = None
+    # What the run asks of a node under the Ray executor, in Ray's names; default: 1 GPU per process on cuda.
+    resources: dict[str, float | str] | None = None
+
+    @field_validator("resources")
+    @classmethod
+    def _ray_names(cls, value):
+        return None if value is None else _resources(value)
 
     @field_validator("report_to")
     @classmethod
@@ -303,7 +310,8 @@ class TrainSpec(Strict):
         """What shapes the adapter besides the data files themselves (their bytes are inputs)."""
         # Checkpoints and the memory limit change when the work is saved or refused, never its result.
         params = self.model_dump(mode="json", exclude={"dataset", "datasets", "validation", "resume", "max_memory",
-                                                       "checkpoint_every", "format", "report_to"})
+                                                       "checkpoint_every", "format", "report_to",
+                                                       "resources"})
         if self.datasets:  # a single dataset's params stay as they were before mixes
             params["datasets"] = [s.params() for s in self.sources]
         for key, default in (("early_stopping_patience", 0), ("keep", "last"), ("method", "sft"), ("beta", 0.1),
@@ -750,11 +758,46 @@ class ModelSpec(Strict):
         return canonical
 
 
+# The stages whose tasks the Ray executor runs on the cluster (select, manifest and track run where doit
+# does: they read many artifacts and write little); [build.resources] names them.
+CLUSTER_STAGES = Literal["import", "train", "adapter", "merge", "convert", "quantize", "eval", "parity", "package"]
+
+
+def _resources(request: dict) -> dict:
+    """A stage's resources in Ray's names (`{ GPU = 1, memory = "40GB", accelerator_type = "H100" }`)."""
+    from .ray_executor import ray_options
+
+    ray_options(request)  # raises ValueError naming the entry
+    return request
+
+
 class BuildSpec(Strict):
-    """[build]: how many tasks of a kind may run at once under `doit -n N`."""
+    """[build]: where tasks run, and how many of a kind at once under `doit -n N`."""
 
     # Training takes every core (or the GPU) it is given; two at once on one device only contend.
     max_parallel_train: int = Field(default=1, ge=1)
+    # "local": in doit's process (or its `-n N` processes); "ray": each task on a Ray cluster (doit's thread
+    # runner waits for them), files moving through the action cache's store by content.
+    executor: Literal["local", "ray"] = "local"
+    # The cluster's head, host:port (its GCS port) or ray://host:10001; default RAY_ADDRESS, else a Ray
+    # started on this machine for the build.
+    address: str | None = Field(default=None, min_length=1)
+    # What each stage's tasks ask of a node, in Ray's names; default 1 CPU (train: 1 GPU per process on cuda).
+    resources: dict[CLUSTER_STAGES, dict[str, float | str]] = Field(default_factory=dict)
+
+    @field_validator("resources")
+    @classmethod
+    def _ray_names(cls, value: dict) -> dict:
+        for request in value.values():
+            _resources(request)
+        return value
+
+    @model_validator(mode="after")
+    def _ray_installed(self):
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError("executor = \"ray\" needs Ray, which is not installed: pip install -e '.[ray]' "
+                             "(here and on every node of the cluster)")
+        return self
 
 
 class Spec(Strict):

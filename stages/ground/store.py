@@ -123,6 +123,9 @@ class Store:
                 return stat_key(os.stat(blob))
             shutil.copyfile(source, tmp)
         os.replace(tmp, blob)
+        # Another thread may have placed the same file meanwhile: renaming a hard link onto another link
+        # of the same file does nothing (POSIX), and would leave the temporary name behind.
+        tmp.unlink(missing_ok=True)
         return stat_key(os.stat(blob))
 
     def record(self, key: str, task: str, cache_dir: Path, files: list[Path], run: dict) -> Entry:
