@@ -422,7 +422,7 @@ class RayCluster:
         env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "RAY_ADDRESS")}
         # A loopback test cluster needs no token (Ray 2.5x turns token auth on for `ray start --head`).
         env |= {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-                "RAY_AUTH_MODE": "disabled"}
+                "RAY_AUTH_MODE": "disabled", "MODELMAKE_WORKER_STORE": str(self.folder / "worker-store")}
         ray = str(Path(sys.executable).parent / "ray")
         self.processes.append(subprocess.Popen(
             [ray, "start", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000",

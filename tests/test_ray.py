@@ -100,6 +100,32 @@ def test_run_records_name_the_ray_node_and_worker_of_each_task_and_train_ran_on_
 
 
 @pytest.mark.slow
+def test_workers_that_share_no_folder_with_doit_get_and_give_files_through_the_cache_remote(builds, cluster, registry):
+    """Addressed by the node's own IP (not loopback) and without a [cache] store every node mounts, the
+    workers are taken to be other machines: inputs go up to the registry, outputs come back from it."""
+    folder = builds["folder"] / "remote"
+    shutil.copytree(builds["folder"] / "local", folder, ignore=shutil.ignore_patterns("cache"))
+    node_ip = builds["nodes"][0]["NodeManagerAddress"]
+    assert node_ip != "127.0.0.1"
+    spec = write_spec(folder, ray_spec(f"{node_ip}:{cluster.port}",
+                                       f'\n[cache]\nremote = "{registry.host}/ray-cache"\npush = true\n'))
+    result = doit(spec, "adapter")
+    assert result.ran == ["train:m.preview", "train:m", "adapter:m"]
+    lora = "cache/m/gguf/m.lora.F16.gguf"
+    assert (folder / lora).read_bytes() == (builds["folder"] / "local" / lora).read_bytes()
+    worker_store = Store(cluster.folder / "worker-store")
+    assert {e.task for _, e in worker_store.entries()} >= {"train:m", "adapter:m", "inputs of train:m"}
+    # Without the remote the same cluster is refused before anything is submitted, naming what to share.
+    spec.write_text(ray_spec(f"{node_ip}:{cluster.port}"))
+    shutil.rmtree(folder / "cache")
+    refused = doit(spec, "adapter", check=False)
+    assert refused.returncode != 0
+    assert (f"the Ray cluster at {node_ip}:{cluster.port} runs tasks on other machines, which cannot read this "
+            "machine's action cache") in refused.output
+    assert "set [cache] store to a folder every node mounts" in refused.output and "Traceback" not in refused.output
+
+
+@pytest.mark.slow
 def test_two_quantize_tasks_run_at_once_on_different_nodes(cluster, tmp_path):
     """SmolLM2-135M's quantizations take seconds each: long enough to see two at once."""
     shutil.copy(SMOLLM_GGUF, tmp_path / "smollm2.gguf")
@@ -133,3 +159,76 @@ def test_an_unreachable_cluster_fails_at_once_naming_its_address(tmp_path, tiny_
     assert "Traceback" not in result.output
     assert time.monotonic() - started < 60  # not Ray's own minutes of retries
     assert not list((tmp_path / "cache").glob("*/adapter"))
+
+
+# ---- the pure parts, without a cluster ----
+
+def test_resources_in_rays_names_become_rays_options():
+    from stages.ground.ray_executor import node_offers, nodes_that_fit, ray_options
+
+    options = ray_options({"CPU": 2, "GPU": 1, "memory": "40GB", "accelerator_type": "H100", "trainer": 1})
+    assert options == {"num_cpus": 2, "num_gpus": 1, "memory": 40 * 10**9, "accelerator_type": "H100",
+                       "resources": {"trainer": 1}}
+    assert node_offers(options) == {"CPU": 2, "GPU": 1, "memory": 40 * 10**9, "trainer": 1,
+                                    "accelerator_type:H100": 0.001}
+    big = {"Alive": True, "Resources": {"CPU": 8, "GPU": 2, "memory": 80e9, "trainer": 1, "accelerator_type:H100": 1}}
+    small = {"Alive": True, "Resources": {"CPU": 8, "GPU": 2, "memory": 80e9, "trainer": 1}}  # another accelerator
+    dead = {**big, "Alive": False}
+    assert nodes_that_fit(options, [small, dead, big]) == [big]
+    assert nodes_that_fit(ray_options({}), [small]) == [small]  # one CPU, Ray's default
+
+
+@pytest.mark.parametrize("request_, expected", [
+    ({"GPU": -1}, "GPU = -1: a resource is a number of units, 0 or more"),
+    ({"memory": "lots"}, "'lots' is not a size"),
+    ({"accelerator_type": 3}, "accelerator_type = 3: give the accelerator's name"),
+    ({"CPU": True}, "CPU = True: a resource is a number"),
+])
+def test_a_resource_ray_cannot_take_is_refused(request_, expected):
+    from stages.ground.ray_executor import ray_options
+
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        ray_options(request_)
+
+
+def test_a_stages_arguments_are_moved_into_the_workers_folder(tmp_path):
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    from stages.ground.ray_executor import moved
+    from stages.ground.spec import AdapterSpec
+
+    @dataclass(frozen=True)
+    class Release:
+        gguf: Path
+        lora: Path | None
+
+    cache, work = tmp_path / "cache", Path("/w")
+    roots = {str(cache): work / "cache", str(tmp_path / "spec"): work / "spec"}
+    args = {"out": cache / "m/gguf/x.gguf", "names": {str(tmp_path / "spec/data.jsonl"): "data.jsonl"},
+            "release": Release(cache / "m/a.gguf", None), "tools": Path("/usr/bin/llama-quantize"),
+            "files": [cache / "m/b", (cache / "m/c", 3)], "cached": str(cache), "other": str(cache) + "-x",
+            "adapter": AdapterSpec(path=None, outtype="f32")}
+    assert moved(args, roots) == {
+        "out": work / "cache/m/gguf/x.gguf", "names": {"/w/spec/data.jsonl": "data.jsonl"},
+        "release": Release(work / "cache/m/a.gguf", None), "tools": Path("/usr/bin/llama-quantize"),
+        "files": [work / "cache/m/b", (work / "cache/m/c", 3)], "cached": "/w/cache", "other": str(cache) + "-x",
+        "adapter": AdapterSpec(path=None, outtype="f32")}
+
+
+def test_a_folders_index_ships_every_file_it_names(tmp_path):
+    from stages.ground.hashing import write_index
+    from stages.ground.ray_executor import input_files, roots_of
+
+    base = tmp_path / "cache/m/base"
+    (base / "sub").mkdir(parents=True)
+    (base / "model.safetensors").write_bytes(b"w")
+    (base / "sub/tokenizer.json").write_text("{}")
+    write_index(base)
+    data = tmp_path / "elsewhere/data.jsonl"
+    data.parent.mkdir()
+    data.write_text("{}\n")
+    files = input_files([base / "files.b3", data])
+    assert sorted(files) == sorted([base / "files.b3", base / "model.safetensors", base / "sub/tokenizer.json", data])
+    assert roots_of(files, tmp_path / "cache", tmp_path / "spec") == {
+        tmp_path / "cache": "cache", tmp_path / "spec": "spec", tmp_path / "elsewhere": "in2"}

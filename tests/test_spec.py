@@ -79,6 +79,14 @@ def test_quant_names_are_normalised_and_paths_resolved_from_the_spec_folder(tmp_
      "[models.merge] is for a model with an adapter ([models.train] or adapter.path); this one has none"),
     ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.merge]\nkeep = false\n',
      "unknown key 'models[0].merge.keep': did you mean 'keep_hf'?"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[build]\nexecutor = "slurm"\n',
+     "build.executor: Input should be 'local' or 'ray'"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[build.resources]\nquantise = { CPU = 2 }\n',
+     "build.resources.quantise.[key]: Input should be 'import', 'train',"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[build.resources]\nquantize = { memory = "much" }\n',
+     "build.resources: 'much' is not a size"),
+    ('[[models]]\nname = "m"\nbase = "x.gguf"\n[models.train]\ndataset = "x.gguf"\n[models.train.resources]\nGPU = -2\n',
+     "models[0].train.resources: GPU = -2: a resource is a number of units, 0 or more"),
 ])
 def test_bad_spec_is_one_clear_sentence(tmp_path, text, expected):
     (tmp_path / "x.gguf").write_bytes(b"")

@@ -196,7 +196,8 @@ def _on_worker(shipment: Shipment):
         yield {"error": f"{shipment.task}: the Ray worker runs modelmake {__version__}, this build {shipment.version}; "
                         "install the same version on every node of the cluster"}
         return
-    store = Store(Path(shipment.store).expanduser())
+    store = Store(Path(shipment.store if shipment.remote is None else
+                       os.environ.get("MODELMAKE_WORKER_STORE", shipment.store)).expanduser())
     work = _work_folder(store)
     roots = {old: work / name for old, name in shipment.roots.items()}
     try:
@@ -244,6 +245,7 @@ def _back_home(text: str, roots: dict[str, Path]) -> str:
 # ---- the doit side ----
 
 # A worker's own store where it does not share the build's: files come and go through the remote.
+# Read on the worker: MODELMAKE_WORKER_STORE (set where the node's `ray start` runs) puts it elsewhere.
 WORKER_STORE = "~/.cache/modelmake/ray-store"
 
 

@@ -196,7 +196,7 @@ class TrainSpec(Strict):
     # runs first, and its adapter is where this one starts and, for DPO, the reference it is held near.
     start_from: str | None = None
     # What the run asks of a node under the Ray executor, in Ray's names; default: 1 GPU per process on cuda.
-    resources: dict[str, float | str] | None = None
+    resources: dict[str, int | float | str] | None = None
 
     @field_validator("resources")
     @classmethod
@@ -783,7 +783,7 @@ class BuildSpec(Strict):
     # started on this machine for the build.
     address: str | None = Field(default=None, min_length=1)
     # What each stage's tasks ask of a node, in Ray's names; default 1 CPU (train: 1 GPU per process on cuda).
-    resources: dict[CLUSTER_STAGES, dict[str, float | str]] = Field(default_factory=dict)
+    resources: dict[CLUSTER_STAGES, dict[str, int | float | str]] = Field(default_factory=dict)
 
     @field_validator("resources")
     @classmethod
