@@ -28,7 +28,7 @@ from .ground.cache import ActionCache, ActionKey, Recipe
 from .ground.errors import BuildError
 from .ground.hashing import INDEX, expand_files, fingerprint, outputs_intact, record_outputs, tool_versions
 from .ground.progress import quiet_library_bars
-from .ground.ray_executor import RayExecutor, ray_options
+from .ground.ray_executor import Placement, RayExecutor, ray_options
 from .ground.remote import Remote
 from .ground.spec import ModelSpec, Spec
 from .ground.store import Store, collect_garbage, measure
@@ -54,9 +54,9 @@ def versions(stage: str) -> dict[str, str]:
 
 
 def run_stage(func, kwargs: dict, outputs: list[Path], cache: Path, task: str, recipe: Recipe,
-              action_cache: ActionCache | None, cluster: tuple[RayExecutor, dict] | None = None):
+              action_cache: ActionCache | None, cluster: tuple[RayExecutor, Placement] | None = None):
     """doit python-action: restore the task's outputs from the action cache, or run the stage (here, or
-    on the Ray cluster of `cluster`: its executor and the task's resources) and record them there;
+    on the Ray cluster of `cluster`: its executor and where the task goes) and record them there;
     timed for the report. A BuildError becomes a one-paragraph failure."""
     quiet_library_bars()
     try:
@@ -66,8 +66,8 @@ def run_stage(func, kwargs: dict, outputs: list[Path], cache: Path, task: str, r
             if restored:
                 run |= restored  # the platform it was built on, for the lock
             elif cluster:
-                executor, options = cluster
-                ran = executor.build(recipe, func, kwargs, options, key)
+                executor, placement = cluster
+                ran = executor.build(recipe, func, kwargs, placement, key)
                 run["platform"] |= ran.pop("platform")
                 run |= ran  # the node and pid it ran on, its own time and memory
             else:
@@ -125,16 +125,16 @@ def run_check(func, kwargs: dict):
         return TaskFailed(str(err))
 
 
-def cluster_options(stage: str, build: ModelBuild) -> dict:
-    """What a task of `stage` asks of a Ray node (`.options()`): the spec's resources for the stage, else
-    one CPU, and for training one GPU per process on cuda."""
+def placement(stage: str, task: Task, build: ModelBuild) -> Placement:
+    """Where a task of `stage` goes on a Ray cluster: what it asks of a node (the spec's resources for the
+    stage, else one CPU, and for training one GPU per process on cuda), on how many nodes (a training
+    run's `nodes`), and the work it keeps between attempts (its checkpoints)."""
     train = build.model.train
-    if stage == "train" and train is not None:
+    if stage == "train" and train is not None and task.name == build.model.name:
         request = train.resources if train.resources is not None else \
             build.spec.build.resources.get("train", {"GPU": train.processes} if train.device == "cuda" else {})
-    else:
-        request = build.spec.build.resources.get(stage, {})
-    return ray_options(request)
+        return Placement(ray_options(request), train.nodes, tuple(task.scratch))
+    return Placement(ray_options(build.spec.build.resources.get(stage, {})))
 
 
 def doit_task(stage: str, task: Task, build: ModelBuild, action_cache: ActionCache | None,
@@ -151,7 +151,7 @@ def doit_task(stage: str, task: Task, build: ModelBuild, action_cache: ActionCac
         "actions": [*((run_check, [check, kwargs]) for check, kwargs in task.checks),
                     (run_stage, [task.action, task.kwargs, outputs, cache, name, recipe,
                                  action_cache if task.cacheable else None,
-                                 (executor, cluster_options(stage, build)) if executor else None])],
+                                 (executor, placement(stage, task, build)) if executor else None])],
         "file_dep": [str(p) for p in task.inputs],
         "targets": [str(p) for p in task.targets or outputs],
         "uptodate": [config_changed(fingerprint(task.params, task_versions)), outputs_intact],

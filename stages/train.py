@@ -485,7 +485,7 @@ def check_memory(base_dir: Path, spec: TrainSpec, device: str, dtype, seq_len: i
                    "optimizer": spec.optimizer} | change
         options["batch"] *= rows_per_record
         return memory.estimate(shape, weight_bytes=dtype.itemsize, seq_len=seq_len,
-                               processes=spec.processes, sharded=spec.fsdp, cpu=cpu, **options)
+                               processes=spec.processes * spec.nodes, sharded=spec.fsdp, cpu=cpu, **options)
 
     limit, where = limit or memory_limit(spec, device)
     checkpointing = spec.gradient_checkpointing
@@ -863,15 +863,18 @@ def run_key(spec: TrainSpec, inputs: list[Path], threads: int) -> str:
 
 def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int = 0,
         work: Path | None = None, inputs: list[Path] = (), slots: tuple[Path, int] | None = None,
-        events: Path | None = None, start_adapter: Path | None = None) -> dict[str, str]:
+        events: Path | None = None, start_adapter: Path | None = None, gang: dict | None = None) -> dict[str, str]:
     """Train and save the adapter; returns the platform facts that shaped its bytes, for the lock.
 
     With a work folder, checkpoints go under work/checkpoints (keyed by the run's inputs) and a
     killed run continues from the last one; they are removed once the adapter is in place. `slots`:
-    (folder, count): at most count trainings of this cache run at once (`[build] max_parallel_train`)."""
+    (folder, count): at most count trainings of this cache run at once (`[build] max_parallel_train`).
+    `gang`: this node's part of a run over several (`nodes`, given by the Ray executor): {"nodes",
+    "node_rank", "run_id", "endpoint"}; the node whose ranks hold the main one writes the adapter."""
     if slots:
         with buildlock.slot(*slots, "train"):
-            return run(base_dir, out_dir, spec, model_name, threads, work, inputs, events=events, start_adapter=start_adapter)
+            return run(base_dir, out_dir, spec, model_name, threads, work, inputs, events=events,
+                       start_adapter=start_adapter, gang=gang)
     out_dir = Path(out_dir)
     if spec.processes > 1:  # the cores are shared between the processes
         threads = max(1, (threads or available_cores()) // spec.processes)
@@ -879,21 +882,24 @@ def run(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads
     if work:
         key = run_key(spec, inputs, threads or available_cores())
         checkpoints = checkpoint.folder_for(work / "checkpoints", key)
-    if spec.processes == 1:
+    if spec.processes == 1 and gang is None:
         facts = train(base_dir, out_dir, spec, model_name, threads, checkpoints, Ranks(), events=events,
                       start_adapter=start_adapter)
     elif work is None:
         raise BuildError("training with processes > 1 needs a work folder for its job")
     else:
-        facts = _run_ranks(base_dir, out_dir, spec, model_name, threads, checkpoints, work, events, start_adapter)
+        facts = _run_ranks(base_dir, out_dir, spec, model_name, threads, checkpoints, work, events, start_adapter, gang)
+        if facts is None:  # another node moves the adapter into place, and clears the work (shared with it)
+            return {}
     if work:
         shutil.rmtree(work, ignore_errors=True)
     return facts
 
 
 def _run_ranks(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, threads: int, checkpoints: Path | None,
-               work: Path, events: Path | None, start_adapter: Path | None) -> dict[str, str]:
-    """processes > 1: check what can be checked here, launch the ranks, and move their adapter into place."""
+               work: Path, events: Path | None, start_adapter: Path | None, gang: dict | None) -> dict[str, str] | None:
+    """processes > 1 (or this node's part of a run over several): check what can be checked here, launch
+    the ranks, and move their adapter into place; None where the main rank ran on another node."""
     from transformers import AutoTokenizer
 
     device = pick_device(spec.device)
@@ -910,7 +916,9 @@ def _run_ranks(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, 
     job = {"base_dir": str(base_dir), "spec": decided.model_dump(mode="json"), "model_name": model_name,
            "threads": threads, "checkpoints": str(checkpoints), "resume_from": str(out_dir), "limit": list(limit),
            "events": str(events) if events else None, "start_adapter": str(start_adapter) if start_adapter else None}
-    folder = distributed.launch(job, work, spec.processes, threads)
+    folder = distributed.launch(job, work, spec.processes, threads, gang)
+    if gang and not (folder / "adapter").is_dir():
+        return None
     with atomic_dir(out_dir) as tmp:  # the ranks' finished adapter takes the empty temp folder's place
         tmp.rmdir()
         os.replace(folder / "adapter", tmp)
@@ -919,6 +927,11 @@ def _run_ranks(base_dir: Path, out_dir: Path, spec: TrainSpec, model_name: str, 
 
 def _rank_main(job_path: str) -> None:
     """One rank of a run with processes > 1: `python -m stages.train JOB` (started by distributed.launch)."""
+    import signal
+
+    # Stopped with SIGINT (Ctrl-C, or the agent stopping a run another node failed): at once. Python's own
+    # handler would wait for a collective that is blocked on a dead peer to return first, for minutes.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     spec = TrainSpec.model_validate(job["spec"])
     folder = Path(job_path).parent

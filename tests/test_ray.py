@@ -232,3 +232,58 @@ def test_a_folders_index_ships_every_file_it_names(tmp_path):
     assert sorted(files) == sorted([base / "files.b3", base / "model.safetensors", base / "sub/tokenizer.json", data])
     assert roots_of(files, tmp_path / "cache", tmp_path / "spec") == {
         tmp_path / "cache": "cache", tmp_path / "spec": "spec", tmp_path / "elsewhere": "in2"}
+
+
+def _rank_of(worker_pid: int) -> int | None:
+    """The training process (`python -m stages.train`) an elastic agent in Ray worker `worker_pid` started."""
+    from pathlib import Path
+
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            parent = int(re.search(r"PPid:\s+(\d+)", status.read_text()).group(1))
+            command = (status.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, AttributeError):
+            continue
+        if parent == worker_pid and b"stages.train" in command:
+            return int(status.parent.name)
+    return None
+
+
+@pytest.mark.slow
+def test_one_training_run_over_two_nodes_trains_what_two_processes_train_here(cluster, tmp_path, tiny_llama):
+    """nodes = 2, processes = 1: an elastic agent on each node, gloo between them; a rank killed on the
+    second node is named with its node, and the next doit trains the same adapter as processes = 2 here."""
+    train = FINETUNE_SPEC.replace("batch_size = 4", "batch_size = 4\nmax_seq_len = 64")
+    local = finetune_workspace(tmp_path / "local", tiny_llama, "threads = 1\n" + train.replace("max_steps = 2", "max_steps = 2\nprocesses = 2"))
+    doit(local, "train")
+    shutil.copytree(tmp_path / "local", tmp_path / "spread", ignore=shutil.ignore_patterns("cache"))
+    spec = write_spec(tmp_path / "spread", "threads = 1\n" + train.replace("max_steps = 2", "max_steps = 2\nnodes = 2") +
+                      f'\n[build]\nexecutor = "ray"\naddress = "{cluster.address}"\n')
+    doit_run = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "train", f"spec={spec}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    lines, second = [], None
+    for line in doit_run.stdout:
+        lines.append(line)
+        found = re.match(r"train:m: running on Ray node (\S+) \((\w+)\), pid (\d+) \(node 1 of the run\)", line)
+        if found:
+            second = {"ip": found.group(1), "node": found.group(2), "pid": int(found.group(3))}
+            for _ in range(600):
+                rank = _rank_of(second["pid"])
+                if rank:
+                    os.kill(rank, signal.SIGKILL)
+                    break
+                time.sleep(0.05)
+    output = "".join(lines)
+    assert doit_run.wait() != 0
+    assert second, output[-3000:]
+    assert f"train:m failed on node {second['ip']} ({second['node']}): training failed in rank" in output, output[-3000:]
+    assert "the process died of SIGKILL" in output and "Traceback" not in output
+    assert not (tmp_path / "spread/cache/m/adapter").exists()
+
+    again = doit(spec, "train")
+    assert "train:m" in again.ran
+    weights = "cache/m/adapter/adapter_model.safetensors"
+    assert (tmp_path / "spread" / weights).read_bytes() == (tmp_path / "local" / weights).read_bytes()
+    record = runlog.read_records(tmp_path / "spread/cache")["train:m"]
+    assert len({node["id"] for node in record["nodes"]}) == 2
+    assert record["platform"]["processes"] == "2"

@@ -147,6 +147,16 @@ def roots_of(files: list[Path], cache_dir: Path, spec_dir: Path | None) -> dict[
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a task goes: what it asks of a node (Ray's `.options()`), on how many nodes at once, and
+    the work folders it keeps between attempts (train's checkpoints), relative to the cache."""
+
+    options: dict
+    nodes: int = 1
+    scratch: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
 class Shipment:
     """One task as a worker receives it (pickled by Ray: small, no file contents)."""
 
@@ -161,6 +171,10 @@ class Shipment:
     remote: Remote | None  # where inputs and outputs travel when the store is not shared
     version: str  # modelmake's version on the doit side: a worker must run the same
     cpus: float  # the CPUs Ray gave the task: what `threads = 0` means on the worker
+    # Work folders kept in the store between attempts, so a killed run resumes wherever it lands next.
+    scratch: tuple[str, ...] = ()
+    # One of several nodes of one training run: {"nodes", "node_rank", "run_id", "endpoint"} (None: alone).
+    gang: dict | None = None
 
 
 def _work_folder(store: Store) -> Path:
@@ -171,6 +185,12 @@ def _work_folder(store: Store) -> Path:
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return store.work_dir(f"ray.{host}")
+
+
+def _free_port(ip: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((ip, 0))
+        return probe.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -190,8 +210,12 @@ def _on_worker(shipment: Shipment):
     from .. import __version__
     from .runlog import peak_memory
 
-    yield {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-           "host": socket.gethostname(), "pid": os.getpid()}
+    ip = ray.util.get_node_ip_address()
+    gang = dict(shipment.gang) if shipment.gang else None
+    if gang and gang["endpoint"] is None:  # the first node of the run: the others meet it here
+        gang["endpoint"] = f"{ip}:{_free_port(ip)}"
+    yield {"node_id": ray.get_runtime_context().get_node_id(), "ip": ip, "host": socket.gethostname(),
+           "pid": os.getpid(), **({"endpoint": gang["endpoint"]} if gang else {})}
     if shipment.version != __version__:
         yield {"error": f"{shipment.task}: the Ray worker runs modelmake {__version__}, this build {shipment.version}; "
                         "install the same version on every node of the cluster"}
@@ -199,7 +223,10 @@ def _on_worker(shipment: Shipment):
     store = Store(Path(shipment.store if shipment.remote is None else
                        os.environ.get("MODELMAKE_WORKER_STORE", shipment.store)).expanduser())
     work = _work_folder(store)
-    roots = {old: work / name for old, name in shipment.roots.items()}
+    cache_dir = next(old for old, name in shipment.roots.items() if name == "cache")
+    kept = store.root / "scratch" / shipment.task.replace(":", "-")
+    roots = {**{os.path.join(cache_dir, rel): kept / rel for rel in shipment.scratch},  # before the cache's own root
+             **{old: work / name for old, name in shipment.roots.items()}}
     try:
         entry = store.lookup(shipment.inputs_key)
         if entry is None and shipment.remote is not None:
@@ -219,16 +246,21 @@ def _on_worker(shipment: Shipment):
         kwargs = moved(shipment.kwargs, roots)
         if kwargs.get("threads") == 0:  # "all cores": on a shared node, the CPUs the task was given
             kwargs["threads"] = max(1, int(shipment.cpus))
+        if gang:
+            kwargs["gang"] = gang
         with peak_memory() as memory:
             platform = shipment.func(**kwargs) or {}
         facts = {"platform": platform, "worker_wall_s": round(time.perf_counter() - started, 3), **memory}
-        outputs = expand_files([work / "cache" / rel for rel in shipment.written])
-        recorded = store.record(shipment.key, shipment.task, work / "cache", outputs, facts)
+        written = [work / "cache" / rel for rel in shipment.written]
+        if gang and not all(path.exists() for path in written):  # the run's main process was on another node
+            yield {"facts": facts, "recorded": False, "gang": True}
+            return
+        recorded = store.record(shipment.key, shipment.task, work / "cache", expand_files(written), facts)
         if shipment.remote is not None:
             shipment.remote.upload(recorded, store)
-        yield {"facts": facts}
+        yield {"facts": facts, "recorded": True}
     except BuildError as err:
-        yield {"error": _back_home(str(err), roots)}
+        yield {"error": _back_home(str(err), roots), "failed_at": time.time(), **({"gang": True} if gang else {})}
     except OSError as err:
         yield {"oserror": [err.errno, err.strerror, _back_home(str(err.filename), roots) if err.filename else None]}
     finally:
@@ -309,14 +341,14 @@ class RayExecutor:
         finally:
             said.setLevel(level)
 
-    def build(self, recipe: Recipe, func: Callable, kwargs: dict, options: dict, key: str | None) -> dict:
+    def build(self, recipe: Recipe, func: Callable, kwargs: dict, placement: Placement, key: str | None) -> dict:
         """Run a task on the cluster and put its outputs in place, as a cache hit is restored; return the
         run's facts. Without a key (`cache=off`, or a task whose outputs depend on more than its inputs)
         the outputs travel under a one-off key, dropped once they are in place."""
         one_off = key is None
         key = key or f"once-{uuid.uuid4().hex}"
         facts = self.run(recipe.task, func, kwargs, list(recipe.inputs.values()), recipe.written, recipe.cache_dir,
-                         key, options)
+                         key, placement)
         entry = self.store.lookup(key)
         if entry is None and self.remote is not None:
             entry = self.remote.fetch(key, recipe.task, self.store)
@@ -329,47 +361,78 @@ class RayExecutor:
         return facts
 
     def run(self, task: str, func: Callable, kwargs: dict, inputs: list[Path], written: tuple[Path, ...],
-            cache_dir: Path, key: str, options: dict) -> dict:
-        """Run one task on the cluster; return its run facts (where, how long, its memory), the outputs
-        recorded in the store under `key`. Raises BuildError (or the stage's OSError) on failure."""
+            cache_dir: Path, key: str, placement: Placement) -> dict:
+        """Run one task on the cluster (on `placement.nodes` nodes at once for a training run across
+        nodes); return its run facts (where, how long, its memory), the outputs recorded in the store
+        under `key`. Raises BuildError (or the stage's OSError) on failure."""
         from .. import __version__
 
         self.connect()
         import ray
 
-        fitting = nodes_that_fit(options, ray.nodes())
-        if not fitting:
+        options = placement.options
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        fitting = nodes_that_fit(options, nodes)
+        if len(fitting) < placement.nodes:
             offered = "; ".join(f"{n.get('NodeManagerAddress')}: " + ", ".join(
                 f"{k} {v:g}" for k, v in sorted(n.get("Resources", {}).items()) if not k.startswith("node:"))
-                for n in ray.nodes() if n.get("Alive"))
+                for n in nodes)
             asked = ", ".join(f"{k} {v:g}" for k, v in node_offers(options).items())
-            raise BuildError(f"{task} asks for {asked}, which no node of {self.where} has ({offered}). Change the "
-                             "stage's resources ([models.train] resources, [build.resources]) or add such a node")
+            short = (f"{asked}, which no node of {self.where} has" if placement.nodes == 1 else
+                     f"{asked} on each of {placement.nodes} nodes, and {len(fitting)} of {self.where} have it")
+            raise BuildError(f"{task} asks for {short} ({offered}). Change the stage's resources ([models.train] "
+                             "resources or nodes, [build.resources]) or add such nodes")
         files = input_files(inputs)
         roots = roots_of(files, cache_dir, self.spec_dir)
         inputs_entry = self._file_inputs(task, files, roots)
         shipment = Shipment(task, func, kwargs, {str(k): v for k, v in roots.items()}, inputs_entry.key,
                             tuple(p.relative_to(cache_dir).as_posix() for p in written), key,
                             str(self.store.root) if self.shared else WORKER_STORE,
-                            None if self.shared else self.remote, __version__, options.get("num_cpus", 1))
-        remote_fn = ray.remote(_on_worker).options(max_retries=0, retry_exceptions=False, name=task, **options)
-        outcome = remote_fn.remote(shipment)
-        where: dict = {}
+                            None if self.shared else self.remote, __version__, options.get("num_cpus", 1),
+                            tuple(p.relative_to(cache_dir).as_posix() for p in placement.scratch))
+        # No retries: Ray's default retries a lost task three times (and one killed for memory without end).
+        submit = dict(max_retries=0, retry_exceptions=False, name=task, **options)
+        if placement.nodes == 1:
+            member = _Member(task, ray.remote(_on_worker).options(**submit).remote(shipment))
+            where, result = member.started(), member.finished()
+            return _facts(task, where, result)
+        return self._run_gang(task, submit, shipment, placement.nodes, node_offers(options))
+
+    def _run_gang(self, task: str, submit: dict, shipment: Shipment, nodes: int, bundle: dict) -> dict:
+        """One task on `nodes` nodes, one Ray task on each (a placement group spreads them): the first
+        says where the others meet (its IP and a free port: the c10d rendezvous), then they all run."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = placement_group([bundle] * nodes, strategy="STRICT_SPREAD", name=task)
         try:
-            where = ray.get(next(outcome))
-            print(f"{task}: running on Ray node {where['ip']} ({where['node_id'][:8]}), pid {where['pid']}", flush=True)
-            result = ray.get(next(outcome))
-        except ray.exceptions.RayError as err:
-            if isinstance(err, ray.exceptions.RayTaskError):  # the stage's own bug: its traceback is the report
-                raise
-            raise BuildError(died(task, where, err)) from None
-        if "oserror" in result:
-            number, text, filename = result["oserror"]
-            raise OSError(number or errno.EIO, text, filename)
-        if "error" in result:
-            raise BuildError(result["error"])
-        node = {"id": where["node_id"], "ip": where["ip"], "host": where["host"]}
-        return {**result["facts"], "executor": "ray", "node": node, "pid": where["pid"]}
+            if not group.wait(timeout_seconds=120):
+                raise BuildError(f"{task} waited 2 minutes for {nodes} nodes of {self.where} with "
+                                 f"{', '.join(f'{k} {v:g}' for k, v in bundle.items())} free each; other work holds them")
+            run_id = f"modelmake-{uuid.uuid4().hex[:12]}"
+            members = []
+            for rank in range(nodes):
+                gang = {"nodes": nodes, "node_rank": rank, "run_id": run_id,
+                        "endpoint": members[0].where["endpoint"] if members else None}
+                on_its_node = ray.remote(_on_worker).options(**submit, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=rank))
+                members.append(_Member(task, on_its_node.remote(dataclasses.replace(shipment, gang=gang)), rank))
+                members[-1].started()
+            outcomes = _gang_outcomes(members)
+        finally:
+            remove_placement_group(group)
+        failed = [(member, what) for member, what in outcomes if _failure_rank(what) is not None]
+        if failed:  # the root cause, not the nodes that failed because it did
+            member, what = min(failed, key=lambda f: _failure_rank(f[1]))
+            if not isinstance(what, dict):
+                raise BuildError(died(task, member.where, what)) from None
+            _facts(task, member.where, what)  # raises the member's error, named with its node
+        main = [(member, what) for member, what in outcomes if what.get("recorded")]
+        if not main:
+            raise BuildError(f"{task}: none of its {nodes} nodes wrote the outputs; this is a modelmake bug, please report it")
+        member, what = main[0]
+        return _facts(task, member.where, what) | {"nodes": [_node(m.where) for m, _ in outcomes]}
 
     def _file_inputs(self, task: str, files: list[Path], roots: dict[Path, str]) -> Entry:
         """The input files as one entry of the store, named as the worker lays them out."""
@@ -385,6 +448,105 @@ class RayExecutor:
         if not self.shared:
             self.remote.upload(entry, self.store)
         return entry
+
+
+class _Member:
+    """One Ray task of a build's task (of several for training across nodes): where it runs, then how it ended."""
+
+    def __init__(self, task: str, outcome, node_rank: int | None = None):
+        self.task, self.outcome, self.node_rank, self.where = task, outcome, node_rank, {}
+        self.cancelled = False  # by _gang_outcomes, because another node of its run failed
+
+    def started(self) -> dict:
+        import ray
+
+        try:
+            self.where = ray.get(next(self.outcome))
+        except ray.exceptions.RayError as err:
+            if isinstance(err, ray.exceptions.RayTaskError):
+                raise
+            raise BuildError(died(self.task, self.where, err)) from None
+        part = "" if self.node_rank is None else f" (node {self.node_rank} of the run)"
+        print(f"{self.task}: running on Ray node {self.where['ip']} ({self.where['node_id'][:8]}), "
+              f"pid {self.where['pid']}{part}", flush=True)
+        return self.where
+
+    def finished(self) -> dict:
+        what = _outcome(self)
+        if not isinstance(what, dict):
+            raise BuildError(died(self.task, self.where, what)) from None
+        return what
+
+
+def _outcome(member: _Member):
+    """The worker's last word (a dict), or the Ray error that took it (a lost worker or node)."""
+    import ray
+
+    try:
+        return ray.get(next(member.outcome))
+    except StopIteration:  # the generator closed without its last word: cancelled (or lost) mid-task
+        return CANCELLED if member.cancelled else ray.exceptions.WorkerCrashedError()
+    except ray.exceptions.RayError as err:
+        if member.cancelled or isinstance(err, ray.exceptions.TaskCancelledError):  # however the interrupt ended it
+            return CANCELLED
+        if isinstance(err, ray.exceptions.RayTaskError):  # the stage's own bug: its traceback is the report
+            raise
+        return err
+
+
+# How long the other nodes of a run may take to see that one failed (their collectives break) before
+# they are stopped: an agent whose peer died before the process group formed would wait for it for minutes.
+GANG_GRACE_S = 5
+CANCELLED = "cancelled: another node of the run failed"
+
+
+def _gang_outcomes(members: list[_Member]) -> list[tuple[_Member, object]]:
+    """Every member's outcome, waited for together. Once one fails, the others get GANG_GRACE_S to fail
+    too (their collectives break), then are stopped: Ray ends their workers and the training processes
+    those started (an agent whose peer died before the process group formed would wait for minutes)."""
+    import ray
+
+    pending = {member.outcome: member for member in members}
+    outcomes, stop_at = {}, None
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        for outcome in ready:
+            member = pending.pop(outcome)
+            outcomes[member] = _outcome(member)
+            if stop_at is None and _failure_rank(outcomes[member]) is not None:
+                stop_at = time.monotonic() + GANG_GRACE_S
+        if stop_at is not None and time.monotonic() > stop_at:
+            for outcome, member in pending.items():
+                if not member.cancelled:
+                    member.cancelled = True
+                    ray.cancel(outcome, force=True)
+    return [(member, outcomes[member]) for member in members]
+
+
+def _failure_rank(what) -> tuple | None:
+    """None for a member that succeeded; else how likely it is the cause: a worker lost, then a process
+    killed by a signal, then the earliest error; a member cancelled because of another's failure last."""
+    if isinstance(what, dict):
+        if "facts" in what:
+            return None
+        return (1 if "died of" in str(what.get("error")) else 2, what.get("failed_at", 0))
+    return (3 if what is CANCELLED else 0, 0)
+
+
+def _node(where: dict) -> dict:
+    return {"id": where["node_id"], "ip": where["ip"], "host": where["host"], "pid": where["pid"]}
+
+
+def _facts(task: str, where: dict, result: dict) -> dict:
+    """A worker's outcome as the run record's facts; its failure raised as the stage's own would be."""
+    if "oserror" in result:
+        number, text, filename = result["oserror"]
+        raise OSError(number or errno.EIO, text, filename)
+    if "error" in result:
+        gang = "" if "gang" not in result else f"{task} failed on node {where['ip']} ({where['node_id'][:8]}): "
+        raise BuildError(gang + result["error"])
+    node = _node(where)
+    return {**result["facts"], "executor": "ray", "node": {k: node[k] for k in ("id", "ip", "host")}, "pid": where["pid"]}
 
 
 def died(task: str, where: dict, err: Exception) -> str:

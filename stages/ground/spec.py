@@ -186,6 +186,9 @@ class TrainSpec(Strict):
     checkpoint_every: int | str = "10min"
     processes: int = Field(default=1, ge=1)  # >1: DDP over that many processes (torchrun's agent, torch.distributed)
     fsdp: bool = False  # shard the weights over the processes instead of copying them (FSDP2)
+    # >1: one run over that many Ray nodes, `processes` on each (executor = "ray"): torch's elastic agents
+    # meet at a c10d rendezvous; the adapter is the one nodes × processes processes on one machine train.
+    nodes: int = Field(default=1, ge=1)
     # Experiment tracking (optional extras): TensorBoard event files as the run trains, an MLflow run
     # once the build is done. Neither changes the task's key or the adapter's bytes.
     report_to: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
@@ -273,9 +276,9 @@ class TrainSpec(Strict):
                     f"qlora = true needs a CUDA GPU (bitsandbytes' 4-bit kernels) and the device here is {where}; "
                     "to save memory elsewhere use gradient_checkpointing = true, optimizer = \"adamw_8bit\" and a "
                     "smaller batch_size with grad_accum, or train on a CUDA machine")
-        if self.processes > 1 and self.device == "mps":
-            raise ValueError("processes > 1 needs CPU cores or CUDA GPUs: Apple's MPS runs one process")
-        if self.fsdp and self.processes < 2:
+        if (self.processes > 1 or self.nodes > 1) and self.device == "mps":
+            raise ValueError("processes > 1 and nodes > 1 need CPU cores or CUDA GPUs: Apple's MPS runs one process")
+        if self.fsdp and self.processes * self.nodes < 2:
             raise ValueError("fsdp = true shards the model over several processes: set processes = 2 or more")
         if self.fsdp and (self.qlora or self.optimizer == "adamw_8bit"):
             raise ValueError("fsdp = true shards float weights and optimizer state: it does not combine with qlora "
@@ -315,7 +318,7 @@ class TrainSpec(Strict):
         if self.datasets:  # a single dataset's params stay as they were before mixes
             params["datasets"] = [s.params() for s in self.sources]
         for key, default in (("early_stopping_patience", 0), ("keep", "last"), ("method", "sft"), ("beta", 0.1),
-                             ("start_from", None)):  # so they did before these were added
+                             ("start_from", None), ("nodes", 1)):  # so they did before these were added
             if params[key] == default:
                 del params[key]
         return params | {"validation": self.validation if isinstance(self.validation, float) else "file"}
@@ -871,6 +874,15 @@ class Spec(Strict):
             if (other := folded.setdefault(name.casefold(), name)) != name:
                 raise ValueError(f"model names {other!r} and {name!r} differ only in case: they would share one cache "
                                  "folder on macOS and Windows, whose file systems ignore case; rename one")
+        return self
+
+    @model_validator(mode="after")
+    def _nodes_need_the_ray_executor(self):
+        for model in self.models:
+            if model.train and model.train.nodes > 1 and self.build.executor != "ray":
+                raise ValueError(f"model {model.name!r}: [models.train] nodes = {model.train.nodes} spreads training "
+                                 "over the nodes of a Ray cluster: set [build] executor = \"ray\" (and address), or "
+                                 "train on one machine with processes = N")
         return self
 
     @model_validator(mode="after")

@@ -147,13 +147,16 @@ def _whole(**options):
     return StateDictOptions(**{"full_state_dict": True, "cpu_offload": True} | options)
 
 
-def launch(job: dict, work: Path, processes: int, threads_per_rank: int) -> Path:
-    """Run `python -m stages.train` in `processes` ranks; returns the job folder they wrote into."""
+def launch(job: dict, work: Path, processes: int, threads_per_rank: int, gang: dict | None = None) -> Path:
+    """Run `python -m stages.train JOB` in `processes` ranks; returns the job folder they wrote into.
+    With `gang` (one node of a run over several): this node's agent meets the others' at the c10d
+    rendezvous on `gang["endpoint"]` (the first node hosts it), and ranks count across the nodes."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    folder = work / "job"
+    # Nodes of one run may share the work folder (the store's, so checkpoints outlive a lost node): a job folder each.
+    folder = work / ("job" if gang is None else f"job-{gang['node_rank']}")
     shutil.rmtree(folder, ignore_errors=True)  # what a failed run left: its ranks' part of an adapter, their logs
     folder.mkdir(parents=True)
     (folder / JOB).write_text(json.dumps(job), encoding="utf-8")
@@ -161,15 +164,18 @@ def launch(job: dict, work: Path, processes: int, threads_per_rank: int) -> Path
     # Each rank's stderr goes to its own log: a rank that fails takes the others down with it, and
     # their tracebacks would only bury the cause. stdout is ours (only the main rank prints there).
     logs = DefaultLogsSpecs(log_dir=str(folder / "logs"), redirects=Std.ERR)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=f"modelmake-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.5,
-                          start_method="spawn", logs_specs=logs)
+    nodes = gang["nodes"] if gang else 1
+    meeting = {"rdzv_endpoint": gang["endpoint"], "run_id": gang["run_id"],
+               "rdzv_configs": {"is_host": gang["node_rank"] == 0, "join_timeout": 300}} if gang else \
+        {"rdzv_endpoint": "127.0.0.1:0", "run_id": f"modelmake-{os.getpid()}"}
+    config = LaunchConfig(min_nodes=nodes, max_nodes=nodes, nproc_per_node=processes, rdzv_backend="c10d",
+                          max_restarts=0, monitor_interval=0.5, start_method="spawn", logs_specs=logs, **meeting)
     threads_before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)  # the ranks inherit our environment
     try:
         elastic_launch(config, sys.executable)("-m", "stages.train", str(folder / JOB))
     except ChildFailedError as failed:
-        raise BuildError(failure_text(failed.failures, processes)) from None
+        raise BuildError(failure_text(failed.failures, processes * nodes)) from None
     finally:
         if threads_before is None:
             os.environ.pop("OMP_NUM_THREADS")
@@ -187,7 +193,8 @@ def failure_text(failures: dict, processes: int) -> str:
     first = min(failures.values(), key=lambda f: (stopped(f), f.timestamp))
     log = Path(first.error_file).parent / "stderr.log" if first.error_file else None
     where = f" (its output: {log})" if log and log.is_file() and log.stat().st_size else ""
-    return f"training failed in rank {first.local_rank} of {processes}: {_cause(first)}{where}; no adapter was written"
+    rank = next(r for r, f in failures.items() if f is first)  # the run's rank: across nodes, not the node's own
+    return f"training failed in rank {rank} of {processes}: {_cause(first)}{where}; no adapter was written"
 
 
 def _cause(failure) -> str:
