@@ -2,7 +2,11 @@
 separate specs (what a user without a matrix writes: each variant imports, converts and measures
 its base again).
 
-    python bench/matrix.py [--steps 10] [--work /tmp/matrix-bench] [--only serial,parallel,separate]
+    python bench/matrix.py [--steps 10] [--work /tmp/matrix-bench] [--only serial,parallel,separate,ray]
+
+`ray`: the matrix with `[build] executor = "ray"` and `doit -n 2` on a Ray cluster of two nodes on
+this machine (`ray start`, one CPU each, as the tests start it), against `doit -n 2` here; the run
+records give each task's dispatch overhead (its time in doit less its time in the worker).
 
 Every run starts from an empty cache and an empty action cache (so nothing is restored), with the
 llama.cpp tools already built (`doit tools`). The spec is the repo's models.toml with
@@ -82,6 +86,27 @@ def separate_way(work: Path, text: str) -> dict:
     return {"wall": wall, "records": records}
 
 
+def ray_way(work: Path, text: str) -> dict:
+    """The matrix on a two-node Ray cluster on this machine, `-n 2`."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import RayCluster
+
+    (work / "ray-cluster").mkdir(parents=True, exist_ok=True)
+    with RayCluster(work / "ray-cluster") as cluster:
+        return matrix_way(work, "ray", text + f'\n[build]\nexecutor = "ray"\naddress = "{cluster.address}"\n', "-n", "2")
+
+
+def dispatch_overhead(records: dict) -> str:
+    """Per task on the cluster: its time in doit less its time in the worker (inputs filed, the Ray
+    task submitted and waited for, outputs restored)."""
+    spent = sorted(r["wall_s"] - r["worker_wall_s"] for r in records.values() if "worker_wall_s" in r)
+    if not spent:
+        return ""
+    total = sum(spent)
+    return (f"dispatch overhead over {len(spent)} tasks on the cluster: mean {total / len(spent):.2f} s, median "
+            f"{spent[len(spent) // 2]:.2f} s, max {spent[-1]:.2f} s; {total:.1f} s in all")
+
+
 def shared_seconds(records: dict) -> float:
     """Time spent on what a matrix makes once: the import, the base's GGUF and eval, the data files."""
     shared = ("import:", "convert:smollm2-demo ", "eval:smollm2-demo-base", "eval:smollm2-demo.", "quantize:smollm2-demo.")
@@ -104,6 +129,8 @@ def main():
             ways["matrix, serial `doit`"] = matrix_way(args.work, "serial", text)
         elif way == "parallel":
             ways["matrix, `doit -n 2`"] = matrix_way(args.work, "parallel", text, "-n", "2")
+        elif way == "ray":
+            ways["matrix, `doit -n 2` on a two-node Ray cluster"] = ray_way(args.work, text)
         elif way == "separate":
             ways["four separate specs, one after another"] = separate_way(args.work, single)
     baseline = next(iter(ways.values()))["wall"]
@@ -116,6 +143,10 @@ def main():
         in_tasks = sum(r["wall_s"] for r in records.values())
         print(f"| {name} | {way['wall']:.1f} s | {way['wall'] / baseline:.2f}× | {len(records)} | {in_tasks:.1f} s | "
               f"{shared_seconds(records):.1f} s |")
+    for name, way in ways.items():
+        overhead = dispatch_overhead(way["records"])
+        if overhead:
+            print(f"\n{name}: {overhead} ({100 * sum(r['wall_s'] - r['worker_wall_s'] for r in way['records'].values() if 'worker_wall_s' in r) / way['wall']:.1f}% of its wall time)")
     print("\n" + json.dumps({name: round(way["wall"], 1) for name, way in ways.items()}))
 
 

@@ -21,6 +21,8 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group(DEFAULT_BUILD))
         elif "matrix_build" in item.fixturenames:  # one 2x2 matrix build for its tests
             item.add_marker(pytest.mark.xdist_group("matrix"))
+        elif "cluster" in item.fixturenames:  # one Ray cluster (two `ray start` nodes) for its tests
+            item.add_marker(pytest.mark.xdist_group("ray"))
         elif "round_trip" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group(f"import-{item.callspec.params['round_trip']}"))
     items.sort(key=lambda item: not _builds_the_default_spec(item))  # stable: otherwise as collected

@@ -289,7 +289,7 @@ def test_two_processes_train_with_ddp_reproducibly(tiny_llama, tmp_path):
     adapters = []
     for name in ("one", "two"):
         spec = workspace(tmp_path / name, tiny_llama, processes=2, learning_rate=0.05, max_steps=20)
-        output = build(spec).stdout
+        output = build(spec, "train").stdout
         assert "2 processes" in output and re.findall(r"^\.  train:m$", output, re.M) == [".  train:m"], output[-3000:]
         adapters.append(adapter_bytes(tmp_path / name))
     assert adapters[0] == adapters[1]

@@ -100,7 +100,8 @@ def atomic_dir(path: str | os.PathLike):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine still runs (what left a temporary file or folder)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -118,7 +119,7 @@ def sweep(folder: Path) -> list[Path]:
     for parent, dirs, files in os.walk(folder):
         for name in [*dirs, *files]:
             match = _IN_PROGRESS.match(name)
-            if match and not _alive(int(match.group(1))):
+            if match and not process_alive(int(match.group(1))):
                 path = Path(parent) / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() \
                     else path.unlink(missing_ok=True)

@@ -32,7 +32,7 @@ from typing import Callable
 import blake3
 from pydantic import BaseModel
 
-from .atomic import link_or_copy
+from .atomic import link_or_copy, process_alive
 from .cache import Recipe
 from .errors import BuildError
 from .hashing import INDEX, canonical_json, expand_files, file_blake3
@@ -182,7 +182,7 @@ def _work_folder(store: Store) -> Path:
     host = socket.gethostname().replace("-", "_")
     for old in (store.root / "tmp").glob(f"ray.{host}-*-*"):  # what killed workers of this host left
         pid = old.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return store.work_dir(f"ray.{host}")
 
@@ -191,16 +191,6 @@ def _free_port(ip: str) -> int:
     with socket.socket() as probe:
         probe.bind((ip, 0))
         return probe.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _on_worker(shipment: Shipment):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from .atomic import atomic_dir, atomic_file, link_or_copy
+from .atomic import atomic_dir, atomic_file, link_or_copy, process_alive
 from .hashing import file_blake3, file_sha256, remember, stat_key
 
 FORMAT = 1  # of entries and of the action keys that name them
@@ -199,16 +199,6 @@ def measure(store: Store) -> StoreSize:
                      size=sum(s.st_size for s in stats), own=sum(s.st_size for s in stats if s.st_nlink == 1))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, and another user's
-        pass
-    return True
-
-
 def collect_garbage(store: Store, keep_size: int, protected: set[str]) -> str:
     """Drop least recently used entries until the blobs they keep fit in `keep_size` bytes, never
     one in `protected` (the current build's keys); then every blob no entry names, and abandoned
@@ -239,7 +229,7 @@ def collect_garbage(store: Store, keep_size: int, protected: set[str]) -> str:
             freed += blob.stat().st_size
             blob.unlink()
     for folder in (store.root / "tmp").glob("*-*-*"):
-        if not _alive(int(folder.name.split("-")[1])):
+        if not process_alive(int(folder.name.split("-")[1])):
             shutil.rmtree(folder, ignore_errors=True)
     kept = len(entries) - dropped
     note = "" if total <= keep_size else (f"; still over {megabytes(keep_size)}: the current build's "
