@@ -17,9 +17,10 @@ from helpers import (FINETUNE_SPEC, REPO, SMOLLM_GGUF, RayCluster, _free_port, d
 from stages.ground import runlog
 from stages.ground.store import Store
 
-# Training asks for the GPU node.
 # One thread here and there (a fact of training: the lock compares what was trained with the same).
-SPEC = "threads = 1\n" + FINETUNE_SPEC + "\n[models.train.resources]\nGPU = 1\n"
+# Training asks for the GPU node, and checkpoints every other step of 12 (where a killed run resumes).
+SPEC = "threads = 1\n" + FINETUNE_SPEC.replace("max_steps = 2", "max_steps = 12\ncheckpoint_every = 2") + \
+    "\n[models.train.resources]\nGPU = 1\n"
 ON_THE_CLUSTER = ("import", "train", "adapter", "merge", "convert", "quantize", "eval", "parity", "package")
 
 
@@ -36,7 +37,7 @@ def cluster(request):
 @pytest.fixture(scope="module")
 def builds(request, cluster, tiny_llama):
     """The spec built here (and locked), then on the cluster with `-n 2` in a clone of it: first with the
-    training worker killed as it starts, then again."""
+    training worker killed once its first checkpoint is in the store, then again."""
     folder = scratch_folder(request, "ray-builds")
     local = finetune_workspace(folder / "local", tiny_llama, SPEC)
     doit(local, "lock")
@@ -50,6 +51,12 @@ def builds(request, cluster, tiny_llama):
         found = re.match(r"train:m: running on Ray node (\S+) \((\w+)\), pid (\d+)", line)
         if found and killed is None:
             killed = {"ip": found.group(1), "node": found.group(2), "pid": int(found.group(3))}
+            kept = folder / "ray/cache/.store/scratch/train-m/m/adapter.work/checkpoints"
+            for _ in range(1200):
+                if list(kept.glob("*/step-*")):
+                    break
+                time.sleep(0.02)
+            killed["checkpoints"] = sorted(p.name for p in kept.glob("*/step-*"))
             os.kill(killed["pid"], signal.SIGKILL)
     killed_run = {"returncode": doit_run.wait(), "output": "".join(lines), "killed": killed,
                   "store_after_kill": {e.task for _, e in Store(folder / "ray/cache/.store").entries()},
@@ -80,6 +87,9 @@ def test_the_next_doit_finishes_with_the_bytes_of_a_local_build(builds):
     assert (folder / "ray/cache/m/SHA256SUMS").read_bytes() == (folder / "local/cache/m/SHA256SUMS").read_bytes()
     assert "train:m" in builds["rerun"].ran  # only what the killed build had not finished
     assert "train:m.preview" not in builds["rerun"].ran
+    # The checkpoints were kept in the store, not the killed worker's folder: the run continued from one.
+    assert builds["killed"]["killed"]["checkpoints"], "the kill came before the first checkpoint"
+    assert "continuing from the checkpoint at step" in builds["rerun"].output
     # The killed worker's work folder was swept; no temporary file is left anywhere in the cache.
     assert not [p for p in (folder / "ray/cache").rglob("*") if ".tmp-" in p.name]
     assert not list((folder / "ray/cache/.store/tmp").glob("ray.*"))
