@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import get_args
 
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
@@ -30,7 +31,7 @@ from .ground.hashing import INDEX, expand_files, fingerprint, outputs_intact, re
 from .ground.progress import quiet_library_bars
 from .ground.ray_executor import Placement, RayExecutor, ray_options
 from .ground.remote import Remote
-from .ground.spec import ModelSpec, Spec
+from .ground.spec import CLUSTER_STAGES, ModelSpec, Spec
 from .ground.store import Store, collect_garbage, measure
 from .ground.task import ModelBuild, Task
 from .ground.units import parse_size
@@ -179,13 +180,13 @@ def model_tasks(spec: Spec, model: ModelSpec, action_cache: ActionCache | None,
     """Every task of one model, by stage, in lifecycle order: each stage's own, then the manifest
     over every artifact, and the push and verify tasks that run only when named."""
     build = ModelBuild.of(spec, model)
-    paths = build.paths
     wired: dict[str, list[dict]] = {stage: [] for stage in (*STAGES, "push", "verify")}
     producers: list[Producer] = []
     built: list[Path] = []  # every artifact task's targets: what the manifest waits for
     for stage, module in STAGE_MODULES.items():
         for task in module.tasks(build):
-            wired[stage].append(doit_task(stage, task, build, action_cache, executor if stage != "track" else None))
+            wired[stage].append(doit_task(stage, task, build, action_cache,
+                                          executor if stage in get_args(CLUSTER_STAGES) else None))
             if task.artifact:
                 built.extend(task.targets or task.outputs)
                 producers.append(producer(stage, task, build))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -37,7 +38,7 @@ from .cache import Recipe
 from .errors import BuildError
 from .hashing import INDEX, canonical_json, expand_files, file_blake3
 from .remote import Remote
-from .store import Entry, Store, StoredFile
+from .store import Entry, Store
 
 # Ray's own names for what a task asks of a node; any other name is a custom resource of the cluster.
 RAY_OPTION_NAMES = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory", "accelerator_type": "accelerator_type"}
@@ -383,7 +384,7 @@ class RayExecutor:
         # No retries: Ray's default retries a lost task three times (and one killed for memory without end).
         submit = dict(max_retries=0, retry_exceptions=False, name=task, **options)
         if placement.nodes == 1:
-            member = _Member(task, ray.remote(_on_worker).options(**submit).remote(shipment))
+            member = _Member(task, _remote_worker().options(**submit).remote(shipment))
             where, result = member.started(), member.finished()
             return _facts(task, where, result)
         return self._run_gang(task, submit, shipment, placement.nodes, node_offers(options))
@@ -391,7 +392,6 @@ class RayExecutor:
     def _run_gang(self, task: str, submit: dict, shipment: Shipment, nodes: int, bundle: dict) -> dict:
         """One task on `nodes` nodes, one Ray task on each (a placement group spreads them): the first
         says where the others meet (its IP and a free port: the c10d rendezvous), then they all run."""
-        import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -405,7 +405,7 @@ class RayExecutor:
             for rank in range(nodes):
                 gang = {"nodes": nodes, "node_rank": rank, "run_id": run_id,
                         "endpoint": members[0].where["endpoint"] if members else None}
-                on_its_node = ray.remote(_on_worker).options(**submit, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                on_its_node = _remote_worker().options(**submit, scheduling_strategy=PlacementGroupSchedulingStrategy(
                     group, placement_group_bundle_index=rank))
                 members.append(_Member(task, on_its_node.remote(dataclasses.replace(shipment, gang=gang)), rank))
                 members[-1].started()
@@ -426,18 +426,24 @@ class RayExecutor:
 
     def _file_inputs(self, task: str, files: list[Path], roots: dict[Path, str]) -> Entry:
         """The input files as one entry of the store, named as the worker lays them out."""
-        stored = {}
+        named = {}
         for path in files:
             root = next(r for r in roots if path.is_relative_to(r))
-            digest = file_blake3(path)
-            stored[f"{roots[root]}/{path.relative_to(root).as_posix()}"] = StoredFile(
-                blake3=digest, size=path.stat().st_size, seen=self.store.place(path, digest))
-        key = blake3.blake3(canonical_json({"inputs of": task, "files": {p: f.blake3 for p, f in stored.items()}})
+            named[f"{roots[root]}/{path.relative_to(root).as_posix()}"] = path
+        key = blake3.blake3(canonical_json({"inputs of": task, "files": {n: file_blake3(p) for n, p in named.items()}})
                             .encode()).hexdigest()
-        entry = self.store.write_entry(Entry(key=key, task=f"inputs of {task}", files=stored, run={}))
+        entry = self.store.record_named(key, f"inputs of {task}", named, {})
         if not self.shared:
             self.remote.upload(entry, self.store)
         return entry
+
+
+@functools.cache
+def _remote_worker():
+    """`_on_worker` as a Ray remote function: made once, so Ray exports its definition once per build."""
+    import ray
+
+    return ray.remote(_on_worker)
 
 
 class _Member:
@@ -448,20 +454,14 @@ class _Member:
         self.cancelled = False  # by _gang_outcomes, because another node of its run failed
 
     def started(self) -> dict:
-        import ray
-
-        try:
-            self.where = ray.get(next(self.outcome))
-        except ray.exceptions.RayError as err:
-            if isinstance(err, ray.exceptions.RayTaskError):
-                raise
-            raise BuildError(died(self.task, self.where, err)) from None
+        """Its first word: where it runs (printed)."""
+        self.where = self.finished()
         part = "" if self.node_rank is None else f" (node {self.node_rank} of the run)"
-        print(f"{self.task}: running on Ray node {self.where['ip']} ({self.where['node_id'][:8]}), "
-              f"pid {self.where['pid']}{part}", flush=True)
+        print(f"{self.task}: running on Ray {_node_words(self.where)}{part}", flush=True)
         return self.where
 
     def finished(self) -> dict:
+        """Its next word; a lost worker raised as one paragraph."""
         what = _outcome(self)
         if not isinstance(what, dict):
             raise BuildError(died(self.task, self.where, what)) from None
@@ -523,6 +523,10 @@ def _failure_rank(what) -> tuple | None:
     return (3 if what is CANCELLED else 0, 0)
 
 
+def _node_words(where: dict, pid: bool = True) -> str:
+    return f"node {where['ip']} ({where['node_id'][:8]})" + (f", pid {where['pid']}" if pid else "")
+
+
 def _node(where: dict) -> dict:
     return {"id": where["node_id"], "ip": where["ip"], "host": where["host"], "pid": where["pid"]}
 
@@ -533,7 +537,7 @@ def _facts(task: str, where: dict, result: dict) -> dict:
         number, text, filename = result["oserror"]
         raise OSError(number or errno.EIO, text, filename)
     if "error" in result:
-        gang = "" if "gang" not in result else f"{task} failed on node {where['ip']} ({where['node_id'][:8]}): "
+        gang = "" if "gang" not in result else f"{task} failed on {_node_words(where, pid=False)}: "
         raise BuildError(gang + result["error"])
     node = _node(where)
     return {**result["facts"], "executor": "ray", "node": {k: node[k] for k in ("id", "ip", "host")}, "pid": where["pid"]}
@@ -543,7 +547,7 @@ def died(task: str, where: dict, err: Exception) -> str:
     """A worker lost mid-task (killed, out of memory, its node gone) as one paragraph."""
     import ray
 
-    node = f"node {where['ip']} ({where['node_id'][:8]}), pid {where['pid']}" if where else "a node of the cluster"
+    node = _node_words(where) if where else "a node of the cluster"
     if isinstance(err, ray.exceptions.OutOfMemoryError):
         cause = "Ray killed it: its node ran out of memory. Ask for more with the stage's resources (memory = \"…\")"
     elif isinstance(err, ray.exceptions.NodeDiedError):

@@ -129,11 +129,14 @@ class Store:
         return stat_key(os.stat(blob))
 
     def record(self, key: str, task: str, cache_dir: Path, files: list[Path], run: dict) -> Entry:
+        return self.record_named(key, task, {path.relative_to(cache_dir).as_posix(): path for path in files}, run)
+
+    def record_named(self, key: str, task: str, files: dict[str, Path], run: dict) -> Entry:
+        """An entry of `files` (the name each has in the entry → the file), every one placed as a blob."""
         stored = {}
-        for path in files:
+        for name, path in files.items():
             digest = file_blake3(path)
-            stored[path.relative_to(cache_dir).as_posix()] = StoredFile(
-                blake3=digest, size=os.path.getsize(path), seen=self.place(path, digest))
+            stored[name] = StoredFile(blake3=digest, size=os.path.getsize(path), seen=self.place(path, digest))
         return self.write_entry(Entry(key=key, task=task, files=stored, run=run))
 
     def write_entry(self, entry: Entry) -> Entry:
