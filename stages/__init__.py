@@ -20,8 +20,13 @@ import os
 
 __version__ = "0.1.0"
 
-# OpenMP threads (torch's) that wait for work sleep instead of spinning. Spinning gains about 1% alone
-# and loses 2x once anything else runs beside it (`doit -n 2`, an experiment's variants, another build):
-# two 2-thread trainings on 2 cores took 3.0 s a step each spinning, 1.4 s sleeping (BENCHMARKS.md).
-# OpenMP reads this when torch loads it, so it is set here, before any stage imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that wait for work spin only briefly, then sleep. torch's and llama.cpp's (ggml's barrier
+# between two operations is an OpenMP barrier) share one OpenMP runtime in a process, and want opposite
+# things of a long wait: spinning costs two torch trainings on 2 cores 3.4x their time alone instead of
+# 2x, and sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes llama.cpp's generation 3.5x slower (a token
+# of SmolLM2-135M crosses hundreds of barriers). A thousand spins keeps both (bench/contention.py,
+# BENCHMARKS.md). GOMP_SPINCOUNT is GNU libgomp's (torch and llama.cpp on Linux); KMP_BLOCKTIME is
+# LLVM's libomp's (torch on macOS, where llama.cpp does not use OpenMP). OpenMP reads them when it
+# loads, so they are set here, before any stage imports torch or llama.cpp; the tools inherit them.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+os.environ.setdefault("KMP_BLOCKTIME", "0")

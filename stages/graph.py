@@ -465,10 +465,11 @@ def _tools_built() -> bool:
 
 
 def tools_task() -> dict:
-    """Part of setup; the imatrix tasks wait for it, so a first `doit` builds the tools too."""
+    """Part of setup; the tasks that run a tool or a converter wait for it, so a first `doit` builds
+    the tools too."""
     return {
-        "doc": "build llama.cpp's llama-imatrix, llama-quantize, llama-mtmd-cli and llama-server, stage its converters, from "
-               "llama-cpp-python's own source (once)",
+        "doc": "build llama.cpp's llama-imatrix, llama-quantize, llama-mtmd-cli and llama-server from llama-cpp-python's "
+               "own source, linked to its libraries, and stage its converters (once)",
         "actions": [(run_action, [llamacpp.build, {}])],
         "uptodate": [_tools_built],
         "verbosity": 2,

@@ -348,8 +348,8 @@ def preflight(model_dir: Path, out_path: Path, name: str, vision: bool = False, 
     model_dir = Path(model_dir).absolute()
     config = hf.read_config(model_dir)
     names = config.get("architectures") or ["(none given)"]
-    way_out = ("modelmake cannot ship it through llama.cpp; check that llama-cpp-python is the newest "
-               "(pip install -U llama-cpp-python, then `doit tools`), or name your own converter: "
+    way_out = ("modelmake cannot ship it through the llama.cpp it pins (llama-cpp-python "
+               f"{llamacpp.installed_version()}; a newer modelmake pins a newer one), or name your own converter: "
                "[models.convert] command = [...]")
     adapted = None
     with tempfile.TemporaryDirectory(prefix="modelmake-preflight-") as work:

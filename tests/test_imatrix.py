@@ -174,6 +174,42 @@ def test_built_tools_name_their_source():
     assert len(tools.stamp["sdist_sha256"]) == 64
 
 
+def test_the_tools_run_the_libraries_pip_built_for_the_bindings(tmp_path, tiny_llama):
+    """llama.cpp is compiled once: the tools are linked to the libraries of the installed
+    llama-cpp-python, copied beside them byte for byte, and it is those copies they load."""
+    import shutil
+
+    from stages import convert
+
+    tools, libraries = llamacpp.find(), llamacpp.bindings_libraries()
+    assert {"libllama", "libllama-common", "libggml", "libggml-base", "libggml-cpu", "libmtmd"} \
+        <= {library.name.split(".")[0] for library in libraries}
+    for library in libraries:
+        assert (tools.folder / library.name).read_bytes() == library.read_bytes(), library.name
+    assert tools.stamp["libraries_blake3"] == llamacpp.libraries_digest()
+    # Moved whole, they still run: they look for their libraries beside themselves.
+    moved = tmp_path / "tools"
+    shutil.copytree(tools.folder, moved)
+    f16 = tmp_path / "m.f16.gguf"
+    convert.run(tiny_llama, f16, "f16", "tiny")
+    _llama_quantize_with(moved, f16, tmp_path / "m.Q8_0.gguf", "Q8_0")
+    quantize.run(f16, tmp_path / "stage.gguf", "Q8_0")  # the bindings' own libllama
+    assert (tmp_path / "m.Q8_0.gguf").read_bytes() == (tmp_path / "stage.gguf").read_bytes()
+    # And it is libllama beside them that they run, not a llama.cpp of their own: broken, they cannot start.
+    for copy in moved.glob("libllama.*"):
+        copy.write_bytes(b"")
+    done = subprocess.run([str(moved / "llama-quantize"), str(f16), str(tmp_path / "again.gguf"), "Q8_0"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "libllama" in done.stderr, done.stderr
+    assert not (tmp_path / "again.gguf").exists()
+
+
+def _llama_quantize_with(folder, *args):
+    done = subprocess.run([str(folder / "llama-quantize"), *map(str, args)], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"]})  # no LD_LIBRARY_PATH to find libraries by
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_changed_calibration_text_recomputes_the_matrix_and_quantizes_again(tmp_path, tiny_llama):
     import shutil

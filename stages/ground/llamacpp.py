@@ -1,16 +1,19 @@
 """llama.cpp's own command-line tools, `llama-imatrix`, `llama-quantize`, `llama-mtmd-cli` and
-`llama-server`, built from the source that the installed llama-cpp-python vendors (its PyPI source
-distribution ships `vendor/llama.cpp/tools/`), so the tools and the library the other stages call
-cannot drift apart;
+`llama-server`, compiled from the source that the installed llama-cpp-python vendors (its PyPI source
+distribution ships `vendor/llama.cpp/tools/`) and linked to the very shared libraries pip built for
+the bindings from it (libllama, libggml, libmtmd and llama.cpp's common library, which pip installs
+beside them), so llama.cpp is compiled once and the tools and the library the other stages call run
+the same bytes;
 and llama.cpp's own converters (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`, with the
 `conversion/` package and the `gguf-py/` of the same tree), staged beside them and run only with
 that gguf-py, for every architecture modelmake's own converter has no plan for.
 
-`doit tools` builds them once per llama-cpp-python version (about 6 minutes on 2 cores) into
-~/.cache/modelmake/llama.cpp/<version>/, or $MODELMAKE_TOOLS_DIR; later builds find them there.
+`doit tools` builds them once per llama-cpp-python build (under a minute on 2 cores) into
+~/.cache/modelmake/llama.cpp/<version>/, or $MODELMAKE_TOOLS_DIR, with copies of those libraries;
+later builds find them there, and build them again if llama-cpp-python is reinstalled with other
+libraries (a CUDA or Metal build, say: the tools then run on it too).
 The source distribution comes from PyPI through pip, or from $MODELMAKE_LLAMA_CPP_SDIST (a path to
-llama_cpp_python-<version>.tar.gz) on a machine without PyPI. CMAKE_ARGS is passed on as
-llama-cpp-python's own build takes it, so a CUDA or Metal install gets tools built the same way.
+llama_cpp_python-<version>.tar.gz) on a machine without PyPI.
 """
 
 from __future__ import annotations
@@ -35,8 +38,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import blake3
+
 from .device import available_cores
 from .errors import BuildError
+from .hashing import file_blake3
 
 # llama-mtmd-cli: llama.cpp's multimodal runner, which checks that a vision model's text GGUF and its
 # mmproj answer a prompt about an image. llama-server: the engine Docker Model Runner runs; the parity
@@ -47,10 +53,10 @@ STAMP = "modelmake-tools.json"
 # gguf-py (the scripts put it first on sys.path unless NO_LOCAL_GGUF is set, which `convert` clears).
 CONVERTER = "convert"  # the folder they are staged in, beside the tools
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE")
-# As llama-cpp-python configures llama.cpp, less what only a shared library needs; static binaries
-# can be moved into the cache folder whole.
-CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
-                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
+# The top-level CMakeLists.txt the tools are configured with, in place of llama.cpp's own: it builds
+# them alone, against the bindings' libraries.
+TOOLS_CMAKE = Path(__file__).with_name("llamacpp-tools.cmake")
+LIBRARY_SUFFIX = ".dylib" if sys.platform == "darwin" else ".so"
 
 
 def installed_version() -> str:
@@ -60,9 +66,30 @@ def installed_version() -> str:
         raise BuildError("llama-cpp-python is not installed: pip install -e . first") from None
 
 
+def bindings_libraries() -> list[Path]:
+    """The shared libraries pip built for the installed llama-cpp-python, under every name they have:
+    libllama, libggml*, libmtmd, and libllama-common, which llama.cpp's own install rule puts beside
+    them (the bindings do not load it; the tools link to it)."""
+    version = installed_version()
+    files = [Path(file.locate()) for file in metadata.files("llama-cpp-python") or ()]
+    common = next((f for f in files if f.name == f"libllama-common{LIBRARY_SUFFIX}"), None)
+    if common is None:
+        raise BuildError(f"llama-cpp-python {version} has no libllama-common{LIBRARY_SUFFIX}, which llama.cpp's tools "
+                         "link to: install it built from its source distribution, as `pip install -e .` does "
+                         f"(pip install --force-reinstall --no-cache-dir llama-cpp-python=={version})")
+    return sorted(f for f in files if f.parent == common.parent and f.name.startswith("lib") and LIBRARY_SUFFIX in f.name)
+
+
+def libraries_digest() -> str:
+    """The bindings' libraries, names and bytes, in one blake3: what the tools are linked to."""
+    return blake3.blake3("".join(f"{path.name} {file_blake3(path)}\n" for path in bindings_libraries()).encode()).hexdigest()
+
+
 def tools_dir(version: str) -> Path:
+    """Where the tools for this llama-cpp-python and these libraries of it are: one folder for each
+    build of the bindings, so two environments with different ones (CPU and CUDA) keep theirs."""
     root = Path(os.environ.get("MODELMAKE_TOOLS_DIR") or Path.home() / ".cache" / "modelmake" / "llama.cpp")
-    return root / f"{version}-{platform.machine()}"
+    return root / f"{version}-{platform.machine()}-{libraries_digest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -93,7 +120,7 @@ def find() -> Tools:
     staged = [*(folder / tool for tool in TOOLS), *(folder / CONVERTER / name for name in CONVERTER_FILES)]
     if not stamp or not all(path.exists() for path in staged):
         raise BuildError(f"llama.cpp's {' and '.join(TOOLS)} and converters for llama-cpp-python {version} are not "
-                         f"built ({folder}): run `doit tools` once (about 5 minutes on 2 cores)")
+                         f"built ({folder}): run `doit tools` once (under a minute on 2 cores)")
     return Tools(folder, stamp)
 
 
@@ -324,23 +351,16 @@ def _stage_converter(source: Path, into: Path) -> None:
         copy(source / name, into / name)
 
 
-def _built_stamp(folder: Path) -> dict | None:
-    """The stamp of tools already built in `folder` (with or without the converters)."""
-    try:
-        stamp = json.loads((folder / STAMP).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return stamp if all((folder / tool).is_file() for tool in TOOLS) else None
-
-
 def build() -> str:
     """Build the tools and stage the converters unless that is done; what it did, in words."""
-    version = installed_version()
-    folder = tools_dir(version)
     try:
-        return f"llama.cpp tools {find().version} are built: {folder}"
+        tools = find()
+        return f"llama.cpp tools {tools.version} are built: {tools.folder}"
     except BuildError:
         pass
+    version = installed_version()
+    libraries = bindings_libraries()
+    folder = tools_dir(version)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="modelmake-tools-", dir=folder.parent) as work:
         work = Path(work)
@@ -349,28 +369,27 @@ def build() -> str:
         with tarfile.open(sdist) as archive:
             archive.extractall(work / "src", filter="data")
         source = next((work / "src").glob("*/vendor/llama.cpp"), None)
-        if source is None or not (source / "tools" / "imatrix").is_dir() \
+        if source is None or not all((source / "tools" / name).is_dir() for name in ("imatrix", "quantize", "server", "mtmd")) \
                 or not all((source / name).exists() for name in CONVERTER_FILES):
-            raise BuildError(f"{sdist} has no vendor/llama.cpp/tools/imatrix or converters: not llama-cpp-python's "
-                             "source distribution")
-        stamp = _built_stamp(folder)
-        if stamp and stamp.get("sdist_sha256") == digest:  # tools built before the converters were staged
-            shutil.rmtree(folder / CONVERTER, ignore_errors=True)
-            _stage_converter(source, work / CONVERTER)
-            (work / CONVERTER).rename(folder / CONVERTER)
-            return f"llama.cpp converters of {find().version} staged: {folder / CONVERTER}"
-        options = CMAKE_OPTIONS + shlex.split(os.environ.get("CMAKE_ARGS", ""))
+            raise BuildError(f"{sdist} has no vendor/llama.cpp/tools/ or converters: not llama-cpp-python's source "
+                             "distribution")
+        shutil.copyfile(TOOLS_CMAKE, source / "CMakeLists.txt")
         log = work / "build.log"
-        print(f"building {', '.join(TOOLS)} from llama-cpp-python {version}'s llama.cpp (log: {log}) …", flush=True)
-        _run(["cmake", "-S", str(source), "-B", str(work / "build"), *options], log)
+        print(f"building {', '.join(TOOLS)} from llama-cpp-python {version}'s llama.cpp, linked to its libraries "
+              f"in {libraries[0].parent} (log: {log}) …", flush=True)
+        _run(["cmake", "-S", str(source), "-B", str(work / "build"), "-DCMAKE_BUILD_TYPE=Release",
+              f"-DBINDINGS_LIB={libraries[0].parent}"], log)
         _run(["cmake", "--build", str(work / "build"), "--config", "Release", "-j", str(os.cpu_count() or 1),
               "--target", *TOOLS], log)
         staged = work / "tools"
         staged.mkdir()
         for tool in TOOLS:
             shutil.copy2(work / "build" / "bin" / tool, staged / tool)
+        for library in libraries:  # found beside the tools (their rpath), as the bindings find theirs
+            shutil.copy2(library, staged / library.name)
         _stage_converter(source, staged / CONVERTER)
-        stamp = {"llama-cpp-python": version, "sdist_sha256": digest, "cmake": options}
+        stamp = {"llama-cpp-python": version, "sdist_sha256": digest, "libraries_blake3": libraries_digest(),
+                 "libraries": str(libraries[0].parent)}
         (staged / STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(folder, ignore_errors=True)  # a half-built folder from a killed run
         staged.rename(folder)  # whole, or not at all
