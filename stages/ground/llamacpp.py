@@ -8,8 +8,9 @@ and llama.cpp's own converters (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.p
 `conversion/` package and the `gguf-py/` of the same tree), staged beside them and run only with
 that gguf-py, for every architecture modelmake's own converter has no plan for.
 
-`doit tools` builds them once per llama-cpp-python build (under a minute on 2 cores) into
-~/.cache/modelmake/llama.cpp/<version>/, or $MODELMAKE_TOOLS_DIR, with copies of those libraries;
+`doit tools` builds them once per llama-cpp-python build (about a minute on 2 cores) into
+~/.cache/modelmake/llama.cpp/<version>-<machine>-<the libraries' digest>/, or under
+$MODELMAKE_TOOLS_DIR, with copies of those libraries;
 later builds find them there, and build them again if llama-cpp-python is reinstalled with other
 libraries (a CUDA or Metal build, say: the tools then run on it too).
 The source distribution comes from PyPI through pip, or from $MODELMAKE_LLAMA_CPP_SDIST (a path to
@@ -120,7 +121,7 @@ def find() -> Tools:
     staged = [*(folder / tool for tool in TOOLS), *(folder / CONVERTER / name for name in CONVERTER_FILES)]
     if not stamp or not all(path.exists() for path in staged):
         raise BuildError(f"llama.cpp's {' and '.join(TOOLS)} and converters for llama-cpp-python {version} are not "
-                         f"built ({folder}): run `doit tools` once (under a minute on 2 cores)")
+                         f"built ({folder}): run `doit tools` once (about a minute on 2 cores)")
     return Tools(folder, stamp)
 
 
