@@ -172,15 +172,17 @@ def _unknown_architecture(model_dir):
 
 
 VOCABULARY = r"llama\.cpp's convert_hf_to_gguf\.py \(llama-cpp-python [0-9.]+\) could not convert m's vocabulary \(exit 1\)"
-NEWER_LLAMA_CPP = ("pip install -U llama-cpp-python", "[models.convert] command")
+NOT_IN_THE_PINNED_LLAMA_CPP = ("the llama.cpp it pins (llama-cpp-python", "a newer modelmake pins a newer one",
+                               "[models.convert] command")
 PINNED = '\n[models.convert]\nengine = "llama.cpp"\n'
 
 
 @pytest.mark.parametrize("arch, mutate, extra, reason, way_out", [
-    ("llama", _unknown_architecture, "", VOCABULARY + ": .*Model NotAModelForCausalLM is not supported", NEWER_LLAMA_CPP),
+    ("llama", _unknown_architecture, "", VOCABULARY + ": .*Model NotAModelForCausalLM is not supported",
+     NOT_IN_THE_PINNED_LLAMA_CPP),
     # The SmolLM2 tokenizer in a Qwen2 checkpoint: transformers' Qwen2 tokenizer splits it otherwise, so
     # its probe hash is in none of llama.cpp's tables (modelmake's own converter needs pretokenizer = …).
-    ("qwen2", None, PINNED, VOCABULARY + ": .*BPE pre-tokenizer was not recognized", NEWER_LLAMA_CPP),
+    ("qwen2", None, PINNED, VOCABULARY + ": .*BPE pre-tokenizer was not recognized", NOT_IN_THE_PINNED_LLAMA_CPP),
     # A LoRA on the output layer of a model whose output layer is its embeddings (SmolLM3): the layer
     # trains in PEFT, but no GGUF LoRA can hold it, and the merge has no weight to change.
     ("smollm3", _tied_output_layer, 'target_modules = ["q_proj", "lm_head"]\n',

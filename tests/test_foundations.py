@@ -171,3 +171,33 @@ def test_hub_base_imports_from_the_hub_cache(tmp_path, tiny_llama):
     assert "hf:acme/absent@main is not in the local Hugging Face cache" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "w/cache/absent/base").exists()
+
+
+def test_a_process_forked_after_hashing_on_every_core_still_hashes(tmp_path):
+    """doit -n N checks tasks (hashing their files on rayon's threads) before it forks its workers; the
+    pool's threads do not survive a fork, so a worker hashing on them would wait forever."""
+    import signal
+    import time
+
+    import blake3
+
+    from stages.ground import hashing
+
+    data = bytes(range(256)) * (64 << 12)  # 64 MiB: large enough for blake3 to use its threads
+    (tmp_path / "a.bin").write_bytes(data)
+    (tmp_path / "b.bin").write_bytes(data[::-1])
+    assert hashing.file_blake3(tmp_path / "a.bin") == blake3.blake3(data).hexdigest()
+    child = os.fork()
+    if child == 0:  # the worker: exits 0 if its hash is right
+        os._exit(0 if hashing.file_blake3(tmp_path / "b.bin") == blake3.blake3(data[::-1]).hexdigest() else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        pytest.fail("the forked process hung hashing a file")
+    assert os.waitstatus_to_exitcode(status) == 0

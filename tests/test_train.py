@@ -465,3 +465,30 @@ def test_a_base_without_a_chat_template_gets_a_clear_choice(tiny_llama, tmp_path
     with pytest.raises(BuildError) as err:
         train.encode(Example(to_messages(json.loads(example), "x:1"), "x:1"), tokenizer, "chat", None)
     assert "has no chat template" in str(err.value)
+
+
+def test_the_sft_loss_is_transformers_loss_with_logits_only_where_a_label_follows(tiny_llama):
+    """train.sft_loss projects only the positions whose next token is a label in some row; the loss and
+    the gradients are those of transformers' own loss from `labels`, which projects every position."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ignore = train.IGNORE
+    rows = [  # answers in different places, rows of different lengths (padded), and a row with no answer
+        train.Encoded([5, 6, 7, 8, 9, 10, 11, 12], [ignore] * 5 + [10, 11, 12]),
+        train.Encoded([13, 14, 15, 16, 17], [ignore, ignore, 15, 16, ignore]),
+        train.Encoded([18, 19, 20], [ignore] * 3)]
+    tensors = train.collate(rows, pad_id=0)
+    gradients = []
+    for loss_of in (lambda: model(**tensors).loss, lambda: train.sft_loss(model, tensors)):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        gradients.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (theirs, their_grads), (ours, our_grads) = gradients
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(our_grads, their_grads))

@@ -21,6 +21,17 @@ import blake3
 from doit.dependency import FileChangedChecker
 
 _digests: dict[tuple, str] = {}
+_rayon_owner: int | None = None  # the process whose blake3 hashing started rayon's thread pool
+
+
+def _hasher():
+    """A blake3 hasher on every core, except in a process forked from one whose hashing already started
+    rayon's thread pool (doit -n N checks tasks before it forks its workers): the pool's threads do not
+    survive the fork, and the child would wait for them forever. There it hashes on one thread."""
+    global _rayon_owner
+    if _rayon_owner is None:
+        _rayon_owner = os.getpid()
+    return blake3.blake3(max_threads=blake3.blake3.AUTO if _rayon_owner == os.getpid() else 1)
 
 
 def _memo_key(path) -> tuple:
@@ -36,7 +47,7 @@ def file_blake3(path: str | os.PathLike) -> str:
     key = _memo_key(path)
     if key not in _digests:
         # Fixed-size reads, not mmap: hashing a multi-GB shard must not grow the process by its size.
-        hasher, buffer = blake3.blake3(max_threads=blake3.blake3.AUTO), bytearray(16 << 20)
+        hasher, buffer = _hasher(), bytearray(16 << 20)
         with open(path, "rb", buffering=0) as f:
             while count := f.readinto(buffer):
                 hasher.update(memoryview(buffer)[:count])
@@ -63,7 +74,7 @@ def file_digests(path: str | os.PathLike) -> tuple[str, str]:
     of the two, not their sum."""
     key = _memo_key(path)
     if key not in _digests or key not in _sha256s:
-        b3, sha = blake3.blake3(max_threads=blake3.blake3.AUTO), hashlib.sha256()
+        b3, sha = _hasher(), hashlib.sha256()
         buffers, pending = (bytearray(16 << 20), bytearray(16 << 20)), None
         with ThreadPoolExecutor(1) as sha_thread, open(path, "rb", buffering=0) as f:
             for turn in itertools.count():
@@ -96,7 +107,7 @@ class HashingWriter:
     multi-GB tar costs about its write, not write + two hashes."""
 
     def __init__(self, file):
-        self.file, self.blake3, self.sha256 = file, blake3.blake3(max_threads=blake3.blake3.AUTO), hashlib.sha256()
+        self.file, self.blake3, self.sha256 = file, _hasher(), hashlib.sha256()
         self._sha_thread = ThreadPoolExecutor(1)
 
     def write(self, data) -> int:
