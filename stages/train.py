@@ -234,8 +234,14 @@ def sft_loss(model, tensors: dict):
 
     targets = tensors["labels"][:, 1:]  # position t predicts token t + 1
     keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
-    logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"], logits_to_keep=keep).logits
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE)
+    output = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"], logits_to_keep=keep)
+    loss = torch.nn.functional.cross_entropy(output.logits.flatten(0, 1).float(), targets[:, keep].flatten(),
+                                             ignore_index=IGNORE)
+    # A mixture of experts whose config asks for its routers' logits adds their load-balancing loss, as
+    # transformers' own loss does. DDP and FSDP hold the model as .module.
+    if getattr(output, "aux_loss", None) is not None:
+        loss = loss + getattr(model, "module", model).config.router_aux_loss_coef * output.aux_loss.to(loss.device)
+    return loss
 
 
 def batch_order(count: int, size: int, rng: random.Random | None) -> list[list[int]]:

@@ -467,16 +467,19 @@ def test_a_base_without_a_chat_template_gets_a_clear_choice(tiny_llama, tmp_path
     assert "has no chat template" in str(err.value)
 
 
-def test_the_sft_loss_is_transformers_loss_with_logits_only_where_a_label_follows(tiny_llama):
+@pytest.mark.parametrize("arch, options", [("llama", {}), ("mixtral", {"output_router_logits": True})])
+def test_the_sft_loss_is_transformers_loss_with_logits_only_where_a_label_follows(arch, options, request):
     """train.sft_loss projects only the positions whose next token is a label in some row; the loss and
-    the gradients are those of transformers' own loss from `labels`, which projects every position."""
+    the gradients are those of transformers' own loss from `labels`, which projects every position (and,
+    for a mixture of experts that returns its routers' logits, adds their load-balancing loss)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    base = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(f"tiny_{arch}"), dtype=torch.float32, **options)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
     ignore = train.IGNORE
     rows = [  # answers in different places, rows of different lengths (padded), and a row with no answer
         train.Encoded([5, 6, 7, 8, 9, 10, 11, 12], [ignore] * 5 + [10, 11, 12]),
