@@ -255,6 +255,5 @@ def tasks(build: ModelBuild) -> list[Task]:
             inputs=[p for p in (release.gguf, release.lora, eval_result) if p] + paths.base_files()
             + (model.train.data_files if model.train else []),
             outputs=[out], artifact=False, versions=llamacpp.fingerprint_versions(),
-            # llama-server: built by the tools task, which a first `doit` runs before this
-            after=["tools", *([f"eval:{evaluate.task_name(build, release.variant)}"] if answers else [])]))
+            after=[f"eval:{evaluate.task_name(build, release.variant)}"] if answers else []))
     return found
